@@ -1,0 +1,3 @@
+"""mnistdist: the classic MNIST MLP lesson as distributed training software."""
+
+__version__ = "0.1.0"

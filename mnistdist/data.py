@@ -1,0 +1,231 @@
+"""MNIST: download once per node, verify the files, and build each rank's batches.
+
+Sharding contract (see ``TrainBatches``): torch's ``DistributedSampler`` owns the split of
+the training set. Batches are drawn from its index list and are *never* handed to
+``accelerator.prepare`` (that would shard them a second time; accelerate issues 3520/4199).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from mnistdist.config import DataConfig
+
+
+class DataError(RuntimeError):
+    """MNIST files missing or damaged; the message says which file and what to do."""
+
+
+# name -> (magic number, item count); the sizes follow from the IDX format
+# (16-byte header + 28*28 bytes per image, 8-byte header + 1 byte per label).
+MNIST_FILES: dict[str, tuple[int, int]] = {
+    "train-images-idx3-ubyte": (2051, 60000),
+    "train-labels-idx1-ubyte": (2049, 60000),
+    "t10k-images-idx3-ubyte": (2051, 10000),
+    "t10k-labels-idx1-ubyte": (2049, 10000),
+}
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+NUM_TRAIN = 60000
+NUM_TEST = 10000
+
+
+def raw_dir(root: str | os.PathLike) -> Path:
+    return Path(root) / "MNIST" / "raw"
+
+
+def _expected_size(name: str, count: int) -> int:
+    return 16 + count * 28 * 28 if "images" in name else 8 + count
+
+
+def check_mnist_files(root: str | os.PathLike) -> list[str]:
+    """Return one problem per bad file (empty when all four files are present and sound)."""
+    problems = []
+    for name, (magic, count) in MNIST_FILES.items():
+        path = raw_dir(root) / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        expected = _expected_size(name, count)
+        if size != expected:
+            problems.append(f"{path}: {size} bytes, expected {expected} (truncated or wrong file)")
+            continue
+        with open(path, "rb") as f:
+            header = f.read(8)
+            found_magic = int.from_bytes(header[:4], "big")
+            found_count = int.from_bytes(header[4:8], "big")
+            if found_magic != magic or found_count != count:
+                problems.append(
+                    f"{path}: header says magic {found_magic} count {found_count}, "
+                    f"expected magic {magic} count {count} (not an MNIST IDX file)"
+                )
+                continue
+            if "labels" in name:
+                labels = f.read()
+                if max(labels) > 9:
+                    problems.append(f"{path}: label {max(labels)} out of range 0..9 (corrupted)")
+    return problems
+
+
+def _missing_files_message(root: str | os.PathLike, problems: list[str], download_error: str | None) -> str:
+    lines = ["MNIST data is not usable:", *[f"  {p}" for p in problems]]
+    if download_error:
+        lines.append(f"  download failed: {download_error}")
+    lines.append(
+        f"Put the four uncompressed files ({', '.join(MNIST_FILES)}) in {raw_dir(root)}/ "
+        f"(from {MNIST_URL}, gunzipped), or point data.root / MNISTDIST_DATA_ROOT at a "
+        "directory that has MNIST/raw/."
+    )
+    return "\n".join(lines)
+
+
+def download_mnist(root: str | os.PathLike) -> str | None:
+    """Download with torchvision; return an error text instead of raising (see ``prepare_mnist``)."""
+    import torchvision
+
+    try:
+        torchvision.datasets.MNIST(str(root), train=True, download=True)
+        torchvision.datasets.MNIST(str(root), train=False, download=True)
+    except Exception as e:  # noqa: BLE001 - any failure becomes one line for every rank
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return None
+
+
+def prepare_mnist(
+    cfg: DataConfig,
+    is_local_main: bool,
+    barrier: Callable[[], None],
+) -> None:
+    """Make sure MNIST is present and sound on every rank, downloading once per node.
+
+    Only local rank 0 downloads; the others wait at ``barrier``. The downloader never raises
+    before the barrier (a rank that raised there would leave the others waiting for the
+    process-group timeout); every rank checks the files after it and raises the same error.
+    """
+    download_error = None
+    if is_local_main and check_mnist_files(cfg.root):
+        if cfg.download:
+            download_error = download_mnist(cfg.root)
+    barrier()
+    problems = check_mnist_files(cfg.root)
+    if problems:
+        if not cfg.download:
+            download_error = "data.download is false"
+        raise DataError(_missing_files_message(cfg.root, problems, download_error))
+
+
+@dataclass
+class MnistTensors:
+    """The whole of MNIST as uint8 images [N, 28, 28] and int64 labels [N]."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    def to(self, device: torch.device) -> MnistTensors:
+        return MnistTensors(*(t.to(device) for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)))
+
+
+def load_tensors(root: str | os.PathLike) -> MnistTensors:
+    """Read the verified raw files into tensors (torchvision's IDX reader)."""
+    import torchvision
+
+    train = torchvision.datasets.MNIST(str(root), train=True, download=False)
+    test = torchvision.datasets.MNIST(str(root), train=False, download=False)
+    return MnistTensors(train.data, train.targets, test.data, test.targets)
+
+
+def normalize(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 [B, 28, 28] -> float [B, 1, 28, 28], bit-identical to ToTensor() + Normalize()."""
+    # Same ops in the same order as torchvision: x.float().div(255), then (x - mean) / std.
+    return images_u8.unsqueeze(1).float().div(255).sub(mean).div(std)
+
+
+def seed_transform(mean: float, std: float) -> Callable:
+    """The seed's per-sample transform."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+
+
+class TrainBatches:
+    """One rank's training batches, epoch by epoch, in the DistributedSampler's order.
+
+    Why 1 process == N processes: with ``drop_last=False`` the sampler gives rank r the
+    indices ``perm[r::N]`` of one permutation seeded by ``seed + epoch`` (the same on every
+    rank). Rank r's i-th batch is ``perm[r + N*(i*b + k)]`` for k < b = B/N, so the N ranks'
+    i-th batches together are exactly ``perm[i*B:(i+1)*B]``: the single-process batch i.
+    (60000 is padded to a multiple of N by repeating the first indices when N does not
+    divide it.)
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tensors: MnistTensors,
+        per_process_batch_size: int,
+        rank: int,
+        num_replicas: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.batch_size = per_process_batch_size
+        self.device = device
+        self.sampler = DistributedSampler(
+            range(len(tensors.train_labels)),  # the sampler only needs len()
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=False,
+        )
+        if cfg.pipeline == "tensor":
+            # Held once on the training device as uint8 (47 MB); batches are gathered by index.
+            self.images = tensors.train_images.to(device)
+            self.labels = tensors.train_labels.to(device)
+        else:
+            import torchvision
+
+            self.dataset = torchvision.datasets.MNIST(
+                cfg.root, train=True, download=False, transform=seed_transform(cfg.normalize_mean, cfg.normalize_std)
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return -(-len(self.sampler) // self.batch_size)
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for ``epoch``, in order."""
+        self.sampler.set_epoch(epoch)
+        return torch.tensor(list(self.sampler), dtype=torch.long)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(images, labels)`` for ``epoch`` from batch ``start_batch`` on (for resume)."""
+        indices = self.epoch_indices(epoch)[start_batch * self.batch_size :]
+        if self.cfg.pipeline == "tensor":
+            indices = indices.to(self.device)
+            for chunk in indices.split(self.batch_size):
+                yield normalize(self.images[chunk], self.cfg.normalize_mean, self.cfg.normalize_std), self.labels[chunk]
+        else:
+            loader = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=indices.tolist(),  # a list of indices is a valid sampler
+                num_workers=self.cfg.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            for x, y in loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def eval_shard(num_items: int, rank: int, num_replicas: int) -> torch.Tensor:
+    """Indices ``rank, rank + N, ...``: every item exactly once over the ranks, no padding."""
+    return torch.arange(rank, num_items, num_replicas)

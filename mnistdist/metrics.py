@@ -1,0 +1,97 @@
+"""Losses and exact evaluation counts (pure functions; reduction happens in distributed.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mnistdist.model import NUM_CLASSES
+
+
+def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """Loss of each sample, shape [B], in float32.
+
+    ``cross_entropy``: -log softmax(logits)[target]. ``mse``: mean over the 10 classes of
+    (softmax(logits) - one_hot(target))^2, so its batch mean equals ``F.mse_loss`` (the seed's
+    comparison of the two losses).
+    """
+    logits = logits.float()
+    if kind == "cross_entropy":
+        return F.cross_entropy(logits, targets, reduction="none")
+    if kind == "mse":
+        probs = logits.softmax(dim=1)
+        one_hot = F.one_hot(targets, NUM_CLASSES).to(probs.dtype)
+        return (probs - one_hot).pow(2).mean(dim=1)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+@dataclass
+class EvalCounts:
+    """Exact sums over a set of samples: a confusion matrix and the summed loss.
+
+    Sums (not means) are what ranks add together, so the result does not depend on how the
+    samples were split across processes.
+    """
+
+    confusion: torch.Tensor  # [10, 10] int64, rows = true class, columns = predicted
+    loss_sum: float
+
+    @classmethod
+    def zeros(cls) -> EvalCounts:
+        return cls(torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64), 0.0)
+
+    @classmethod
+    def from_batch(cls, logits: torch.Tensor, targets: torch.Tensor, loss_kind: str) -> EvalCounts:
+        predicted = logits.argmax(dim=1)
+        flat = (targets * NUM_CLASSES + predicted).cpu()
+        confusion = torch.bincount(flat, minlength=NUM_CLASSES * NUM_CLASSES).view(NUM_CLASSES, NUM_CLASSES)
+        loss_sum = per_sample_loss(logits, targets, loss_kind).double().sum().item()
+        return cls(confusion, loss_sum)
+
+    def __add__(self, other: EvalCounts) -> EvalCounts:
+        return EvalCounts(self.confusion + other.confusion, self.loss_sum + other.loss_sum)
+
+    # Packed as one float64 vector so a single all-reduce carries everything; counts up to
+    # 2**53 are exact in float64.
+    def to_tensor(self) -> torch.Tensor:
+        return torch.cat([self.confusion.flatten().double(), torch.tensor([self.loss_sum], dtype=torch.float64)])
+
+    @classmethod
+    def from_tensor(cls, packed: torch.Tensor) -> EvalCounts:
+        packed = packed.cpu()
+        confusion = packed[:-1].round().long().view(NUM_CLASSES, NUM_CLASSES)
+        return cls(confusion, float(packed[-1]))
+
+    @property
+    def total(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def correct(self) -> int:
+        return int(self.confusion.diagonal().sum())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.total if self.total else float("nan")
+
+    def per_class_accuracy(self) -> list[float]:
+        per_class_total = self.confusion.sum(dim=1)
+        return [
+            float(self.confusion[c, c] / per_class_total[c]) if per_class_total[c] else float("nan")
+            for c in range(NUM_CLASSES)
+        ]
+
+    def as_record(self) -> dict:
+        """The fields every evaluation line in metrics.jsonl carries."""
+        return {
+            "test_loss": self.mean_loss,
+            "test_acc": self.accuracy,
+            "test_correct": self.correct,
+            "test_total": self.total,
+        }

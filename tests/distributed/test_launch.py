@@ -1,0 +1,126 @@
+"""Multi-process CPU runs through the real launcher (accelerate launch, gloo), compared with
+one process: sharding, exact evaluation, world-size invariance and an end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mnistdist.tracking import read_metrics
+from tests.conftest import REPO, check, launch_cmd, run_cmd, train_cmd
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def one_epoch_runs(tmp_path_factory):
+    """1 epoch of configs/default.yaml on 1 process and on 2 gloo processes."""
+    base = tmp_path_factory.mktemp("runs")
+    args = ["--config", str(REPO / "configs" / "default.yaml"), "train.epochs=1"]
+    single = check(run_cmd(train_cmd(*args, "--run-dir", str(base / "p1"))))
+    double = check(run_cmd(launch_cmd(2, *args, "--run-dir", str(base / "p2"))))
+    return {"p1": (base / "p1", single), "p2": (base / "p2", double)}
+
+
+def test_two_processes_really_ran(one_epoch_runs):
+    _, result = one_epoch_runs["p2"]
+    assert "training on 2 process(es), cpu, backend gloo" in result.stdout
+    assert "global batch 200 = 2 x 100" in result.stdout
+
+
+def test_end_to_end_two_processes_reach_95_percent(one_epoch_runs):
+    run_dir, _ = one_epoch_runs["p2"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["final_test_acc"] >= 0.95, summary
+
+
+def test_run_directory_contents(one_epoch_runs):
+    run_dir, result = one_epoch_runs["p2"]
+    assert {"config.yaml", "metrics.jsonl", "model.safetensors"} <= {p.name for p in run_dir.iterdir()}
+    records = read_metrics(run_dir)
+    train_lines = [r for r in records if "train_loss" in r]
+    eval_lines = [r for r in records if "test_acc" in r]
+    assert len(eval_lines) == 1
+    assert {"epoch", "step", "test_loss", "test_acc", "test_correct", "test_total"} <= eval_lines[0].keys()
+    assert eval_lines[0]["test_total"] == 10000 and eval_lines[0]["step"] == 300
+    assert train_lines and all({"step", "train_loss", "lr", "samples_per_s"} <= r.keys() for r in train_lines)
+    steps = [r["step"] for r in train_lines]
+    assert steps == sorted(steps) and steps[-1] == 300
+    # One epoch line on stdout, from the main process only.
+    assert result.stdout.count("epoch 1/10  train_loss") == 0  # epochs=1 override shows 1/1
+    assert result.stdout.count("epoch 1/1  train_loss") == 1
+
+
+def test_world_size_invariance_after_one_epoch(one_epoch_runs):
+    """Same seed and global batch: 1 process and 2 processes end with the same parameters.
+
+    The sampler's batch i on 2 ranks is, together, the 1-process batch i, and DDP averages the
+    two half-batch mean gradients into the full-batch mean; only float summation order differs.
+    """
+    a = load_file(str(one_epoch_runs["p1"][0] / "model.safetensors"))
+    b = load_file(str(one_epoch_runs["p2"][0] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, f"max abs parameter difference {worst}"
+    # ...and it is not trivially zero because nothing trained: the weights moved from init.
+    assert not torch.equal(a["fc1.weight"], torch.zeros_like(a["fc1.weight"]))
+
+
+@pytest.mark.parametrize("num_processes", [2, 3])
+def test_sampler_shards_the_training_set(tmp_path, num_processes):
+    out = tmp_path / "seen.json"
+    check(run_cmd(launch_cmd(num_processes, str(out), script=REPO / "tests" / "distributed" / "sharding_probe.py")))
+    data = json.loads(out.read_text())
+    assert data["world_size"] == num_processes
+    seen = data["seen"]
+    per_rank = math.ceil(60000 / num_processes)
+    for ids in seen:
+        assert len(ids) == per_rank  # not 60000/N^2: the loader was not sharded a second time
+        assert len(set(ids)) == len(ids)
+    assert set().union(*map(set, seen)) == set(range(60000))
+
+
+def test_exact_evaluation_at_1_2_3_processes(one_epoch_runs):
+    model = one_epoch_runs["p1"][0] / "model.safetensors"
+    results = {}
+    for n in (1, 2, 3):
+        cmd = launch_cmd(n, "mnistdist.cli", "evaluate", "--model", str(model), "--json", module=True)
+        out = check(run_cmd(cmd)).stdout.strip().splitlines()
+        json_lines = [line for line in out if line.startswith("{")]
+        assert len(json_lines) == 1, out  # printed by the main process only
+        results[n] = json.loads(json_lines[0])
+    for n in (2, 3):
+        assert results[n]["test_total"] == 10000
+        assert results[n]["test_correct"] == results[1]["test_correct"]
+        assert results[n]["confusion"] == results[1]["confusion"]
+        assert math.isclose(results[n]["test_loss"], results[1]["test_loss"], rel_tol=1e-6)
+    # The same numbers as the training run's own final evaluation.
+    last_eval = [r for r in read_metrics(one_epoch_runs["p1"][0]) if "test_acc" in r][-1]
+    assert results[1]["test_correct"] == last_eval["test_correct"]
+    assert math.isclose(results[1]["test_loss"], last_eval["test_loss"], rel_tol=1e-6)
+
+
+def test_both_pipelines_train_identically_on_two_processes(tmp_path):
+    params = {}
+    for pipeline in ("tensor", "torchvision"):
+        run_dir = tmp_path / pipeline
+        check(run_cmd(launch_cmd(2, "train.max_steps=20", f"data.pipeline={pipeline}", "--run-dir", str(run_dir))))
+        params[pipeline] = load_file(str(run_dir / "model.safetensors"))
+    for k in params["tensor"]:
+        assert torch.equal(params["tensor"][k], params["torchvision"][k]), k
+
+
+def test_config_error_under_the_launcher_stops_before_training(tmp_path):
+    result = run_cmd(launch_cmd(2, "train.global_batch_size=201", "--run-dir", str(tmp_path / "r")), timeout=120)
+    assert result.returncode != 0
+    assert "train.global_batch_size: 201 is not divisible by the 2 processes" in result.stderr
+    for rank in (0, 1):  # each worker says it in one line, with no traceback of ours
+        assert f"[rank {rank}] error: train.global_batch_size: 201" in result.stderr
+    assert "mnistdist/" not in result.stderr and "train_dist.py\", line" not in result.stderr
+    assert not (tmp_path / "r").exists()

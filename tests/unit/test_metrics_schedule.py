@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnistdist.metrics import EvalCounts, per_sample_loss
+from mnistdist.schedule import lr_at
+
+
+def test_cross_entropy_matches_torch():
+    logits, y = torch.randn(50, 10), torch.randint(0, 10, (50,))
+    assert torch.allclose(per_sample_loss(logits, y, "cross_entropy").mean(), F.cross_entropy(logits, y))
+
+
+def test_mse_is_softmax_vs_one_hot():
+    logits, y = torch.randn(50, 10), torch.randint(0, 10, (50,))
+    expected = F.mse_loss(logits.softmax(1), F.one_hot(y, 10).float())
+    assert torch.allclose(per_sample_loss(logits, y, "mse").mean(), expected)
+
+
+def test_eval_counts_sum_over_any_split_is_exact():
+    torch.manual_seed(0)
+    logits, y = torch.randn(1000, 10), torch.randint(0, 10, (1000,))
+    whole = EvalCounts.from_batch(logits, y, "cross_entropy")
+    for n in (2, 3, 7):
+        parts = [EvalCounts.from_batch(logits[r::n], y[r::n], "cross_entropy") for r in range(n)]
+        total = sum(parts[1:], parts[0])
+        assert torch.equal(total.confusion, whole.confusion)
+        assert math.isclose(total.loss_sum, whole.loss_sum, rel_tol=1e-9)
+    assert whole.total == 1000
+    assert whole.correct == int((logits.argmax(1) == y).sum())
+    assert whole.accuracy == whole.correct / 1000
+    per_class = whole.per_class_accuracy()
+    c = 3
+    assert per_class[c] == pytest.approx(float(((logits.argmax(1) == y) & (y == c)).sum() / (y == c).sum()))
+
+
+def test_pack_unpack_roundtrip():
+    counts = EvalCounts(torch.arange(100).view(10, 10), 12.5)
+    back = EvalCounts.from_tensor(counts.to_tensor())
+    assert torch.equal(back.confusion, counts.confusion) and back.loss_sum == 12.5
+
+
+def test_constant_schedule():
+    assert lr_at(0, 100, 0.1, "constant") == lr_at(99, 100, 0.1, "constant") == 0.1
+
+
+def test_cosine_schedule_shape():
+    total, base = 1000, 0.1
+    assert lr_at(0, total, base, "cosine") == pytest.approx(base)
+    assert lr_at(500, total, base, "cosine") == pytest.approx(base / 2)
+    assert lr_at(total, total, base, "cosine") == pytest.approx(0.0, abs=1e-12)
+    lrs = [lr_at(s, total, base, "cosine") for s in range(total)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_cosine_warmup():
+    lrs = [lr_at(s, 100, 1.0, "cosine", warmup_steps=10) for s in range(12)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)  # decay starts after warm-up
+    assert lrs[11] < 1.0
+
+
+def test_unknown_schedule():
+    with pytest.raises(ValueError):
+        lr_at(0, 10, 0.1, "step")
