@@ -100,6 +100,22 @@ class TrainConfig:
     eval_per_process_batch_size: int = 2000
     """Test images per forward pass on each process during evaluation."""
 
+    stop_check_every_steps: int = 1
+    """Steps between the ranks' agreement on stop flags (a stop signal, a NaN/Inf loss or
+    gradient): one tiny all-reduce. 1 checks before every optimizer step, so a non-finite
+    gradient is never applied; larger values save a host-device sync per step on GPUs but
+    can apply up to that many non-finite updates before stopping."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Also checkpoint every this many optimizer steps (0 = only at the end of each epoch)."""
+
+    keep_last: int = 2
+    """Newest checkpoints kept in RUN_DIR/checkpoints (0 = keep all). Older ones are deleted
+    only after a newer one is complete."""
+
 
 @dataclass
 class DistConfig:
@@ -107,11 +123,45 @@ class DistConfig:
     """``auto`` uses CUDA when it is available, else CPU processes talking gloo."""
 
     mixed_precision: Literal["no", "bf16"] = "no"
-    """``bf16`` autocast for training (GPU); parameters and evaluation sums stay fp32/fp64."""
+    """``bf16`` autocast for training (GPU); parameters and evaluation sums stay fp32/fp64.
+    Falls back to fp32 with one warning on a GPU without bf16."""
+
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    """``torch.compile`` the forward pass and loss (and so their backward) with this mode;
+    ``reduce-overhead`` also captures them as CUDA graphs, which removes most kernel-launch
+    overhead of this tiny model. GPU only: on CPU it falls back to eager with one warning."""
 
     timeout_s: float = 300.0
     """Process-group timeout: a collective that waits longer than this fails instead of
     hanging (for example when another rank died)."""
+
+
+@dataclass
+class TrackingConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """``auto``: online when an API key is configured (WANDB_API_KEY or ~/.netrc), else offline.
+    The environment variable WANDB_MODE always wins. The key itself is never read from here."""
+
+    project: str = "mnistdist"
+    """W&B project."""
+
+    entity: str = ""
+    """W&B entity (user or team); empty = your default entity."""
+
+    run_name: str = ""
+    """Display name; empty = the run directory's name."""
+
+    group: str = ""
+    """W&B group, e.g. to put the seeds of one experiment together."""
+
+    tags: list[str] = field(default_factory=list)
+    """W&B tags (a YAML list, or comma-separated on the command line)."""
+
+    init_timeout_s: float = 60.0
+    """Longest wait for W&B to start; after it the run is logged offline instead."""
+
+    finish_timeout_s: float = 60.0
+    """Longest wait for W&B to finish uploading at the end; the rest stays on disk for wandb sync."""
 
 
 @dataclass
@@ -127,6 +177,12 @@ class Config:
 
     dist: DistConfig = field(default_factory=DistConfig)
     """Devices and the process group."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When to checkpoint and how many checkpoints to keep."""
+
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Weights & Biases."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,6 +221,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{key}: must be a number; got {value!r}")
+    if typing.get_origin(typ) is list:
+        if isinstance(value, str):  # "a,b" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{key}: must be a list of strings; got {value!r}")
     if typ is str:
         if isinstance(value, str):
             return value
@@ -263,6 +325,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (d.normalize_std > 0, f"data.normalize_std: must be > 0; got {d.normalize_std}"),
         (bool(d.root), "data.root: must not be empty"),
         (cfg.dist.timeout_s > 0, f"dist.timeout_s: must be > 0; got {cfg.dist.timeout_s}"),
+        (
+            t.stop_check_every_steps >= 1,
+            f"train.stop_check_every_steps: must be >= 1; got {t.stop_check_every_steps}",
+        ),
+        (cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0; got {cfg.checkpoint.every_steps}"),
+        (cfg.tracking.init_timeout_s > 0, f"tracking.init_timeout_s: must be > 0; got {cfg.tracking.init_timeout_s}"),
+        (
+            cfg.tracking.finish_timeout_s > 0,
+            f"tracking.finish_timeout_s: must be > 0; got {cfg.tracking.finish_timeout_s}",
+        ),
+        (cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last: must be >= 0; got {cfg.checkpoint.keep_last}"),
     ]
     if world_size is not None:
         checks.append(

@@ -212,7 +212,9 @@ class TrainBatches:
         indices = self.epoch_indices(epoch)[start_batch * self.batch_size :]
         if self.cfg.pipeline == "tensor":
             indices = indices.to(self.device)
-            for chunk in indices.split(self.batch_size):
+            # (not indices.split(): on an empty tensor it yields one empty batch)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
                 yield normalize(self.images[chunk], self.cfg.normalize_mean, self.cfg.normalize_std), self.labels[chunk]
         else:
             loader = DataLoader(

@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
+import time
+from pathlib import Path
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +21,58 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from mnistdist.config import ConfigError, DistConfig
+
+
+class Heartbeat:
+    """Liveness of every rank, for naming the culprit when a collective fails.
+
+    A daemon thread touches ``DIR/rank-N`` every ``interval_s``. It keeps beating while its
+    rank waits inside a collective, but stops when the process is stopped (SIGSTOP), killed or
+    gone, so after a collective timeout the ranks whose file is stale are the ones that hung.
+    ``DIR`` is in the run directory, which every node must share anyway (checkpoints).
+    """
+
+    def __init__(self, directory: Path, rank: int, world_size: int, interval_s: float = 1.0) -> None:
+        self.directory, self.rank, self.world_size, self.interval_s = directory, rank, world_size, interval_s
+        self._stop = threading.Event()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._path = self.directory / f"rank-{rank}"
+        self._path.touch()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="mnistdist-heartbeat")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                os.utime(self._path)
+            except OSError:
+                pass  # a full or read-only disk must not kill the heartbeat thread's rank
+
+    def silent_ranks(self, older_than_s: float) -> dict[int, float]:
+        """Ranks (other than this one) whose last beat is older than ``older_than_s``: age in s."""
+        now, silent = time.time(), {}
+        for r in range(self.world_size):
+            try:
+                age = now - (self.directory / f"rank-{r}").stat().st_mtime
+            except OSError:
+                age = float("inf")
+            if r != self.rank and age > older_than_s:
+                silent[r] = age
+        return silent
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """A failed or timed-out collective (a peer died, hung or left), as opposed to a bug."""
+    if isinstance(exc, torch_dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("Gloo", "gloo", "NCCL", "Connection reset", "Connection closed", "timed out",
+                                  "Timed out", "Broken pipe", "Socket Timeout")
+    )
 
 
 def launched_world_size() -> int:
@@ -114,6 +169,12 @@ class Dist:
             return tensor
         return self.accelerator.reduce(tensor.to(self.device), reduction="sum").to(tensor.device)
 
+    def any_flags(self, flags: list[torch.Tensor | bool]) -> list[bool]:
+        """For each flag: is it set on any rank? One all-reduce for all of them; this is the
+        agreement that makes every rank stop at the same step."""
+        local = torch.stack([torch.as_tensor(f, device=self.device).float().reshape(()) for f in flags])
+        return [bool(v) for v in self.all_reduce_sum(local).tolist()]
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
@@ -150,8 +211,14 @@ class Dist:
             torch_dist.destroy_process_group()
 
 
-def report_exception(exc: BaseException) -> None:
-    """One line on stderr, prefixed with the rank when several run."""
+def warn_main(message: str) -> None:
+    """A warning on stderr from the main process only (before or after the group exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def report_exception(exc: BaseException, label: str = "error") -> None:
+    """``label: message`` on stderr, prefixed with the rank when several run."""
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and launched_world_size() > 1 else ""
-    print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+    print(f"{prefix}{label}: {exc}", file=sys.stderr, flush=True)

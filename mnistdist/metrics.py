@@ -81,11 +81,9 @@ class EvalCounts:
         return self.loss_sum / self.total if self.total else float("nan")
 
     def per_class_accuracy(self) -> list[float]:
-        per_class_total = self.confusion.sum(dim=1)
-        return [
-            float(self.confusion[c, c] / per_class_total[c]) if per_class_total[c] else float("nan")
-            for c in range(NUM_CLASSES)
-        ]
+        per_class_total = self.confusion.sum(dim=1).tolist()
+        diagonal = self.confusion.diagonal().tolist()
+        return [diagonal[c] / per_class_total[c] if per_class_total[c] else float("nan") for c in range(NUM_CLASSES)]
 
     def as_record(self) -> dict:
         """The fields every evaluation line in metrics.jsonl carries."""

@@ -1,11 +1,36 @@
-"""Run outputs that record what happened: metrics.jsonl (and, later, W&B). Main process only."""
+"""What a run records: metrics.jsonl and Weights & Biases. Main process only.
+
+``Tracker.log`` writes each record to metrics.jsonl and, with the same global step, to W&B,
+so the two always hold the same numbers. W&B can never hold the job hostage:
+
+* mode ``auto`` is online when an API key is configured, else offline; ``WANDB_MODE`` wins;
+* start-up is bounded (``tracking.init_timeout_s``); if W&B cannot be reached, the run is
+  logged offline instead (for ``wandb sync`` later) and the log says so once;
+* finishing is bounded (``tracking.finish_timeout_s``); what is not uploaded stays on disk;
+* the run id lives in ``RUN_DIR/wandb_run_id`` (and in each checkpoint), so a resumed or
+  requeued job continues the same W&B run.
+
+The API key is never read from the config or the command line: wandb reads it from
+``WANDB_API_KEY`` or ``~/.netrc`` itself, and we never log the environment.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
+import os
+import secrets
+import string
+import sys
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from mnistdist.config import TrackingConfig
+
+RUN_ID_FILE = "wandb_run_id"
 
 
 def _jsonable(value: Any) -> Any:
@@ -33,7 +58,143 @@ class MetricsLog:
             self._file = None
 
 
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop records logged after ``last_step`` (by a run that died after its last checkpoint),
+    so a resumed run's metrics.jsonl reads like one uninterrupted run."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All records of a run's metrics.jsonl."""
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------
+# W&B
+
+
+def api_key_configured() -> bool:
+    """Whether wandb would find an API key (env or netrc), without reading its value out."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(cfg: TrackingConfig) -> str:
+    """``online``/``offline``/``disabled``: WANDB_MODE > tracking.mode > auto (key -> online)."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if api_key_configured() else "offline"
+
+
+class Tracker:
+    """metrics.jsonl + W&B for one run; every method is a no-op off the main process."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any], enabled: bool,
+                 run_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.metrics = MetricsLog(run_dir, enabled)
+        self.mode = resolve_mode(cfg) if enabled else "disabled"
+        self.run_id = run_id
+        self._wandb: Any = None
+        self._run: Any = None
+        if self.mode != "disabled":
+            self._start(config)
+
+    def _say(self, message: str) -> None:
+        print(f"wandb: {message}", file=sys.stderr, flush=True)
+
+    def _start(self, config: dict[str, Any]) -> None:
+        import wandb
+
+        self._wandb = wandb
+        id_file = self.run_dir / RUN_ID_FILE
+        if self.run_id is None and id_file.is_file():
+            self.run_id = id_file.read_text().strip() or None
+        if self.run_id is None:
+            # W&B run ids are short lowercase alphanumerics; chosen here so we can store it first.
+            self.run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        id_file.write_text(self.run_id + "\n")
+        kwargs = dict(
+            project=self.cfg.project, entity=self.cfg.entity or None, name=self.cfg.run_name or self.run_dir.name,
+            group=self.cfg.group or None, tags=list(self.cfg.tags) or None, config=config,
+            dir=str(self.run_dir), id=self.run_id, resume="allow",
+            # console="off": W&B does not capture our stdout/stderr; init is bounded.
+            settings=wandb.Settings(init_timeout=self.cfg.init_timeout_s, console="off", silent=True),
+        )
+        try:
+            self._run = wandb.init(mode=self.mode, **kwargs)
+        except Exception as e:  # noqa: BLE001 - W&B must never stop training
+            if self.mode != "online":
+                self._say(f"disabled for this run: could not start ({type(e).__name__}: {e})")
+                return
+            self._say(f"cannot reach W&B ({type(e).__name__}); logging offline to {self.run_dir / 'wandb'} "
+                      f"instead: upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`")
+            wandb.teardown()  # forget the failed online run, so the same id can be used offline
+            self.mode = "offline"
+            try:
+                self._run = wandb.init(mode="offline", **kwargs)
+            except Exception as e2:  # noqa: BLE001
+                self._say(f"disabled for this run: offline start failed too ({type(e2).__name__}: {e2})")
+                self._run = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record (with its global ``step``) to metrics.jsonl and W&B."""
+        self.metrics.log(record)
+        if self._run is not None:
+            data = {k: v for k, v in record.items() if k != "step" and not isinstance(v, (list, dict))}
+            for c, acc in enumerate(record.get("per_class_acc") or []):
+                data[f"test_acc_class/{c}"] = acc
+            if "confusion" in record:
+                data["confusion_matrix"] = self._wandb.Table(
+                    columns=["true", *[f"pred_{c}" for c in range(len(record["confusion"]))]],
+                    data=[[t, *row] for t, row in enumerate(record["confusion"])],
+                )
+            self._run.log(data, step=record["step"])
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        if self._run is not None and images:
+            self._run.log({k: self._wandb.Image(str(p)) for k, p in images.items()}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self._run is not None:
+            for k, v in values.items():
+                self._run.summary[k] = v
+
+    def close(self, exit_code: int = 0) -> None:
+        """Finish W&B within ``finish_timeout_s``; never raises."""
+        self.metrics.close()
+        run, self._run = self._run, None
+        if run is None:
+            return
+        done = threading.Event()
+
+        def finish() -> None:
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as e:  # noqa: BLE001
+                self._say(f"finish failed ({type(e).__name__}: {e}); data stays in {self.run_dir / 'wandb'}")
+            done.set()
+
+        threading.Thread(target=finish, daemon=True, name="wandb-finish").start()
+        if not done.wait(self.cfg.finish_timeout_s):
+            self._say(f"did not finish within {self.cfg.finish_timeout_s:g} s; the data stays in "
+                      f"{self.run_dir / 'wandb'}: upload it with `wandb sync`")

@@ -1,14 +1,17 @@
 """The training loop: plain functions, read top to bottom.
 
-``run(cfg, run_dir)`` -> set up the process group -> ``fit`` -> tear down.
-``fit``: data -> model -> for each epoch: ``train_one_epoch`` then ``evaluate``.
+``run(cfg, run_dir, resume)`` -> set up the process group -> ``fit`` -> tear down.
+``fit``: data -> model -> (resume) -> for each epoch: ``train_one_epoch``, ``evaluate``,
+checkpoint -> final weights and summary.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,28 +21,81 @@ import torch
 from tqdm.auto import tqdm
 
 from mnistdist import checkpoint
-from mnistdist.config import Config, to_yaml
+from mnistdist.checkpoint import CheckpointError, Snapshot
+from mnistdist.config import Config, ConfigError, to_yaml
 from mnistdist.data import MnistTensors, TrainBatches, eval_shard, load_tensors, normalize, prepare_mnist
-from mnistdist.distributed import Dist
+from mnistdist.distributed import Dist, Heartbeat, is_collective_failure, warn_main
 from mnistdist.metrics import EvalCounts, per_sample_loss
 from mnistdist.model import MLP
 from mnistdist.schedule import lr_at
-from mnistdist.tracking import MetricsLog
+from mnistdist.signals import EXIT_NONFINITE, EXIT_PREEMPTED, FaultInjector, StopSignals
+from mnistdist.tracking import Tracker, truncate_metrics
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early on purpose; ``exit_code`` tells the launcher/scheduler why."""
+
+    exit_code = 1
+
+
+class Preempted(TrainingStopped):
+    exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteLoss(TrainingStopped):
+    exit_code = EXIT_NONFINITE
+
+
+class RankFailure(TrainingStopped):
+    """A collective failed: another rank died, raised, or stopped responding."""
 
 
 @dataclass
 class TrainState:
-    """Where the run is: ``step`` counts optimizer steps since the start of the run."""
+    """Where the run is. Together with model, optimizer, RNG and loss sums it is a checkpoint."""
 
     step: int = 0
+    """Optimizer steps done since the start of the run (the global step of every log)."""
     epoch: int = 0
+    """The epoch in progress, 0-based."""
+    batch_in_epoch: int = 0
+    """Batches of ``epoch`` done; a resumed run continues with the next batch."""
 
 
-def run(cfg: Config, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train according to ``cfg`` on however many processes were launched; return the summary."""
+class LossMeter:
+    """This rank's loss sums, kept on the device (reading them every step would force a
+    host-device sync per step); they are part of a checkpoint so logs resume exactly."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.window_sum = torch.zeros((), device=device)
+        self.window_steps = 0
+        self.epoch_sum = torch.zeros((), device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window_sum += loss.detach()
+        self.epoch_sum += loss.detach()
+        self.window_steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        # float32 -> Python float is exact, and back again.
+        return {"window_sum": float(self.window_sum), "window_steps": self.window_steps,
+                "epoch_sum": float(self.epoch_sum)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window_sum.fill_(state["window_sum"])
+        self.window_steps = state["window_steps"]
+        self.epoch_sum.fill_(state["epoch_sum"])
+
+
+def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") -> dict[str, Any]:
+    """Train according to ``cfg`` on however many processes were launched; return the summary.
+
+    ``resume``: ``auto`` (newest valid checkpoint in the run directory, if any), ``never``, or
+    the path of a checkpoint directory.
+    """
     dist = Dist(cfg.dist)
     try:
-        return fit(cfg, dist, make_run_dir(run_dir, dist))
+        return fit(cfg, dist, make_run_dir(run_dir, dist), resume)
     finally:
         dist.close()
 
@@ -51,9 +107,19 @@ def make_run_dir(requested: str | Path | None, dist: Dist) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         requested = dist.broadcast_object(f"runs/{stamp}-{secrets.token_hex(3)}")
     run_dir = Path(requested)
+    error = None
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        # Fail now, not at the first checkpoint: create the directory and write a probe file.
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{secrets.token_hex(4)}"
+            probe.write_bytes(b"\0" * 65536)
+            probe.unlink()
+        except OSError as e:
+            error = f"--run-dir {run_dir}: cannot write there ({e.strerror or e})"
+    error = dist.broadcast_object(error)  # every rank fails the same way, nobody waits
+    if error:
+        raise ConfigError(error)
     return run_dir
 
 
@@ -63,66 +129,157 @@ def build_model(cfg: Config, device: torch.device) -> MLP:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
+    on_cuda = next(model.parameters()).is_cuda
     return torch.optim.SGD(
-        model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay
+        model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
+        fused=True if on_cuda else None,  # one kernel for the whole update on GPUs
     )
 
 
-def fit(cfg: Config, dist: Dist, run_dir: Path) -> dict[str, Any]:
-    """Train for ``cfg.train.epochs`` epochs (or ``max_steps``), evaluating after each epoch."""
-    t = cfg.train
-    if dist.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    metrics = MetricsLog(run_dir, enabled=dist.is_main)
+def make_loss_fn(cfg: Config, model: torch.nn.Module, device: torch.device) -> Callable:
+    """``(images, labels) -> mean loss``; compiled (and CUDA-graph captured with
+    ``reduce-overhead``) when ``dist.compile`` asks for it and the device is a GPU."""
+    kind = cfg.train.loss
 
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(model(x), y, kind).mean()
+
+    if cfg.dist.compile == "off":
+        return loss_fn
+    if device.type != "cuda":
+        warn_main(f"dist.compile={cfg.dist.compile} is used on GPUs only; training eagerly on {device.type}")
+        return loss_fn
+    return torch.compile(loss_fn, mode=cfg.dist.compile)
+
+
+@dataclass
+class Job:
+    """Everything one rank's training works on, built once by ``fit``."""
+
+    cfg: Config
+    dist: Dist
+    run_dir: Path
+    tensors: MnistTensors
+    batches: TrainBatches
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    state: TrainState
+    meter: LossMeter
+    tracker: Tracker
+    schedule_steps: int
+    """Steps the LR schedule spans: all epochs (``max_steps`` only stops early, so a short run
+    is an exact prefix of the full one)."""
+    stop_at: int
+    """The step at which this run ends: all epochs, or ``train.max_steps``."""
+
+
+def fit(cfg: Config, dist: Dist, run_dir: Path, resume: str = "auto") -> dict[str, Any]:
+    """Build the job (resuming if asked), train and evaluate it, return the summary."""
+    t = cfg.train
     prepare_mnist(cfg.data, dist.is_local_main, dist.barrier)
     tensors = load_tensors(cfg.data.root).to(dist.device)  # 55 MB of uint8: held once
     per_process_batch_size = t.global_batch_size // dist.world_size  # divisibility validated
     batches = TrainBatches(
         cfg.data, tensors, per_process_batch_size, dist.rank, dist.world_size, t.seed, dist.device
     )
-    steps_per_epoch = len(batches)
-    total_steps = steps_per_epoch * t.epochs
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
+    schedule_steps = len(batches) * t.epochs
 
     dist.seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg, dist.device)
     optimizer = build_optimizer(cfg, model)
     model, optimizer = dist.prepare(model, optimizer)
+    state, meter = TrainState(), LossMeter(dist.device)
 
+    snapshot_path = resolve_resume(resume, run_dir, dist)
+    run_id = None
+    if snapshot_path is not None:
+        snap = load_snapshot(snapshot_path, dist, t.global_batch_size)
+        restore(snap, dist, model, optimizer, state, meter)
+        run_id = snap.tracking.get("wandb_run_id")
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if snapshot_path is not None:
+            truncate_metrics(run_dir, state.step)  # drop lines logged after the checkpoint
+    tracker = Tracker(cfg.tracking, run_dir, cfg.to_dict(), enabled=dist.is_main, run_id=run_id)
+    job = Job(cfg, dist, run_dir, tensors, batches, model, optimizer, make_loss_fn(cfg, model, dist.device),
+              state, meter, tracker, schedule_steps,
+              stop_at=min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps)
     dist.print(
         f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}; "
         f"global batch {t.global_batch_size} = {dist.world_size} x {per_process_batch_size}; "
-        f"{steps_per_epoch} steps/epoch; run dir {run_dir}"
+        f"{len(batches)} steps/epoch; run dir {run_dir}"
+        + (f"; resumed from {snapshot_path} at step {state.step}" if snapshot_path else "")
     )
-    state = TrainState()
-    best_acc = 0.0
-    train_time_s = 0.0
-    counts = EvalCounts.zeros()
-    while state.step < total_steps:
-        epoch_start, step_before = time.perf_counter(), state.step
-        train_loss = train_one_epoch(cfg, dist, model, optimizer, batches, state, total_steps, metrics)
-        epoch_time_s = time.perf_counter() - epoch_start
-        train_time_s += epoch_time_s
-        counts = evaluate(cfg, dist, dist.unwrap(model), tensors)
-        best_acc = max(best_acc, counts.accuracy)
-        samples_per_s = (state.step - step_before) * t.global_batch_size / epoch_time_s
-        metrics.log(
-            {"epoch": state.epoch + 1, "step": state.step, **counts.as_record(),
-             "train_loss_epoch": train_loss, "epoch_time_s": epoch_time_s, "samples_per_s": samples_per_s}
-        )
-        _log_line(
-            dist,
-            f"epoch {state.epoch + 1}/{t.epochs}  train_loss {train_loss:.4f}  "
-            f"test_loss {counts.mean_loss:.4f}  test_acc {100 * counts.accuracy:.2f}% "
-            f"({counts.correct}/{counts.total})  {samples_per_s:,.0f} samples/s  {epoch_time_s:.1f} s",
-        )
-        state.epoch += 1
+    heartbeat = Heartbeat(run_dir / ".heartbeat", dist.rank, dist.world_size) if dist.world_size > 1 else None
+    try:
+        summary = train_and_evaluate(job)
+    except BaseException as e:
+        tracker.close(exit_code=getattr(e, "exit_code", 1))
+        if heartbeat is not None and not isinstance(e, TrainingStopped) and is_collective_failure(e):
+            raise RankFailure(describe_collective_failure(e, heartbeat, state, cfg.dist.timeout_s)) from e
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+    tracker.close()
+    dist.barrier()  # nobody exits (and tears down the group) while rank 0 still writes
+    return summary
 
+
+def train_and_evaluate(job: Job) -> dict[str, Any]:
+    """The epoch loop: train, evaluate, log and checkpoint until ``job.stop_at``."""
+    cfg, dist, state, meter, t = job.cfg, job.dist, job.state, job.meter, job.cfg.train
+    steps_per_epoch = len(job.batches)
+    counts: EvalCounts | None = None
+    best_acc, train_time_s = 0.0, 0.0
+    faults = FaultInjector(dist.rank)
+    with StopSignals() as signals:
+        # (A run stopped right after the last batch of an epoch still owes that epoch's evaluation.)
+        while state.step < job.stop_at or state.batch_in_epoch == steps_per_epoch:
+            epoch_start, step_before = time.perf_counter(), state.step
+            stopped = train_one_epoch(job, signals, faults)
+            epoch_time_s = time.perf_counter() - epoch_start
+            train_time_s += epoch_time_s
+            if stopped:
+                save_checkpoint(job)
+                why = signals.name if signals.received else "a stop signal on another rank"
+                raise Preempted(
+                    f"stopped by {why} after step {state.step}; checkpoint written to "
+                    f"{checkpoint.checkpoint_dir(job.run_dir, state.step)}; run again with the same "
+                    "--run-dir to resume"
+                )
+            train_loss = (dist.all_reduce_sum(meter.epoch_sum) / (dist.world_size * state.batch_in_epoch)).item()
+            counts = evaluate(cfg, dist, dist.unwrap(job.model), job.tensors)
+            best_acc = max(best_acc, counts.accuracy)
+            steps_done = state.step - step_before
+            samples_per_s = steps_done * t.global_batch_size / epoch_time_s if steps_done else 0.0
+            job.tracker.log(
+                {"epoch": state.epoch + 1, "step": state.step, **counts.as_record(),
+                 "train_loss_epoch": train_loss, "epoch_time_s": epoch_time_s, "samples_per_s": samples_per_s,
+                 "per_class_acc": counts.per_class_accuracy(), "confusion": counts.confusion.tolist()}
+            )
+            _log_line(
+                dist,
+                f"epoch {state.epoch + 1}/{t.epochs}  train_loss {train_loss:.4f}  "
+                f"test_loss {counts.mean_loss:.4f}  test_acc {100 * counts.accuracy:.2f}% "
+                f"({counts.correct}/{counts.total})  {samples_per_s:,.0f} samples/s  {epoch_time_s:.1f} s",
+            )
+            if state.batch_in_epoch == steps_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                meter.epoch_sum.zero_()
+            save_checkpoint(job)
+
+    if counts is None:  # resumed from the final checkpoint: nothing left to train
+        counts = evaluate(cfg, dist, dist.unwrap(job.model), job.tensors)
+    # Peak memory of every rank, for `python -m mnistdist.bench` (ru_maxrss is KiB on Linux).
+    per_rank = dist.gather_object({
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated(dist.device) / 2**20 if dist.device.type == "cuda" else None,
+    })
     summary = {
         "final_test_acc": counts.accuracy,
-        "best_test_acc": best_acc,
+        "best_test_acc": max(best_acc, counts.accuracy),
         "final_test_loss": counts.mean_loss,
         "test_correct": counts.correct,
         "test_total": counts.total,
@@ -130,67 +287,174 @@ def fit(cfg: Config, dist: Dist, run_dir: Path) -> dict[str, Any]:
         "epochs": state.epoch,
         "train_time_s": train_time_s,
         "world_size": dist.world_size,
-        "run_dir": str(run_dir),
+        "run_dir": str(job.run_dir),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in per_rank),
+        "per_rank": per_rank,
     }
     if dist.is_main:
-        checkpoint.save_model(dist.unwrap(model), run_dir / "model.safetensors")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    metrics.close()
-    dist.barrier()  # nobody exits (and tears down the group) while rank 0 still writes
+        checkpoint.save_model(dist.unwrap(job.model), job.run_dir / "model.safetensors")
+        (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        job.tracker.summary({k: v for k, v in summary.items() if k not in ("run_dir", "per_rank")})
     return summary
 
 
-def train_one_epoch(
-    cfg: Config,
-    dist: Dist,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: TrainBatches,
-    state: TrainState,
-    total_steps: int,
-    metrics: MetricsLog,
-) -> float:
-    """One pass over this rank's shard (or up to ``total_steps``); returns the mean train loss
-    over all ranks. Each rank runs the same number of steps, so collectives stay matched."""
-    t = cfg.train
-    model.train()
-    steps_this_epoch = min(len(batches), total_steps - state.step)
-    # Losses are summed on the device and only read at log points: reading them every step
-    # would force a host-device sync per step.
-    window_loss = torch.zeros((), device=dist.device)
-    epoch_loss = torch.zeros((), device=dist.device)
-    window_steps = 0
-    window_start = time.perf_counter()
-    progress = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch + 1}/{t.epochs}", leave=False,
+def train_one_epoch(job: Job, signals: StopSignals, faults: FaultInjector) -> bool:
+    """Train the rest of ``state.epoch`` (or up to ``job.stop_at``). Returns True when the ranks
+    agreed to stop on a signal. Every rank runs the same steps, so collectives stay matched."""
+    cfg, dist, state, meter, t = job.cfg, job.dist, job.state, job.meter, job.cfg.train
+    optimizer = job.optimizer
+    steps_left = min(len(job.batches) - state.batch_in_epoch, job.stop_at - state.step)
+    progress = tqdm(total=steps_left, desc=f"epoch {state.epoch + 1}/{t.epochs}", leave=False,
                     disable=not dist.is_main, mininterval=1.0, dynamic_ncols=True)
-    for i, (x, y) in enumerate(batches.epoch(state.epoch)):
-        if i >= steps_this_epoch:
+    window_start = time.perf_counter()
+    stop = False
+    for x, y in job.batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
+        if state.step >= job.stop_at:
             break
-        lr = lr_at(state.step, total_steps, t.lr, t.lr_schedule, t.warmup_steps)
+        lr = lr_at(state.step, job.schedule_steps, t.lr, t.lr_schedule, t.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = per_sample_loss(model(x), y, t.loss).mean()
+        loss = job.loss_fn(x, y)
+        if faults.poisons_loss(state.step + 1):
+            loss = loss * float("nan")
         optimizer.zero_grad(set_to_none=True)
         dist.backward(loss)  # DDP averages gradients over ranks here
+
+        if (state.step + 1) % t.stop_check_every_steps == 0:
+            # Sync point: one all-reduce of [non-finite?, stop signal?] so that every rank
+            # makes the same decision at the same step, before the optimizer step.
+            nonfinite, stop = dist.any_flags([not_finite(loss, job.model), signals.received is not None])
+            if nonfinite:
+                raise NonFiniteLoss(
+                    f"non-finite loss or gradient at step {state.step + 1} (epoch {state.epoch + 1}); "
+                    "stopped before the optimizer step; lower train.lr or check the data"
+                )
         optimizer.step()
         state.step += 1
-        window_loss += loss.detach()
-        epoch_loss += loss.detach()
-        window_steps += 1
+        state.batch_in_epoch += 1
+        meter.add(loss)
         progress.update()
-        if state.step % t.log_every_steps == 0 or i == steps_this_epoch - 1:
-            # Each rank's loss is a mean over an equal-sized batch, so the mean over ranks
-            # is the mean over the global batch. Sync point: every rank reaches this step.
-            mean_loss = (dist.all_reduce_sum(window_loss) / (dist.world_size * window_steps)).item()
+        faults.after_step(state.step)
+
+        end_of_epoch = state.batch_in_epoch == len(job.batches) or state.step == job.stop_at
+        if state.step % t.log_every_steps == 0 or end_of_epoch:
+            # Each rank's loss is a mean over an equal-sized batch, so the mean over ranks is
+            # the mean over the global batch. Sync point: every rank reaches this step.
+            mean_loss = (dist.all_reduce_sum(meter.window_sum) / (dist.world_size * meter.window_steps)).item()
             elapsed = time.perf_counter() - window_start
-            metrics.log({"epoch": state.epoch + 1, "step": state.step, "train_loss": mean_loss, "lr": lr,
-                         "samples_per_s": t.global_batch_size * window_steps / elapsed})
+            job.tracker.log({"epoch": state.epoch + 1, "step": state.step, "train_loss": mean_loss, "lr": lr,
+                             "samples_per_s": t.global_batch_size * meter.window_steps / elapsed})
             progress.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-            window_loss.zero_()
-            window_steps = 0
+            meter.window_sum.zero_()
+            meter.window_steps = 0
             window_start = time.perf_counter()
+        if stop:
+            break
+        every = cfg.checkpoint.every_steps
+        if every and state.step % every == 0 and not end_of_epoch:  # epoch ends save anyway
+            save_checkpoint(job)
     progress.close()
-    return (dist.all_reduce_sum(epoch_loss) / (dist.world_size * steps_this_epoch)).item()
+    return stop
+
+
+def describe_collective_failure(exc: BaseException, heartbeat: Heartbeat, state: TrainState,
+                                timeout_s: float) -> str:
+    """One line: where it failed and which rank(s) look responsible."""
+    silent = heartbeat.silent_ranks(older_than_s=max(3 * heartbeat.interval_s, min(timeout_s / 2, 10.0)))
+    if silent:
+        who = ", ".join(f"rank {r} (silent for {age:.0f} s)" if age != float("inf") else f"rank {r}"
+                        for r, age in sorted(silent.items()))
+        culprit = f"{who} stopped responding (hung, stopped or killed)"
+    else:
+        culprit = "another rank exited or raised (see its own error above)"
+    first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return (f"a collective operation failed at step {state.step} (dist.timeout_s={timeout_s:g}): {culprit}; "
+            f"{type(exc).__name__}: {first_line}")
+
+
+def not_finite(loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """True (as a 0-d tensor, no sync) if the loss or any gradient holds NaN/Inf."""
+    flags = [~torch.isfinite(loss.detach())]
+    flags += [~torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    return torch.stack(flags).any()
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints: collected from all ranks, written by rank 0, the outcome shared with all
+
+
+def save_checkpoint(job: Job) -> None:
+    """Collective: every rank must call it at the same step."""
+    cfg, dist, state = job.cfg, job.dist, job.state
+    ranks = dist.gather_object({"rng": checkpoint.rng_state(), "loss": job.meter.state_dict()})
+    error = None
+    if dist.is_main:
+        snap = Snapshot(
+            step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
+            world_size=dist.world_size, global_batch_size=cfg.train.global_batch_size,
+            model=dist.unwrap(job.model).state_dict(), optimizer=job.optimizer.state_dict(), ranks=ranks,
+            config=cfg.to_dict(), tracking={"wandb_run_id": job.tracker.run_id},
+        )
+        try:
+            checkpoint.save_checkpoint(job.run_dir, snap, cfg.checkpoint.keep_last)
+        except OSError as e:
+            error = f"cannot write checkpoint in {job.run_dir / checkpoint.CHECKPOINTS}: {e.strerror or e}"
+    # Rank 0 must not fail alone: the others would wait in the next collective until the
+    # timeout. Share the outcome and fail together.
+    error = dist.broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
+
+
+def resolve_resume(resume: str, run_dir: Path, dist: Dist) -> Path | None:
+    """Decide on rank 0 which checkpoint to resume from; every rank gets the same answer."""
+    answer: tuple[str | None, str | None] = (None, None)
+    if dist.is_main:
+        try:
+            if resume == "never":
+                if checkpoint.list_checkpoints(run_dir):
+                    raise ConfigError(
+                        f"--resume never: {run_dir / checkpoint.CHECKPOINTS} already holds checkpoints; "
+                        "use another --run-dir or --resume auto"
+                    )
+            elif resume == "auto":
+                found = checkpoint.find_latest_valid(run_dir, warn=dist.print)
+                answer = (str(found) if found else None, None)
+            else:
+                checkpoint.verify(Path(resume))
+                answer = (resume, None)
+        except (CheckpointError, ConfigError) as e:
+            answer = (None, f"{type(e).__name__}:{e}")
+    path, error = dist.broadcast_object(answer)
+    if error:
+        kind, message = error.split(":", 1)
+        raise (ConfigError if kind == "ConfigError" else CheckpointError)(message)
+    return Path(path) if path else None
+
+
+def load_snapshot(path: Path, dist: Dist, global_batch_size: int) -> Snapshot:
+    snap = checkpoint.load_checkpoint(path)
+    if snap.world_size != dist.world_size or snap.global_batch_size != global_batch_size:
+        raise ConfigError(
+            f"{path}: written by {snap.world_size} process(es) with train.global_batch_size "
+            f"{snap.global_batch_size}; this run has {dist.world_size} with {global_batch_size}. "
+            "Resume with the same number of processes and global batch (or --resume never)"
+        )
+    return snap
+
+
+def restore(snap: Snapshot, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            state: TrainState, meter: LossMeter) -> None:
+    dist.unwrap(model).load_state_dict(snap.model)
+    optimizer.load_state_dict(snap.optimizer)
+    state.step, state.epoch, state.batch_in_epoch = snap.step, snap.epoch, snap.batch_in_epoch
+    mine = snap.ranks[dist.rank]
+    meter.load_state_dict(mine["loss"])
+    checkpoint.set_rng_state(mine["rng"])
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
 
 
 @torch.no_grad()
@@ -230,3 +494,4 @@ def evaluate_model_file(cfg: Config, model_path: str | Path) -> EvalCounts:
 def _log_line(dist: Dist, line: str) -> None:
     if dist.is_main:
         tqdm.write(line)
+

@@ -138,6 +138,8 @@ def test_start_batch_skips_exactly(tensors):
     resumed = [y for _, y in batches.epoch(0, start_batch=7)]
     assert len(full) == len(batches) == 300
     assert all(torch.equal(a, b) for a, b in zip(full[7:], resumed, strict=True))
+    # Resuming right after the epoch's last batch yields nothing (not one empty batch).
+    assert list(batches.epoch(0, start_batch=300)) == []
 
 
 def test_epochs_are_shuffled_differently(tensors):

@@ -1,0 +1,146 @@
+"""``python -m mnistdist.launch ARGS`` = ``accelerate launch ARGS``, made safe for clusters.
+
+What it adds: SIGUSR1 reaches the workers; a free rendezvous port on one machine (two jobs
+never collide); a 10 s shutdown grace instead of 30 s; a one-line report of the first failed
+rank; no orphan processes; exit code 75 when the workers stopped on request.
+
+``accelerate launch`` (torchrun's elastic agent underneath) forwards SIGTERM to its workers
+but not SIGUSR1: USR1's default action simply kills the launcher, and the workers never hear
+of it. Slurm's ``--signal=USR1@lead`` is the usual "time is nearly up" warning, so this wrapper
+runs accelerate's launcher in-process with a USR1 handler that passes the signal on to every
+worker (each finishes its step, the ranks agree, checkpoint, and exit with code 75).
+
+When the workers exited with 75 (preempted, checkpoint written) the wrapper exits 75 too,
+instead of the launcher's generic 1, so a batch script can tell "requeue me" from "failed".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from types import FrameType
+
+import psutil
+
+from mnistdist.signals import EXIT_PREEMPTED
+
+WORKER_GRACE_S = 5.0  # see _watch_workers
+
+
+def _forward_to_workers(signum: int, frame: FrameType | None) -> None:
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.send_signal(signum)
+        except psutil.Error:
+            pass  # already gone
+
+
+def _exit_codes(exc: BaseException) -> list[int]:
+    failures = getattr(exc, "failures", None)  # torch.distributed.elastic ChildFailedError
+    if failures:
+        return [f.exitcode for f in failures.values()]
+    returncode = getattr(exc, "returncode", None)  # subprocess.CalledProcessError (1 process)
+    return [returncode] if returncode is not None else []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_failure(exc: BaseException) -> str | None:
+    """'rank R (exit C[, SIGNAME])' of the first failed worker, from torchrun's report."""
+    failures = getattr(exc, "failures", None)
+    if not failures:
+        return None
+    rank, failure = min(failures.items(), key=lambda kv: kv[1].timestamp)
+    code = failure.exitcode
+    how = f", {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_ else ""
+    return f"rank {rank} (exit {code}{how})"
+
+
+def _reap_children() -> None:
+    """No orphans: whatever the launcher left behind is killed before we exit."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=5)
+
+
+def _watch_workers(grace_s: float, poll_s: float = 0.5) -> None:
+    """Once a worker is gone, kill the ones still there after ``grace_s``.
+
+    When a rank fails, torchrun sends the others SIGTERM and then waits a fixed 30 s before
+    SIGKILL (its shutdown-timeout setting does not cover this path). A rank that is stopped
+    (SIGSTOP) or hung cannot act on SIGTERM, so this watchdog bounds that wait. Healthy ranks
+    leave together (the last collective is a barrier), well within the grace.
+    """
+    me = psutil.Process()
+    known: dict[int, psutil.Process] = {}
+    first_gone: float | None = None
+    while True:
+        for child in me.children():  # the workers are the launcher's direct children
+            known.setdefault(child.pid, child)
+        alive = []
+        for child in known.values():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child)
+            except psutil.Error:
+                pass
+        if alive and len(alive) < len(known):
+            first_gone = first_gone or time.monotonic()
+            if time.monotonic() - first_gone > grace_s:
+                for child in alive:
+                    print(f"mnistdist.launch: worker pid {child.pid} still running {grace_s:g} s after "
+                          "another rank ended; killing it", file=sys.stderr, flush=True)
+                    try:
+                        child.kill()
+                    except psutil.Error:
+                        pass
+        time.sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    signal.signal(signal.SIGUSR1, _forward_to_workers)
+    # torchrun gives workers 30 s between SIGTERM and SIGKILL when it shuts a job down (a rank
+    # failed, or we were told to stop). Checkpointing this model takes well under a second,
+    # and a shorter grace bounds how long a job with a hung rank lingers.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "10")
+    args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.main_process_port is None and (args.num_machines or 1) == 1:
+        # accelerate's default port (29500) would make two jobs on one machine collide.
+        args.main_process_port = _free_port()
+    threading.Thread(target=_watch_workers, args=(WORKER_GRACE_S,), daemon=True, name="worker-watchdog").start()
+    try:
+        launch_command(args)
+    except Exception as e:  # noqa: BLE001 - classify the workers' exit, then re-raise
+        _reap_children()
+        codes = _exit_codes(e)
+        # Once the first worker exits 75, the agent SIGTERMs the others; one caught in its
+        # tear-down shows as -15. The checkpoint was complete before any rank exited (saving
+        # is collective), so that still counts as a clean stop.
+        if EXIT_PREEMPTED in codes and set(codes) <= {EXIT_PREEMPTED, -signal.SIGTERM}:
+            print("mnistdist.launch: all workers stopped on request (exit 75); resume to continue",
+                  file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        first = _first_failure(e)
+        if first:
+            print(f"mnistdist.launch: training failed; first rank to exit: {first} (see the ranks' errors above)", file=sys.stderr, flush=True)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Stop requests (SIGTERM, SIGUSR1) and a test-only fault injector.
+
+A signal handler only records the request; the training loop reads it at a step boundary and
+all ranks agree (one all-reduce) on the step at which they stop, checkpoint and exit with
+``EXIT_PREEMPTED``. Signals can reach ranks at different moments, so acting on a local flag
+alone would leave ranks at different steps and deadlock the next collective.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, resume to continue
+EXIT_NONFINITE = 3  # a loss or gradient was NaN/Inf: stopped before the optimizer step
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """Context manager: while active, SIGTERM/SIGUSR1 set ``received`` instead of killing us."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers need the main thread
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "none"
+
+
+class FaultInjector:
+    """Test hook: ``MNISTDIST_FAULT="step=K,rank=R,action=A"`` makes rank R do A after step K.
+
+    Actions: ``KILL``/``TERM``/``USR1``/``STOP`` send that signal to this process, ``raise``
+    raises, ``nan`` makes the loss of step K NaN. Used by the tests to interrupt runs at an
+    exact step; unset in normal use (then it costs one attribute check per step).
+    """
+
+    def __init__(self, rank: int, env: str | None = None) -> None:
+        self.step = -1
+        text = os.environ.get("MNISTDIST_FAULT", "") if env is None else env
+        if not text:
+            return
+        spec = dict(part.split("=", 1) for part in text.split(","))
+        if int(spec.get("rank", 0)) == rank:
+            self.step = int(spec["step"])
+            self.action = spec["action"]
+
+    def poisons_loss(self, step: int) -> bool:
+        """True if the loss computed for ``step`` (1-based, the step being taken) must be NaN."""
+        return step == self.step and self.action == "nan"
+
+    def after_step(self, step: int) -> None:
+        if step != self.step or self.action == "nan":
+            return
+        if self.action == "raise":
+            raise RuntimeError(f"injected fault after step {step}")
+        os.kill(os.getpid(), getattr(signal, f"SIG{self.action}"))
