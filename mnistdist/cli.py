@@ -1,4 +1,4 @@
-"""Command lines: ``train_dist.py`` / ``mnistdist train``.
+"""Command lines: ``train_dist.py`` / ``mnistdist train|evaluate|predict|plot``.
 
 User errors (bad config, bad flags, unusable data) print one line and exit 2, before any
 process group is started; bugs keep their traceback.
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from mnistdist.checkpoint import CheckpointError
 from mnistdist.config import ConfigError, load_config
 from mnistdist.data import DataError
 from mnistdist.distributed import launched_world_size, report_exception
@@ -38,6 +39,9 @@ def train_parser(prog: str = "train_dist.py") -> argparse.ArgumentParser:
                         help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="directory for config.yaml, metrics.jsonl, model.safetensors (default: runs/<time>-<id>)")
+    parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                        help="auto: continue from the newest valid checkpoint in --run-dir (default); "
+                             "never: start fresh; PATH: a checkpoint directory")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (win over the file)")
     return parser
 
@@ -46,17 +50,84 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     """Parse, load the config, train, clean up. Returns the process exit code."""
     from mnistdist import training  # heavy imports after argument errors are handled
 
-    args = train_parser(prog).parse_args(argv)
+    args = train_parser(prog).parse_intermixed_args(argv)  # overrides may come before or after flags
     config_path = args.config
     if config_path is None and DEFAULT_CONFIG.is_file():
         config_path = DEFAULT_CONFIG
+    if args.resume not in ("auto", "never") and not Path(args.resume).exists():
+        report_exception(ConfigError(f"--resume {args.resume}: no such checkpoint directory"))
+        return EXIT_USAGE
     try:
         cfg = load_config(config_path, args.overrides, world_size=launched_world_size())
-        training.run(cfg, args.run_dir)
-    except (ConfigError, DataError) as e:
+        training.run(cfg, args.run_dir, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError) as e:
         report_exception(e)
         return EXIT_USAGE
+    except training.Preempted as e:
+        report_exception(e, label="stopped")
+        return e.exit_code
+    except training.TrainingStopped as e:
+        report_exception(e)
+        return e.exit_code
     return 0
+
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+CONFIG_SEARCH_LEVELS = 2  # RUN_DIR/checkpoints/step-XXXXXXXX/model.safetensors -> RUN_DIR/config.yaml
+
+
+def resolve_model(path: Path) -> Path:
+    """``--model`` as a file: the file itself, or ``model.safetensors`` in a (checkpoint) directory."""
+    if path.is_dir():
+        if not (path / MODEL_FILE).is_file():
+            raise ConfigError(f"--model {path}: directory holds no {MODEL_FILE}")
+        return path / MODEL_FILE
+    if not path.is_file():
+        raise ConfigError(f"--model {path}: no such file or directory")
+    return path
+
+
+def find_run_config(model_file: Path) -> Path | None:
+    """config.yaml next to the model file, else in its parent directories up to 2 levels up."""
+    directory = model_file.absolute().parent
+    for _ in range(CONFIG_SEARCH_LEVELS + 1):
+        if (directory / CONFIG_FILE).is_file():
+            return directory / CONFIG_FILE
+        directory = directory.parent
+    return None
+
+
+def load_weights(cfg, model_file: Path):
+    """The MLP of ``cfg`` with the weights of ``model_file`` (on the CPU); ConfigError when the
+    file is not a state dict of that model."""
+    from mnistdist import checkpoint
+    from mnistdist.model import MLP
+
+    model = MLP(final_relu=cfg.model.final_relu)
+    try:
+        model.load_state_dict(checkpoint.load_model_state(model_file))
+    except Exception as e:  # noqa: BLE001 - safetensors, OS and shape errors all mean "bad file"
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f"--model {model_file}: not mnistdist model weights ({reason})") from None
+    return model
+
+
+def _model_and_config(model_arg: Path, config_arg: Path | None, overrides: list[str] | tuple[str, ...] = ()):
+    """(the model file, the run's config): ``--config`` if given, else the one found near the model."""
+    model_file = resolve_model(model_arg)
+    config_path = config_arg if config_arg is not None else find_run_config(model_file)
+    return model_file, load_config(config_path, overrides)
+
+
+def format_confusion(confusion: list[list[int]]) -> str:
+    """The confusion matrix as an aligned table (rows = true class, columns = predicted)."""
+    width = max(4, *(len(str(v)) for row in confusion for v in row))
+    lines = ["confusion matrix (rows: true class, columns: predicted class)",
+             "true\\pred " + " ".join(f"{c:>{width}}" for c in range(len(confusion)))]
+    for c, row in enumerate(confusion):
+        lines.append(f"{c:>10} " + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
 
 
 def evaluate_main(argv: list[str] | None = None, prog: str = "mnistdist evaluate") -> int:
@@ -67,20 +138,18 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "mnistdist evaluate
     from mnistdist.distributed import is_main_process
 
     parser = _Parser(prog=prog, description="Evaluate saved weights on the 10,000 MNIST test images.")
-    parser.add_argument("--model", type=Path, required=True, help="model.safetensors written by training")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="model.safetensors written by training, or a checkpoint directory holding one")
     parser.add_argument("--config", type=Path, default=None,
-                        help="config of the run (default: config.yaml next to the model, else defaults)")
+                        help="config of the run (default: config.yaml next to the model or up to 2 "
+                             "directories above it, else the defaults)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    config_path = args.config
-    if config_path is None and (args.model.parent / "config.yaml").is_file():
-        config_path = args.model.parent / "config.yaml"
     try:
-        if not args.model.is_file():
-            raise ConfigError(f"--model {args.model}: no such file")
-        cfg = load_config(config_path, args.overrides)
-        counts = training.evaluate_model_file(cfg, args.model)
+        model_file, cfg = _model_and_config(args.model, args.config, args.overrides)
+        load_weights(cfg, model_file)  # a bad file is one line here, before any process group
+        counts = training.evaluate_model_file(cfg, model_file)
     except (ConfigError, DataError) as e:
         report_exception(e)
         return EXIT_USAGE
@@ -93,7 +162,131 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "mnistdist evaluate
             print(f"test_loss {counts.mean_loss:.6f}  test_acc {100 * counts.accuracy:.2f}% "
                   f"({counts.correct}/{counts.total})")
             print("per-class accuracy: " + "  ".join(f"{c}:{100 * a:.1f}%" for c, a in enumerate(result["per_class_acc"])))
+            print(format_confusion(result["confusion"]))
     return 0
+
+
+def predict_main(argv: list[str] | None = None, prog: str = "mnistdist predict") -> int:
+    """Classify PNG/JPEG digit images with saved weights (one process, CPU)."""
+    import json
+
+    from mnistdist import predict
+
+    parser = _Parser(
+        prog=prog,
+        description="Classify images of handwritten digits (PNG/JPEG, any size). Each image is converted "
+                    "the way MNIST was made: grayscale, the digit's bounding box scaled into 20x20 keeping "
+                    "its aspect ratio, centred by centre of mass in 28x28, white digit on black.",
+    )
+    parser.add_argument("--model", type=Path, required=True,
+                        help="model.safetensors written by training, or a checkpoint directory holding one")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config of the run (default: config.yaml next to the model or up to 2 "
+                             "directories above it, else the defaults)")
+    parser.add_argument("--polarity", choices=predict.POLARITIES, default=None,
+                        help="auto (default) decides from the border pixels; black-on-white inverts "
+                             "(scans, paper); white-on-black is MNIST's own")
+    parser.add_argument("--invert", action="store_true", help="same as --polarity black-on-white")
+    parser.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show per image (1..10, default 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--save-converted", type=Path, default=None, metavar="DIR",
+                        help="also write each converted 28x28 image (what the model sees) as DIR/<name>.png")
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files, or directories (their *.png/*.jpg/*.jpeg files, sorted)")
+    args = parser.parse_args(argv)
+    if args.invert and args.polarity not in (None, "black-on-white"):
+        parser.error(f"--invert contradicts --polarity {args.polarity}")
+    polarity = "black-on-white" if args.invert else (args.polarity or "auto")
+    if not 1 <= args.top_k <= 10:
+        parser.error(f"--top-k must be in 1..10; got {args.top_k}")
+    try:
+        model_file, cfg = _model_and_config(args.model, args.config)
+        paths = predict.expand_inputs(args.images)
+        digits = predict.load_digits(paths, polarity)
+        model = load_weights(cfg, model_file)
+        if args.save_converted is not None:
+            _save_converted(args.save_converted, paths, digits)
+    except (ConfigError, DataError, predict.ImageError) as e:
+        report_exception(e)
+        return EXIT_USAGE
+    probabilities = predict.predict_probabilities(model, digits, cfg.data.normalize_mean, cfg.data.normalize_std)
+    predictions = predict.top_k(probabilities, paths, args.top_k)
+    if args.json:
+        print(json.dumps({"model": str(model_file), "polarity": polarity,
+                          "predictions": [p.as_record() for p in predictions]}))
+    else:
+        print(predict.format_table(predictions))
+    return 0
+
+
+def _save_converted(out_dir: Path, paths: list[Path], digits) -> None:
+    from PIL import Image
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, (path, digit) in enumerate(zip(paths, digits)):
+            Image.fromarray(digit).save(out_dir / f"{i:04d}-{path.stem}.png")
+    except OSError as e:
+        raise ConfigError(f"--save-converted {out_dir}: cannot write ({e.strerror or e})") from None
+
+
+def plot_main(argv: list[str] | None = None, prog: str = "mnistdist plot") -> int:
+    """PNG plots of a run directory: loss and accuracy curves, confusion matrix."""
+    from mnistdist import plots
+
+    parser = _Parser(prog=prog, description="Plot a run: loss.png, accuracy.png and confusion.png "
+                                            "(into RUN_DIR/plots/ unless --out).")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the PNG files (default: RUN_DIR/plots)")
+    parser.add_argument("--no-evaluate", action="store_true",
+                        help="when metrics.jsonl has no confusion matrix, skip confusion.png instead of "
+                             "evaluating RUN_DIR/model.safetensors")
+    args = parser.parse_args(argv)
+    metrics_file = args.run_dir / "metrics.jsonl"
+    try:
+        if not args.run_dir.is_dir():
+            raise ConfigError(f"{args.run_dir}: no such directory")
+        if not metrics_file.is_file():
+            raise ConfigError(f"{metrics_file}: no such file (not a run directory?)")
+        train, evals = plots.split_records(plots.read_records(args.run_dir))
+        if not train and not evals:
+            raise ConfigError(f"{metrics_file}: no training or evaluation lines to plot")
+        confusion = plots.last_confusion(evals)
+        if confusion is None:
+            confusion = _confusion_by_evaluating(args.run_dir, args.no_evaluate)
+        written = plots.write_run_plots(args.run_dir, confusion, out_dir=args.out)
+    except ConfigError as e:
+        report_exception(e)
+        return EXIT_USAGE
+    except OSError as e:
+        report_exception(ConfigError(f"cannot write plots: {e.strerror or e} ({e.filename or args.out})"))
+        return EXIT_USAGE
+    for path in written:
+        print(path)
+    return 0
+
+
+def _confusion_by_evaluating(run_dir: Path, skip: bool) -> list[list[int]] | None:
+    """The test confusion matrix of RUN_DIR/model.safetensors, or None (with a note) when it
+    cannot be had."""
+    from mnistdist import training
+
+    model_file = run_dir / MODEL_FILE
+    reason = None
+    if skip:
+        reason = "--no-evaluate"
+    elif not model_file.is_file():
+        reason = f"{model_file} does not exist"
+    else:
+        try:
+            _, cfg = _model_and_config(model_file, None)
+            load_weights(cfg, model_file)
+            print(f"metrics.jsonl has no confusion matrix; evaluating {model_file}", file=sys.stderr)
+            return training.evaluate_model_file(cfg, model_file).confusion.tolist()
+        except (ConfigError, DataError) as e:
+            reason = f"evaluating {model_file} failed: {' '.join(str(e).split())[:300]}"
+    print(f"note: no confusion matrix in metrics.jsonl and {reason}; skipping confusion.png", file=sys.stderr)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "train": lambda rest: train_main(rest, prog="mnistdist train"),
         "evaluate": evaluate_main,
+        "predict": predict_main,
+        "plot": plot_main,
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
