@@ -131,6 +131,11 @@ class DistConfig:
     ``reduce-overhead`` also captures them as CUDA graphs, which removes most kernel-launch
     overhead of this tiny model. GPU only: on CPU it falls back to eager with one warning."""
 
+    cuda_graph: bool = False
+    """Capture the whole training step (forward, backward, update, loss sums) once as a CUDA
+    graph and replay it: the fast path for this launch-bound model on one GPU. Falls back to
+    the eager step with one warning with several processes, bf16 or without CUDA."""
+
     timeout_s: float = 300.0
     """Process-group timeout: a collective that waits longer than this fails instead of
     hanging (for example when another rank died)."""

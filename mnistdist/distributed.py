@@ -156,6 +156,11 @@ class Dist:
         # overlapping the backward pass): the only per-step sync point of training.
         self.accelerator.backward(loss)
 
+    @staticmethod
+    def raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The torch optimizer inside accelerate's wrapper (for CUDA-graph capture)."""
+        return getattr(optimizer, "optimizer", optimizer)
+
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
 

@@ -1,4 +1,5 @@
-"""Stop requests (SIGTERM, SIGUSR1) and a test-only fault injector.
+"""Why training stops early: stop requests (SIGTERM, SIGUSR1), the exceptions and exit codes
+that report it, and a test-only fault injector.
 
 A signal handler only records the request; the training loop reads it at a step boundary and
 all ranks agree (one all-reduce) on the step at which they stop, checkpoint and exit with
@@ -16,6 +17,28 @@ from types import FrameType
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, resume to continue
 EXIT_NONFINITE = 3  # a loss or gradient was NaN/Inf: stopped before the optimizer step
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early on purpose; ``exit_code`` tells the launcher/scheduler why."""
+
+    exit_code = 1
+
+
+class Preempted(TrainingStopped):
+    """Stopped on SIGTERM/SIGUSR1 after writing a checkpoint; resume to continue."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteLoss(TrainingStopped):
+    """A loss or gradient was NaN/Inf; stopped before that optimizer step was applied."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class RankFailure(TrainingStopped):
+    """A collective failed: another rank died, raised, or stopped responding."""
 
 
 class StopSignals:

@@ -28,26 +28,9 @@ from mnistdist.distributed import Dist, Heartbeat, is_collective_failure, warn_m
 from mnistdist.metrics import EvalCounts, per_sample_loss
 from mnistdist.model import MLP
 from mnistdist.schedule import lr_at
-from mnistdist.signals import EXIT_NONFINITE, EXIT_PREEMPTED, FaultInjector, StopSignals
+from mnistdist.signals import FaultInjector, Preempted, RankFailure, StopSignals, TrainingStopped
+from mnistdist.step import EagerStep, GraphedStep
 from mnistdist.tracking import Tracker, truncate_metrics
-
-
-class TrainingStopped(RuntimeError):
-    """Training ended early on purpose; ``exit_code`` tells the launcher/scheduler why."""
-
-    exit_code = 1
-
-
-class Preempted(TrainingStopped):
-    exit_code = EXIT_PREEMPTED
-
-
-class NonFiniteLoss(TrainingStopped):
-    exit_code = EXIT_NONFINITE
-
-
-class RankFailure(TrainingStopped):
-    """A collective failed: another rank died, raised, or stopped responding."""
 
 
 @dataclass
@@ -64,17 +47,13 @@ class TrainState:
 
 class LossMeter:
     """This rank's loss sums, kept on the device (reading them every step would force a
-    host-device sync per step); they are part of a checkpoint so logs resume exactly."""
+    host-device sync per step) and added to by the step itself; they are part of a checkpoint
+    so logs resume exactly. Always updated in place: a CUDA graph holds their addresses."""
 
     def __init__(self, device: torch.device) -> None:
         self.window_sum = torch.zeros((), device=device)
         self.window_steps = 0
         self.epoch_sum = torch.zeros((), device=device)
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.window_sum += loss.detach()
-        self.epoch_sum += loss.detach()
-        self.window_steps += 1
 
     def state_dict(self) -> dict[str, Any]:
         # float32 -> Python float is exact, and back again.
@@ -152,6 +131,24 @@ def make_loss_fn(cfg: Config, model: torch.nn.Module, device: torch.device) -> C
     return torch.compile(loss_fn, mode=cfg.dist.compile)
 
 
+def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               meter: LossMeter, batches: TrainBatches, epoch: int) -> EagerStep | GraphedStep:
+    """The eager step, or the CUDA-graph one when ``dist.cuda_graph`` asks and it can work."""
+    eager = EagerStep(dist, model, optimizer, make_loss_fn(cfg, model, dist.device),
+                      meter.window_sum, meter.epoch_sum)
+    if not cfg.dist.cuda_graph:
+        return eager
+    why_not = ("it needs CUDA" if dist.device.type != "cuda" else
+               "it is single-GPU only" if dist.world_size > 1 else
+               "it does not combine with bf16 autocast" if cfg.dist.mixed_precision != "no" else
+               "dist.compile does the capturing already" if cfg.dist.compile != "off" else None)
+    if why_not:
+        warn_main(f"dist.cuda_graph: {why_not}; using the eager step")
+        return eager
+    example_x, example_y = next(iter(batches.epoch(epoch)))
+    return GraphedStep(eager, dist.raw_optimizer(optimizer), example_x, example_y)
+
+
 @dataclass
 class Job:
     """Everything one rank's training works on, built once by ``fit``."""
@@ -163,7 +160,8 @@ class Job:
     batches: TrainBatches
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    step: EagerStep | GraphedStep
+    """Takes one optimizer step (adds its loss to ``meter``'s sums)."""
     state: TrainState
     meter: LossMeter
     tracker: Tracker
@@ -202,7 +200,8 @@ def fit(cfg: Config, dist: Dist, run_dir: Path, resume: str = "auto") -> dict[st
         if snapshot_path is not None:
             truncate_metrics(run_dir, state.step)  # drop lines logged after the checkpoint
     tracker = Tracker(cfg.tracking, run_dir, cfg.to_dict(), enabled=dist.is_main, run_id=run_id)
-    job = Job(cfg, dist, run_dir, tensors, batches, model, optimizer, make_loss_fn(cfg, model, dist.device),
+    job = Job(cfg, dist, run_dir, tensors, batches, model, optimizer,
+              build_step(cfg, dist, model, optimizer, meter, batches, state.epoch),
               state, meter, tracker, schedule_steps,
               stop_at=min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps)
     dist.print(
@@ -302,7 +301,6 @@ def train_one_epoch(job: Job, signals: StopSignals, faults: FaultInjector) -> bo
     """Train the rest of ``state.epoch`` (or up to ``job.stop_at``). Returns True when the ranks
     agreed to stop on a signal. Every rank runs the same steps, so collectives stay matched."""
     cfg, dist, state, meter, t = job.cfg, job.dist, job.state, job.meter, job.cfg.train
-    optimizer = job.optimizer
     steps_left = min(len(job.batches) - state.batch_in_epoch, job.stop_at - state.step)
     progress = tqdm(total=steps_left, desc=f"epoch {state.epoch + 1}/{t.epochs}", leave=False,
                     disable=not dist.is_main, mininterval=1.0, dynamic_ncols=True)
@@ -312,27 +310,12 @@ def train_one_epoch(job: Job, signals: StopSignals, faults: FaultInjector) -> bo
         if state.step >= job.stop_at:
             break
         lr = lr_at(state.step, job.schedule_steps, t.lr, t.lr_schedule, t.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = job.loss_fn(x, y)
-        if faults.poisons_loss(state.step + 1):
-            loss = loss * float("nan")
-        optimizer.zero_grad(set_to_none=True)
-        dist.backward(loss)  # DDP averages gradients over ranks here
-
-        if (state.step + 1) % t.stop_check_every_steps == 0:
-            # Sync point: one all-reduce of [non-finite?, stop signal?] so that every rank
-            # makes the same decision at the same step, before the optimizer step.
-            nonfinite, stop = dist.any_flags([not_finite(loss, job.model), signals.received is not None])
-            if nonfinite:
-                raise NonFiniteLoss(
-                    f"non-finite loss or gradient at step {state.step + 1} (epoch {state.epoch + 1}); "
-                    "stopped before the optimizer step; lower train.lr or check the data"
-                )
-        optimizer.step()
+        stop = job.step(x, y, lr, step=state.step + 1,
+                        check=(state.step + 1) % t.stop_check_every_steps == 0,
+                        stop_requested=signals.received is not None, poison=faults.poisons_loss(state.step + 1))
         state.step += 1
         state.batch_in_epoch += 1
-        meter.add(loss)
+        meter.window_steps += 1
         progress.update()
         faults.after_step(state.step)
 
@@ -370,13 +353,6 @@ def describe_collective_failure(exc: BaseException, heartbeat: Heartbeat, state:
     first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return (f"a collective operation failed at step {state.step} (dist.timeout_s={timeout_s:g}): {culprit}; "
             f"{type(exc).__name__}: {first_line}")
-
-
-def not_finite(loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """True (as a 0-d tensor, no sync) if the loss or any gradient holds NaN/Inf."""
-    flags = [~torch.isfinite(loss.detach())]
-    flags += [~torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
-    return torch.stack(flags).any()
 
 
 # --------------------------------------------------------------------------------------

@@ -22,8 +22,10 @@ fi
 export MNISTDIST_DATA_ROOT="$data"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu.txt"
-python3 -m mnistdist.bench --device cuda --which a,b --reps 2 --epochs 11 --epochs-a 2 --warmup-epochs 1 \
-  --variant "graphs:dist.compile=reduce-overhead,train.stop_check_every_steps=50" \
+python3 -m mnistdist.bench --device cuda --which a,b --reps 1 --epochs 11 --epochs-a 2 --warmup-epochs 1 \
+  --variant "compiled:dist.compile=reduce-overhead,train.stop_check_every_steps=50" \
+  --variant "graph:dist.cuda_graph=true" \
+  --variant "graph-check50:dist.cuda_graph=true,train.stop_check_every_steps=50" \
   --variant "bf16:dist.mixed_precision=bf16" \
   --json "$out/gpu_bench.json" 2>&1 | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$out/bench.log"
@@ -34,3 +36,31 @@ python3 -m mnistdist.cli evaluate --model "$out/run_default/model.safetensors" -
   | tee "$out/default_eval_cpu.json"
 cp "$out/run_default/summary.json" "$out/default_summary.json" 2>/dev/null
 rm -rf "$out/run_default"
+# The CUDA-graph step against the eager step on this GPU: same run, exact resume, NaN stop.
+t=/tmp/graphcheck; rm -rf "$t"; mkdir -p "$t"
+common="train.epochs=1 train.log_every_steps=1 dist.device=cuda checkpoint.every_steps=100"
+python3 train_dist.py --run-dir "$t/eager" $common > "$t/eager.log" 2>&1; echo "eager exit $?"
+python3 train_dist.py --run-dir "$t/graph" $common dist.cuda_graph=true > "$t/graph.log" 2>&1; echo "graph exit $?"
+MNISTDIST_FAULT="step=150,action=TERM" python3 train_dist.py --run-dir "$t/graph_r" $common dist.cuda_graph=true > "$t/graph_r1.log" 2>&1; echo "graph interrupted exit $?"
+python3 train_dist.py --run-dir "$t/graph_r" $common dist.cuda_graph=true > "$t/graph_r2.log" 2>&1; echo "graph resumed exit $?"
+MNISTDIST_FAULT="step=50,action=nan" python3 train_dist.py --run-dir "$t/graph_nan" $common dist.cuda_graph=true > "$t/graph_nan.log" 2>&1; echo "graph nan exit $? (want 3)"
+grep -a -h -E "error|warning|stopped" "$t"/*.log | cut -c1-300
+python3 - "$t" <<'PY' 2>&1 | tee "$out/graph_check.txt"
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+t = Path(sys.argv[1])
+def params(d): return load_file(str(t / d / "model.safetensors"))
+def losses(d): return [(r["step"], r["train_loss"]) for r in map(json.loads, open(t / d / "metrics.jsonl")) if "train_loss" in r]
+def evals(d): return [(r["step"], r["test_correct"]) for r in map(json.loads, open(t / d / "metrics.jsonl")) if "test_acc" in r]
+e, g, r = params("eager"), params("graph"), params("graph_r")
+print("eager vs graph: max abs param diff", max((e[k] - g[k]).abs().max().item() for k in e),
+      "bitwise", all(torch.equal(e[k], g[k]) for k in e))
+le, lg = losses("eager"), losses("graph")
+print("eager vs graph: loss steps equal", [s for s, _ in le] == [s for s, _ in lg],
+      "max loss diff", max(abs(a[1] - b[1]) for a, b in zip(le, lg)), "evals", evals("eager"), evals("graph"))
+print("graph vs graph resumed: bitwise", all(torch.equal(g[k], r[k]) for k in g),
+      "losses equal", losses("graph") == losses("graph_r"))
+ckpts = sorted(p.name for p in (t / "graph_nan" / "checkpoints").iterdir()) if (t / "graph_nan" / "checkpoints").exists() else []
+print("graph nan: checkpoints", ckpts, "model written", (t / "graph_nan" / "model.safetensors").exists())
+PY
