@@ -294,7 +294,20 @@ def train_and_evaluate(job: Job) -> dict[str, Any]:
         checkpoint.save_model(dist.unwrap(job.model), job.run_dir / "model.safetensors")
         (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         job.tracker.summary({k: v for k, v in summary.items() if k not in ("run_dir", "per_rank")})
+        write_plots(job, counts)
     return summary
+
+
+def write_plots(job: Job, counts: EvalCounts) -> None:
+    """Loss/accuracy/confusion PNGs into RUN_DIR/plots, and the same pictures to W&B."""
+    from mnistdist.plots import write_run_plots  # matplotlib: imported only here
+
+    try:
+        paths = write_run_plots(job.run_dir, confusion=counts.confusion.tolist())
+    except Exception as e:  # noqa: BLE001 - a plot must never turn a finished training into a failure
+        warn_main(f"could not write plots: {type(e).__name__}: {e}")
+        return
+    job.tracker.log_images({f"plots/{p.stem}": p for p in paths}, step=job.state.step)
 
 
 def train_one_epoch(job: Job, signals: StopSignals, faults: FaultInjector) -> bool:

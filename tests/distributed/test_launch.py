@@ -43,6 +43,7 @@ def test_end_to_end_two_processes_reach_95_percent(one_epoch_runs):
 def test_run_directory_contents(one_epoch_runs):
     run_dir, result = one_epoch_runs["p2"]
     assert {"config.yaml", "metrics.jsonl", "model.safetensors"} <= {p.name for p in run_dir.iterdir()}
+    assert {"loss.png", "accuracy.png", "confusion.png"} <= {p.name for p in (run_dir / "plots").iterdir()}
     records = read_metrics(run_dir)
     train_lines = [r for r in records if "train_loss" in r]
     eval_lines = [r for r in records if "test_acc" in r]
