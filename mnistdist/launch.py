@@ -111,6 +111,7 @@ def _watch_workers(grace_s: float, poll_s: float = 0.5) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     signal.signal(signal.SIGUSR1, _forward_to_workers)
     # torchrun gives workers 30 s between SIGTERM and SIGKILL when it shuts a job down (a rank
@@ -124,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_workers, args=(WORKER_GRACE_S,), daemon=True, name="worker-watchdog").start()
     try:
         launch_command(args)
+    except SignalException as e:
+        # SIGTERM/SIGINT to the launcher: torchrun already passed it to the workers and waited
+        # for them (they checkpoint and exit 75). We were terminated, so say so, without a traceback.
+        _reap_children()
+        print(f"mnistdist.launch: received {signal.Signals(e.sigval).name}; the workers were told to "
+              "checkpoint and stop", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
     except Exception as e:  # noqa: BLE001 - classify the workers' exit, then re-raise
         _reap_children()
         codes = _exit_codes(e)
@@ -139,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mnistdist.launch: training failed; first rank to exit: {first} (see the ranks' errors above)", file=sys.stderr, flush=True)
             return 1
         raise
+    finally:
+        # A late USR1 (e.g. a scheduler's warning) must not kill us while Python shuts down.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     return 0
 
 

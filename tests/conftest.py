@@ -60,3 +60,29 @@ def launch_cmd(num_processes: int, *args: str, module: bool = False, script: Pat
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
     return result
+
+
+def outcome(run_dir: Path) -> dict:
+    """What must match between two runs that should be the same: final parameters, every
+    logged training loss and every evaluation."""
+    from safetensors.torch import load_file
+
+    from mnistdist.tracking import read_metrics
+
+    records = read_metrics(run_dir)
+    return {
+        "params": load_file(str(run_dir / "model.safetensors")),
+        "losses": [(r["step"], r["train_loss"]) for r in records if "train_loss" in r],
+        "evals": [(r["step"], r["test_correct"], r["test_loss"]) for r in records if "test_acc" in r],
+    }
+
+
+def assert_same_run(golden: dict, other: dict) -> None:
+    """Bitwise-equal parameters, the same per-step losses and evaluations."""
+    import torch
+
+    assert golden["params"].keys() == other["params"].keys()
+    for k, v in golden["params"].items():
+        assert torch.equal(v, other["params"][k]), f"{k} differs"
+    assert other["losses"] == golden["losses"]
+    assert other["evals"] == golden["evals"]

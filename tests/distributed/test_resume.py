@@ -6,22 +6,19 @@ which sends the real signal to one rank; one case sends SIGUSR1 from outside to 
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mnistdist import checkpoint
 from mnistdist.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 from mnistdist.tracking import read_metrics
-from tests.conftest import REPO, check, child_env, launch_cmd, run_cmd, train_cmd
+from tests.conftest import REPO, assert_same_run, check, child_env, launch_cmd, outcome, run_cmd, train_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -32,22 +29,6 @@ def wrapper_cmd(cmd: list[str]) -> list[str]:
     """The same launch through ``python -m mnistdist.launch`` (forwards SIGUSR1)."""
     assert cmd[1] == "launch"
     return [sys.executable, "-m", "mnistdist.launch", *cmd[2:]]
-
-
-def outcome(run_dir: Path) -> dict:
-    records = read_metrics(run_dir)
-    return {
-        "params": load_file(str(run_dir / "model.safetensors")),
-        "losses": [(r["step"], r["train_loss"]) for r in records if "train_loss" in r],
-        "evals": [(r["step"], r["test_correct"], r["test_loss"]) for r in records if "test_acc" in r],
-    }
-
-
-def assert_same_run(golden: dict, resumed: dict) -> None:
-    for k, v in golden["params"].items():
-        assert torch.equal(v, resumed["params"][k]), f"{k} differs"
-    assert resumed["losses"] == golden["losses"]  # every step's loss, bitwise
-    assert resumed["evals"] == golden["evals"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +60,7 @@ def test_interrupted_then_resumed_equals_golden(golden, tmp_path, case):
         assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
         stopped_at = step + 1
         assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{stopped_at:08d}"
-        assert first.stderr.count(f"stopped by") == 2 and f"after step {stopped_at}" in first.stderr
+        assert first.stderr.count("stopped by") == 2 and f"after step {stopped_at}" in first.stderr
     else:
         assert first.returncode not in (0, EXIT_PREEMPTED), first.stderr[-3000:]
         assert not (run_dir / "model.safetensors").exists()

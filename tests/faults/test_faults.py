@@ -15,7 +15,7 @@ import pytest
 
 from mnistdist import checkpoint
 from mnistdist.data import MNIST_FILES, raw_dir
-from tests.conftest import REPO, check, child_env, data_root, launch_cmd, run_cmd, train_cmd
+from tests.conftest import REPO, child_env, data_root, launch_cmd, run_cmd, train_cmd
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 

@@ -31,7 +31,7 @@ def wandb_file(run: Path) -> Path:
 
 def test_two_process_offline_run_matches_metrics_jsonl(tmp_path):
     run_dir = tmp_path / "run"
-    result = check(run_cmd(launch_cmd(2, "train.epochs=1", "train.log_every_steps=25", "--run-dir", str(run_dir),
+    check(run_cmd(launch_cmd(2, "train.epochs=1", "train.log_every_steps=25", "--run-dir", str(run_dir),
                                       "tracking.tags=ci,offline"),
                            env=child_env(WANDB_MODE="offline"), cwd=tmp_path))
     runs = offline_runs(run_dir)

@@ -1,0 +1,256 @@
+# shellcheck shell=bash
+# Shared logic of the Slurm templates in this directory (single_node.sbatch, multi_node.sbatch,
+# cpu.sbatch). Sourced by them; not meant to be run on its own.
+#
+# What a job does:
+#   1. reads the knobs below (environment variables, each with a default),
+#   2. starts ONE `srun` step with one task per node; each task runs
+#        python -m mnistdist.launch --machine_rank $SLURM_NODEID ... train_dist.py ...
+#      ($SLURM_NODEID is expanded by the task on its own node, not here),
+#   3. waits for it. On SIGUSR1 (sent to this batch shell by `#SBATCH --signal=B:USR1@LEAD`
+#      before the time limit, or by `scancel --signal=USR1 --batch JOB`) it passes USR1 on to
+#      every process of the training step; the ranks finish their step, agree, write a
+#      checkpoint and exit 75; then this script requeues the job (`scontrol requeue`), which
+#      starts again later with the same job id, so the same RUN_DIR and rendezvous port, and
+#      continues from the checkpoint (--resume auto) and in the same W&B run.
+#   Exit status: 0 only when training finished; 75 when it stopped with a checkpoint written
+#   (requeued, or not requeued because MAX_REQUEUES was reached or Slurm itself is ending the
+#   job); anything else is a failure.
+#
+# Knobs (export them before `sbatch`, or `sbatch --export=ALL,NAME=value ...`):
+#   REPO            the mnistdist checkout, on a filesystem every node sees
+#                   (default: the directory sbatch was run from, $SLURM_SUBMIT_DIR)
+#   PYTHON          a python with mnistdist installed (default: $REPO/.venv/bin/python, else python3)
+#   DEVICE          gpu | cpu (default: set by the template)
+#   NODES           number of nodes to train on; must equal the allocation (default: $SLURM_JOB_NUM_NODES)
+#   GPUS_PER_NODE   DEVICE=gpu: GPUs per node (default: $SLURM_GPUS_ON_NODE, else `nvidia-smi -L`)
+#   PROCS_PER_NODE  training processes per node (default: GPUS_PER_NODE for gpu, 1 for cpu)
+#   THREADS_PER_PROC  CPU threads per training process (default: $SLURM_CPUS_PER_TASK / PROCS_PER_NODE, at least 1)
+#   CONFIG          training config (default: configs/default.yaml)
+#   OVERRIDES       space-separated section.key=value overrides (default: none)
+#   RUN_DIR         run directory, shared by all nodes (default: runs/slurm-$SLURM_JOB_ID;
+#                   the job id survives a requeue, so a requeued job finds its checkpoints)
+#   RESUME          auto | never | PATH, passed to --resume (default: auto)
+#   MASTER_ADDR     rendezvous host (default: the first node of the job)
+#   MASTER_PORT     rendezvous port (default: 20000 + SLURM_JOB_ID % 20000, so two jobs that
+#                   share a node do not collide)
+#   LAUNCH_CONFIG   accelerate config file (default: configs/accelerate/cpu.yaml: MULTI_GPU
+#                   workers, NCCL on GPU nodes and gloo on CPU-only nodes; it also keeps a
+#                   personal ~/.cache/huggingface/accelerate config out of the job)
+#   LAUNCH_ARGS     extra `accelerate launch` arguments (default: none)
+#   MAX_REQUEUES    stop requeueing after this many restarts (default: 20)
+
+MNISTDIST_EXIT_PREEMPTED=75  # mnistdist/signals.py EXIT_PREEMPTED: stopped, checkpoint written
+
+ms_log() { echo "[mnistdist-slurm $(date +%H:%M:%S)] $*"; }
+ms_die() { ms_log "error: $*" >&2; exit 2; }
+
+ms_count_gpus() {
+    if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
+ms_configure() {
+    : "${SLURM_JOB_ID:?not inside a Slurm job: submit this with sbatch}"
+    REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+    cd "$REPO" || ms_die "REPO=$REPO: no such directory"
+    [[ -f train_dist.py ]] || ms_die "REPO=$REPO is not an mnistdist checkout (no train_dist.py)"
+    if [[ -z ${PYTHON:-} ]]; then
+        if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+    fi
+    DEVICE=${DEVICE:-gpu}
+    NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
+    if [[ $NODES != "${SLURM_JOB_NUM_NODES:-1}" ]]; then
+        ms_die "NODES=$NODES but the job has ${SLURM_JOB_NUM_NODES:-1} node(s): submit with sbatch --nodes=$NODES"
+    fi
+    case $DEVICE in
+        gpu)
+            GPUS_PER_NODE=${GPUS_PER_NODE:-$(ms_count_gpus)}
+            (( GPUS_PER_NODE > 0 )) || ms_die "DEVICE=gpu but no GPUs found on $(hostname -s) (request them with --gpus-per-node, or use DEVICE=cpu / slurm/cpu.sbatch)"
+            PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
+            ;;
+        cpu)
+            PROCS_PER_NODE=${PROCS_PER_NODE:-1}
+            ;;
+        *) ms_die "DEVICE=$DEVICE: must be gpu or cpu" ;;
+    esac
+    local cpus=${SLURM_CPUS_PER_TASK:-1}
+    THREADS_PER_PROC=${THREADS_PER_PROC:-$(( cpus / PROCS_PER_NODE > 1 ? cpus / PROCS_PER_NODE : 1 ))}
+    NUM_PROCESSES=$(( NODES * PROCS_PER_NODE ))
+    CONFIG=${CONFIG:-configs/default.yaml}
+    OVERRIDES=${OVERRIDES:-}
+    RUN_DIR=${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}
+    RUN_DIR=$(realpath -m "$RUN_DIR")
+    RESUME=${RESUME:-auto}
+    # The first node of the job (= `scontrol show hostnames ... | head -n1`, but sed reads all
+    # of its input: with pipefail, head could make scontrol die of SIGPIPE).
+    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
+    MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+    LAUNCH_CONFIG=${LAUNCH_CONFIG:-configs/accelerate/cpu.yaml}
+    LAUNCH_ARGS=${LAUNCH_ARGS:-}
+    MAX_REQUEUES=${MAX_REQUEUES:-20}
+    [[ -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
+}
+
+# The srun step: one task per node; each task execs the launcher with its own machine rank.
+ms_build_command() {
+    local -a overrides=() launch_args=() launch=()
+    read -r -a overrides <<<"$OVERRIDES"
+    read -r -a launch_args <<<"$LAUNCH_ARGS"
+    if [[ $DEVICE == cpu ]]; then overrides=(dist.device=cpu "${overrides[@]}"); fi
+    launch=(
+        --config_file "$LAUNCH_CONFIG" --multi_gpu
+        --num_machines "$NODES" --num_processes "$NUM_PROCESSES"
+        --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
+        --rdzv_backend static --same_network
+        --num_cpu_threads_per_process "$THREADS_PER_PROC"
+        --mixed_precision no --dynamo_backend no
+        "${launch_args[@]}"
+    )
+    # --kill-on-bad-exit=0: a node whose workers exit 75 first must not get its peers killed
+    # before they have exited 75 themselves (a real crash still ends the group: the other
+    # ranks' collectives fail or time out after dist.timeout_s).
+    # The single quotes matter: $SLURM_NODEID must be expanded by each task on its own node.
+    # shellcheck disable=SC2016  # (so shellcheck's "expressions don't expand" is intended)
+    MS_COMMAND=(
+        srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=0
+        bash -c 'echo "[mnistdist-slurm] task on ${SLURMD_NODENAME:-$(hostname -s)}: machine rank $SLURM_NODEID"
+                 exec "$0" -m mnistdist.launch --machine_rank "$SLURM_NODEID" "$@"'
+        "$PYTHON" "${launch[@]}"
+        train_dist.py --config "$CONFIG" --run-dir "$RUN_DIR" --resume "$RESUME" "${overrides[@]}"
+    )
+}
+
+MS_STOP_SIGNAL=""
+MS_STEP_PID=""
+MS_INTERRUPTED=0
+MS_REQUEUEING=0
+
+ms_on_usr1() {
+    MS_INTERRUPTED=1
+    MS_STOP_SIGNAL=USR1
+    ms_log "SIGUSR1 (time limit near, or a stop request): passing it to the training step; each rank finishes its step, a checkpoint is written, then the job requeues"
+    # Every step of this job but not this batch shell. With proctrack/linuxproc or
+    # proctrack/cgroup every process of the step gets it: the launcher (which also forwards
+    # it to its workers) and the workers themselves.
+    # Retried while the step runs: right after the job starts Slurm may not know the step yet.
+    # Before the step is started, main does this once the step is started.
+    [[ -n $MS_STEP_PID ]] || return 0
+    local try
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        scancel --signal=USR1 "$SLURM_JOB_ID" && return 0
+        [[ -n $MS_STEP_PID ]] && kill -0 "$MS_STEP_PID" 2>/dev/null || return 0
+        ms_log "warning: scancel --signal=USR1 $SLURM_JOB_ID failed (try $try); retrying"
+        sleep 2
+    done
+}
+
+ms_on_term() {
+    MS_INTERRUPTED=1
+    (( MS_REQUEUEING )) && return 0
+    MS_STOP_SIGNAL=TERM
+    # Slurm sends SIGTERM to the whole job (the training step too, and torchrun passes it to
+    # the workers) when the job is cancelled, hits its time limit, or is preempted. The
+    # workers checkpoint; Slurm decides what happens to the job, so no requeue from here.
+    ms_log "SIGTERM: Slurm is ending this job (scancel, time limit or preemption); waiting for the training step to checkpoint and exit"
+}
+
+# Wait for PID, also across trapped signals (a trap makes `wait` return early).
+ms_wait() {
+    local pid=$1 rc again
+    while :; do
+        MS_INTERRUPTED=0
+        rc=0
+        wait "$pid" || rc=$?
+        (( MS_INTERRUPTED )) || break
+        if kill -0 "$pid" 2>/dev/null; then continue; fi  # still running (or not yet reaped)
+        again=0
+        wait "$pid" 2>/dev/null || again=$?
+        (( again == 127 )) || rc=$again  # 127: the status was already collected above
+        break
+    done
+    return "$rc"
+}
+
+# Did this run write RUN_DIR/summary.json (the last file a finished training writes)?
+ms_finished_since() {
+    local summary=$RUN_DIR/summary.json
+    [[ -f $summary ]] && (( $(stat -c %Y "$summary") >= $1 ))
+}
+
+ms_newest_checkpoint() {
+    local dirs=("$RUN_DIR"/checkpoints/step-*/manifest.json)
+    [[ -f ${dirs[-1]} ]] && dirname "${dirs[-1]}"  # step-XXXXXXXX sorts by step
+}
+
+# Did this run commit a checkpoint (manifest.json is the last file of one)?
+ms_checkpointed_since() {
+    local newest
+    newest=$(ms_newest_checkpoint) || return 1
+    (( $(stat -c %Y "$newest/manifest.json") >= $1 ))
+}
+
+ms_requeue() {
+    local restarts=${SLURM_RESTART_COUNT:-0}
+    if (( restarts >= MAX_REQUEUES )); then
+        ms_log "not requeueing: the job has restarted $restarts times (MAX_REQUEUES=$MAX_REQUEUES); resume it with the same RUN_DIR=$RUN_DIR"
+        exit "$MNISTDIST_EXIT_PREEMPTED"
+    fi
+    ms_log "requeueing job $SLURM_JOB_ID (restart $(( restarts + 1 ))); it resumes from the newest checkpoint in $RUN_DIR"
+    MS_REQUEUEING=1
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        ms_log "error: scontrol requeue $SLURM_JOB_ID failed; resubmit with RUN_DIR=$RUN_DIR to continue"
+    fi
+    exit "$MNISTDIST_EXIT_PREEMPTED"
+}
+
+mnistdist_slurm_main() {
+    ms_configure
+    ms_build_command
+    ms_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $NODES node(s) x $PROCS_PER_NODE process(es), DEVICE=$DEVICE, head $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
+    ms_log "running: $(printf '%q ' "${MS_COMMAND[@]}")"
+    trap ms_on_usr1 USR1
+    trap ms_on_term TERM
+    local started
+    started=$(date +%s)
+    "${MS_COMMAND[@]}" &
+    MS_STEP_PID=$!
+    [[ $MS_STOP_SIGNAL != USR1 ]] || ms_on_usr1  # USR1 came before the step existed
+    local rc=0
+    ms_wait "$MS_STEP_PID" || rc=$?
+    if (( rc == 0 )); then
+        ms_log "training finished: $RUN_DIR/model.safetensors"
+        exit 0
+    fi
+    if [[ -n $MS_STOP_SIGNAL ]] && ms_finished_since "$started"; then
+        # The signal came while the finished run was shutting down (a launcher that is
+        # already exiting no longer handles USR1).
+        ms_log "training finished (the step exited $rc on SIG$MS_STOP_SIGNAL after writing $RUN_DIR/summary.json)"
+        exit 0
+    fi
+    if [[ $MS_STOP_SIGNAL == TERM ]]; then
+        if ms_checkpointed_since "$started"; then
+            # (The launchers get SIGTERM too and may exit 1 although their workers exited 75.)
+            ms_log "stopped by SIGTERM (the step exited $rc); checkpoint written: $(ms_newest_checkpoint)"
+            exit "$MNISTDIST_EXIT_PREEMPTED"
+        fi
+        ms_log "training step exited $rc after SIGTERM; no new checkpoint in $RUN_DIR/checkpoints"
+        exit "$rc"
+    fi
+    if (( rc == MNISTDIST_EXIT_PREEMPTED )); then
+        ms_requeue
+    fi
+    if [[ $MS_STOP_SIGNAL == USR1 ]]; then
+        # E.g. the signal came while the workers were still starting (before they handle
+        # USR1): no new checkpoint, but the newest valid one is still the place to resume.
+        ms_log "warning: training step exited $rc (not $MNISTDIST_EXIT_PREEMPTED) after SIGUSR1; requeueing anyway"
+        ms_requeue
+    fi
+    ms_log "training failed: the step exited $rc"
+    exit "$rc"
+}

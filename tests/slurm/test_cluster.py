@@ -1,0 +1,155 @@
+"""The Slurm templates on a real Slurm cluster: two slurmd "nodes" (CPUs=1 each) on this machine.
+
+* 2 nodes x 1 process gives exactly the result of 2 local processes;
+* SIGUSR1 to the batch script (what `#SBATCH --signal=B:USR1@LEAD` sends) checkpoints,
+  requeues, resumes, and ends bitwise equal to an uninterrupted run, in the same W&B run;
+* a job whose time limit is too short for the run gets the warning signal from Slurm itself,
+  requeues itself as often as needed and ends bitwise equal to an uninterrupted run.
+
+Timing on the test cluster (see scripts/slurm_cluster.sh): Slurm checks time limits every
+30 s and sends `--signal=B:USR1@L` at the first check with at most L + 30 s left; a requeued
+job may start again cred_expire + 1 = 11 s later.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mnistdist.tracking import read_metrics
+from tests.conftest import REPO, assert_same_run, child_env, launch_cmd, outcome, run_cmd
+from tests.slurm.conftest import TERMINAL_STATES
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
+
+# The preemption case: 600 steps, a checkpoint every 50 steps.
+SHORT = ["train.epochs=2", "checkpoint.every_steps=50"]
+# The time-limit case: 2400 steps; the job adds data.pipeline=torchvision (see that test).
+LONG = ["train.epochs=8", "checkpoint.every_steps=50"]
+
+
+def assert_finished(job, info: dict) -> None:
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.describe()
+
+
+class LocalRun:
+    """The same config trained without interruption by 2 local processes, in the background
+    (it overlaps with the Slurm job's start-up and requeue waits)."""
+
+    def __init__(self, run_dir: Path, *args: str):
+        self.run_dir = run_dir
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log = run_dir.parent / f"{run_dir.name}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(launch_cmd(2, *args, "--run-dir", str(run_dir)), cwd=REPO,
+                                         env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+
+    def outcome(self, timeout: float = 300) -> dict:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        assert code == 0, f"local run failed (exit {code}):\n{self.log.read_text()[-4000:]}"
+        return outcome(self.run_dir)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_equal_two_local_processes(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "slurm"
+    job = slurm_cluster.submit("cpu.sbatch", tmp_path, "--nodes=2", RUN_DIR=str(run_dir),
+                               OVERRIDES="train.epochs=1")
+    local = LocalRun(tmp_path / "local", "train.epochs=1")
+    try:
+        info = job.wait_done(timeout=240)
+        expected = local.outcome()
+    finally:
+        local.stop()
+    assert_finished(job, info)
+    log = job.log_text()
+    # One launcher per node, each with its own machine rank (expanded on the node itself).
+    assert "task on node1: machine rank 0" in log and "task on node2: machine rank 1" in log, log
+    assert "training on 2 process(es), cpu, backend gloo" in log
+    assert re.search(r"running: srun .*mnistdist\.launch.* --num_machines 2 --num_processes 2 "
+                     rf"--main_process_ip node1 --main_process_port {20000 + job.job_id % 20000} ", log)
+    [slurm_eval] = [r for r in read_metrics(run_dir) if "test_correct" in r]
+    [local_eval] = [r for r in read_metrics(local.run_dir) if "test_correct" in r]
+    assert slurm_eval["test_correct"] == local_eval["test_correct"]
+    assert slurm_eval["test_loss"] == local_eval["test_loss"]
+    assert_same_run(expected, outcome(run_dir))
+
+
+@pytest.mark.timeout(360)
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job = slurm_cluster.submit("cpu.sbatch", tmp_path, RUN_DIR=str(run_dir), OVERRIDES=" ".join(SHORT),
+                               WANDB_MODE="offline")
+    golden = LocalRun(tmp_path / "golden", *SHORT)
+    try:
+        job.wait_until(lambda i: i["JobState"] == "RUNNING" and any((run_dir / "checkpoints").glob("step-*"))
+                       or i["JobState"] in TERMINAL_STATES,
+                       timeout=240, what="running with a first checkpoint", poll=0.2)
+        run_id = (run_dir / "wandb_run_id").read_text().strip()
+        # What `#SBATCH --signal=B:USR1@LEAD` does before the time limit (or a preemption notice).
+        signal = run_cmd(["scancel", "--signal=USR1", "--batch", str(job.job_id)], timeout=30)
+        assert signal.returncode == 0, signal.stderr
+        job.wait_until(lambda i: i.get("Restarts") == "1", timeout=120, what="requeued")
+        info = job.wait_done(timeout=240)
+        expected = golden.outcome()
+    finally:
+        golden.stop()
+    assert_finished(job, info)
+    assert info["Restarts"] == "1", job.describe()
+    log = job.log_text()
+    # Both ranks (one per node) got USR1, stopped at the same step and wrote one checkpoint.
+    stops = re.findall(r"\[rank (\d)\] stopped: stopped by SIGUSR1 after step (\d+)", log)
+    assert sorted(r for r, _ in stops) == ["0", "1"] and len({s for _, s in stops}) == 1, log
+    step = int(stops[0][1])
+    assert log.count("mnistdist.launch: all workers stopped on request (exit 75)") == 2
+    assert f"resumed from {run_dir}/checkpoints/step-{step:08d} at step {step}" in log
+    assert "requeueing job" in log and "training finished" in log
+    assert_same_run(expected, outcome(run_dir))
+    # The requeued job continued the same W&B run: two offline segments, one run id.
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2, segments
+    for segment in segments:
+        assert (segment / f"run-{run_id}.wandb").is_file(), list(segment.iterdir())
+
+
+@pytest.mark.timeout(600)
+def test_time_limit_too_short_requeues_until_done(slurm_cluster, tmp_path):
+    """--time=1 --signal=B:USR1@5 for ~70-120 s of training: Slurm checks time limits every
+    30 s and sends the signal at the first check with at most 5 + 30 s left, i.e. 25-55 s into
+    each run (after the ~7-17 s start-up), and kills at the first check after 60 s, at least
+    30 s after the signal. So every run trains 10-45 s, checkpoints and requeues itself until
+    the work is done. data.pipeline=torchvision only makes each step slower (~8-15 s per epoch
+    instead of ~3-5): its batches are bit-identical to the tensor pipeline's
+    (tests/distributed/test_launch.py), so the uninterrupted reference run stays the fast one."""
+    run_dir = tmp_path / "run"
+    job = slurm_cluster.submit("cpu.sbatch", tmp_path, "--time=1", "--signal=B:USR1@5", RUN_DIR=str(run_dir),
+                               OVERRIDES=" ".join([*LONG, "data.pipeline=torchvision"]))
+    golden = LocalRun(tmp_path / "golden", *LONG)
+    try:
+        info = job.wait_done(timeout=540)
+        expected = golden.outcome()
+    finally:
+        golden.stop()
+    assert_finished(job, info)
+    restarts = int(info["Restarts"])
+    log = job.log_text()
+    assert restarts >= 1, job.describe()
+    assert log.count("SIGUSR1 (time limit near") >= restarts
+    assert log.count("requeueing job") == restarts
+    # The first run at least was stopped mid-training by Slurm's warning signal (both ranks).
+    assert len(re.findall(r"\[rank \d\] stopped: stopped by SIGUSR1 after step", log)) >= 2, log
+    assert "DUE TO TIME LIMIT" not in log, log  # every run stopped itself before Slurm killed it
+    assert_same_run(expected, outcome(run_dir))

@@ -1,0 +1,242 @@
+"""The Slurm templates without a cluster: syntax, shellcheck, and the batch logic (command line,
+per-node expansion, signal forwarding, requeue, exit codes) against fake srun/scancel/scontrol.
+
+The real cluster runs are in test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.slurm.conftest import unavailable
+
+TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
+SCRIPTS = [*TEMPLATES, REPO / "slurm" / "common.sh", REPO / "scripts" / "slurm_cluster.sh"]
+
+
+def test_the_three_templates_exist():
+    assert {p.name for p in TEMPLATES} >= {"single_node.sbatch", "multi_node.sbatch", "cpu.sbatch"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        unavailable("shellcheck is not installed (apt-get install shellcheck)")
+    # -x follows `source slurm/common.sh` (the templates' source-path directive).
+    result = subprocess.run(["shellcheck", "-x", str(script)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
+def test_template_directives(template):
+    text = template.read_text()
+    for directive in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                      "#SBATCH --ntasks-per-node=1", "#SBATCH --time="):
+        assert directive in text, f"{template.name}: no {directive}"
+    assert "slurm/common.sh" in text and "mnistdist_slurm_main" in text
+    assert "CHANGE" in text  # cluster-specific lines are marked
+
+
+# --------------------------------------------------------------------------------------
+# The batch logic with fake Slurm commands
+
+FAKE_SRUN = r"""#!/bin/bash
+# Fake srun: records its arguments; FAKE_MODE says what the "training step" does.
+echo $$ >"$FAKE_DIR/srun.pid"
+printf '%s\n' "$@" >"$FAKE_DIR/srun.args"
+case $FAKE_MODE in
+    run)  # run the tasks as srun would: one per node, each with its own SLURM_NODEID
+        while [[ $1 != bash ]]; do shift; done
+        for n in 0 1; do SLURM_NODEID=$n SLURMD_NODENAME=node$((n + 1)) "$@" >"$FAKE_DIR/task$n.out"; done
+        exit 0 ;;
+    fail) exit 3 ;;
+    preempt)  # like the real step: USR1 or TERM -> checkpoint -> exit 75
+        trap 'kill $sleeper; exit 75' USR1 TERM
+        sleep 60 & sleeper=$!
+        wait
+        exit 99 ;;
+    terminated)  # SIGTERM: the workers checkpoint, the launcher itself exits 1
+        trap 'mkdir -p "$RUN_DIR/checkpoints/step-00000010" && echo {} >"$RUN_DIR/checkpoints/step-00000010/manifest.json"; kill $sleeper; exit 1' TERM
+        sleep 60 & sleeper=$!
+        wait
+        exit 99 ;;
+    starting)  # USR1 before the workers handle it: killed by it, no checkpoint
+        trap 'kill $sleeper; exit 138' USR1
+        sleep 60 & sleeper=$!
+        wait
+        exit 99 ;;
+    finishing)  # training done (summary.json written), USR1 hits the shutdown
+        mkdir -p "$RUN_DIR" && echo '{}' >"$RUN_DIR/summary.json"
+        trap 'kill $sleeper; exit 138' USR1
+        sleep 60 & sleeper=$!
+        wait
+        exit 99 ;;
+esac
+"""
+FAKE_SCANCEL = r"""#!/bin/bash
+echo "scancel $*" >>"$FAKE_DIR/calls"
+[[ -f $FAKE_DIR/srun.pid ]] || exit 1
+kill -USR1 "$(cat "$FAKE_DIR/srun.pid")"
+"""
+FAKE_SCONTROL = r"""#!/bin/bash
+echo "scontrol $*" >>"$FAKE_DIR/calls"
+if [[ $1 == show && $2 == hostnames ]]; then echo nodeA; echo nodeB; fi
+exit 0
+"""
+
+
+def fake_job(tmp_path: Path, template: str, mode: str, **env: str) -> subprocess.Popen:
+    """Run ``bash slurm/TEMPLATE`` as if sbatch had started it, with fake Slurm commands."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environment.update(
+        PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path), FAKE_MODE=mode,
+        SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="nodeA,nodeB", RUN_DIR=str(tmp_path / "run"), PYTHON=sys.executable,
+    )
+    environment.update(env)
+    return subprocess.Popen(["bash", str(REPO / "slurm" / template)], cwd=tmp_path, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def calls(tmp_path: Path) -> list[str]:
+    f = tmp_path / "calls"
+    return f.read_text().splitlines() if f.exists() else []
+
+
+def wait_for_step(tmp_path: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun.pid").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the fake step install its traps
+
+
+def test_command_line_and_per_node_machine_rank(tmp_path):
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo", OVERRIDES="train.epochs=1 train.lr=0.05")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    args = (tmp_path / "srun.args").read_text()
+    assert args.startswith("--nodes=2\n--ntasks=2\n--ntasks-per-node=1\n")
+    # $SLURM_NODEID stays literal here: each task expands it on its own node.
+    assert '--machine_rank "$SLURM_NODEID"' in args
+    for n in (0, 1):
+        task = (tmp_path / f"task{n}.out").read_text()
+        assert f"task on node{n + 1}: machine rank {n}" in task
+        assert f"-m mnistdist.launch --machine_rank {n} " in task
+        assert ("--num_machines 2 --num_processes 2 --main_process_ip nodeA --main_process_port 24242 "
+                "--rdzv_backend static") in task  # 20000 + 4242 % 20000
+        assert (f"train_dist.py --config configs/default.yaml --run-dir {tmp_path / 'run'} --resume auto "
+                "dist.device=cpu train.epochs=1 train.lr=0.05") in task
+    assert "running: srun --nodes=2" in out  # the full command is echoed before it runs
+    assert "training finished" in out
+    assert not any("requeue" in c for c in calls(tmp_path))
+
+
+def test_gpu_template_processes_per_node(tmp_path):
+    proc = fake_job(tmp_path, "multi_node.sbatch", "run", PYTHON="/bin/echo", GPUS_PER_NODE="4")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    task = (tmp_path / "task1.out").read_text()
+    assert "--machine_rank 1 " in task and "--num_machines 2 --num_processes 8 " in task
+    assert "dist.device=cpu" not in task
+
+
+def test_gpu_template_without_gpus_fails_clearly(tmp_path):
+    proc = fake_job(tmp_path, "single_node.sbatch", "run", GPUS_PER_NODE="0", SLURM_JOB_NUM_NODES="1")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "DEVICE=gpu but no GPUs found" in out, out
+
+
+def test_nodes_must_match_the_allocation(tmp_path):
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", NODES="3")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "NODES=3 but the job has 2 node(s)" in out, out
+
+
+def test_failure_exit_code_is_passed_through(tmp_path):
+    proc = fake_job(tmp_path, "cpu.sbatch", "fail")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3 and "training failed: the step exited 3" in out, out
+    assert not any("requeue" in c for c in calls(tmp_path))
+
+
+def test_usr1_is_forwarded_then_the_job_requeues(tmp_path):
+    proc = fake_job(tmp_path, "cpu.sbatch", "preempt")
+    wait_for_step(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@LEAD delivers
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out
+    assert calls(tmp_path)[-2:] == ["scancel --signal=USR1 4242", "scontrol requeue 4242"], calls(tmp_path)
+
+
+def test_no_requeue_after_max_requeues(tmp_path):
+    proc = fake_job(tmp_path, "cpu.sbatch", "preempt", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    wait_for_step(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and "not requeueing" in out, out
+    assert not any("requeue" in c for c in calls(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["preempt", "terminated"])
+def test_sigterm_waits_for_the_checkpoint_and_does_not_requeue(tmp_path, mode):
+    """scancel, the time limit and preemption send SIGTERM to the batch shell AND the step:
+    75 when the step wrote a checkpoint (whatever the launchers' own exit codes)."""
+    proc = fake_job(tmp_path, "cpu.sbatch", mode)
+    wait_for_step(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    os.kill(int((tmp_path / "srun.pid").read_text()), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out
+    assert "SIGTERM: Slurm is ending this job" in out
+    assert not any("requeue" in c for c in calls(tmp_path))
+
+
+def test_usr1_during_start_up_still_requeues(tmp_path):
+    """Workers killed by an early USR1 wrote no checkpoint; the newest valid one is still the
+    place to resume, so the job requeues (exit 75), not fails."""
+    proc = fake_job(tmp_path, "cpu.sbatch", "starting")
+    wait_for_step(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and "requeueing anyway" in out, out
+    assert calls(tmp_path)[-1] == "scontrol requeue 4242"
+
+
+def test_usr1_while_a_finished_run_shuts_down_is_success(tmp_path):
+    proc = fake_job(tmp_path, "cpu.sbatch", "finishing")
+    wait_for_step(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "training finished" in out, out
+    assert not any("requeue" in c for c in calls(tmp_path))
+
+
+def test_python_defaults_to_the_checkouts_venv(tmp_path):
+    proc = fake_job(tmp_path, "cpu.sbatch", "fail", PYTHON="")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out
+    venv = REPO / ".venv" / "bin" / "python"
+    expected = str(venv) if os.access(venv, os.X_OK) else "python3"
+    assert f"\n{expected}\n--config_file\n" in (tmp_path / "srun.args").read_text()
