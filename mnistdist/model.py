@@ -31,7 +31,7 @@ class MLP(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
+        x = x.flatten(1).to(self.fc1.weight.dtype)  # float32 batches into a float64 model too
         x = torch.relu(self.fc1(x))
         x = torch.relu(self.fc2(x))
         x = self.fc3(x)

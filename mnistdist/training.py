@@ -103,7 +103,7 @@ def make_run_dir(requested: str | Path | None, dist: Dist) -> Path:
 
 
 def build_model(cfg: Config, device: torch.device) -> MLP:
-    return MLP(final_relu=cfg.model.final_relu).to(device)
+    return MLP(final_relu=cfg.model.final_relu).to(device=device, dtype=getattr(torch, cfg.model.dtype))
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
