@@ -207,15 +207,33 @@ def _median(results: dict[str, dict[str, Any]], name: str) -> float | None:
     return entry["epoch_time_s"]["median"] if entry else None
 
 
+def _run_medians(entry: dict[str, Any]) -> list[float]:
+    """Median measured epoch time of each run of a variant, in round order."""
+    w = entry.get("warmup_epochs_per_run", 0)
+    return [statistics.median(times[w:]) for times in entry.get("epoch_times_s_all_runs", []) if times[w:]]
+
+
+def per_round_ratios(results: dict[str, dict[str, Any]], num: str, den: str) -> dict[str, Any]:
+    """``num``/``den`` epoch-time ratio within each round (runs made minutes apart), then
+    median/min/max over rounds: steadier than the ratio of pooled medians when the machine's
+    speed drifts between rounds."""
+    if num not in results or den not in results:
+        return stats([])
+    pairs = zip(_run_medians(results[num]), _run_medians(results[den]))
+    return stats([n / d for n, d in pairs if d > 0])
+
+
 def compute_ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """b/a speed-up and c/b epoch-time ratio from the medians (None when a side is missing),
-    with the issue's targets and whether they are met."""
+    with the issue's targets and whether they are met; also the same ratios per round."""
     a, b, c = (_median(results, n) for n in "abc")
     speedup = a / b if a and b else None
     ratio_cb = c / b if c and b else None
     return {
         "speedup_b_over_a": speedup,
         "epoch_time_ratio_c_over_b": ratio_cb,
+        "speedup_b_over_a_per_round": per_round_ratios(results, "a", "b"),
+        "epoch_time_ratio_c_over_b_per_round": per_round_ratios(results, "c", "b"),
         "target_speedup_b_over_a": TARGET_SPEEDUP_B_OVER_A,
         "target_epoch_time_ratio_c_over_b": TARGET_EPOCH_RATIO_C_OVER_B,
         "speedup_met": None if speedup is None else speedup >= TARGET_SPEEDUP_B_OVER_A,
@@ -258,12 +276,20 @@ def format_table(report: dict[str, Any]) -> str:
     def verdict(met: bool | None) -> str:
         return "" if met is None else ("met" if met else "NOT met")
 
+    def per_round(key: str, fmt: str) -> str:
+        r = q.get(key) or {}
+        if not r.get("n"):
+            return ""
+        return f"; per round: median {r['median']:{fmt}} [{r['min']:{fmt}}-{r['max']:{fmt}}] over {r['n']}"
+
     if q["speedup_b_over_a"] is not None:
         lines.append(f"speed-up b/a (epoch time a / b): {q['speedup_b_over_a']:.1f}x  "
-                     f"(target >= {q['target_speedup_b_over_a']:g}x: {verdict(q['speedup_met'])})")
+                     f"(target >= {q['target_speedup_b_over_a']:g}x: {verdict(q['speedup_met'])})"
+                     + per_round("speedup_b_over_a_per_round", ".1f"))
     if q["epoch_time_ratio_c_over_b"] is not None:
         lines.append(f"epoch time c/b: {q['epoch_time_ratio_c_over_b']:.2f}  "
-                     f"(target <= {q['target_epoch_time_ratio_c_over_b']:g}: {verdict(q['ratio_met'])})")
+                     f"(target <= {q['target_epoch_time_ratio_c_over_b']:g}: {verdict(q['ratio_met'])})"
+                     + per_round("epoch_time_ratio_c_over_b_per_round", ".2f"))
     m = report.get("machine", {})
     if m:
         load = "/".join(f"{x:.1f}" for x in m.get("load_avg_before", []))
