@@ -188,8 +188,10 @@ class TrainBatches:
             drop_last=False,
         )
         if cfg.pipeline == "tensor":
-            # Held once on the training device as uint8 (47 MB); batches are gathered by index.
-            self.images = tensors.train_images.to(device)
+            # Normalized once (188 MB of float32 on the training device) and gathered by index:
+            # normalizing per batch instead cost 8% of a CPU epoch. The same elementwise ops
+            # as per batch, so the same bits.
+            self.images = normalize(tensors.train_images.to(device), cfg.normalize_mean, cfg.normalize_std)
             self.labels = tensors.train_labels.to(device)
         else:
             import torchvision
@@ -215,7 +217,8 @@ class TrainBatches:
             # (not indices.split(): on an empty tensor it yields one empty batch)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                yield normalize(self.images[chunk], self.cfg.normalize_mean, self.cfg.normalize_std), self.labels[chunk]
+                # index_select: 6x faster than self.images[chunk] on CPU (0.016 vs 0.1 ms)
+                yield self.images.index_select(0, chunk), self.labels.index_select(0, chunk)
         else:
             loader = DataLoader(
                 self.dataset,

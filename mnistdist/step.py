@@ -36,14 +36,32 @@ class EagerStep:
 
     def __init__(self, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                  window_sum: torch.Tensor, epoch_sum: torch.Tensor) -> None:
-        self.dist, self.model, self.optimizer, self.loss_fn = dist, model, optimizer, loss_fn
+        self.dist, self.model, self.loss_fn = dist, model, loss_fn
+        # accelerate's optimizer wrapper only matters for gradient accumulation and fp16 loss
+        # scaling, neither of which we use; calling the torch optimizer directly saves ~0.3 ms
+        # a step on CPU (the wrapper looks up an optional package on every step()).
+        self.optimizer = dist.raw_optimizer(optimizer)
         self.params = list(model.parameters())
         self.window_sum, self.epoch_sum = window_sum, epoch_sum
+        self._found = torch.zeros(1, device=dist.device)
+        self._one = torch.ones((), device=dist.device)
+
+    def grads_not_finite(self) -> torch.Tensor:
+        """1.0 (a 1-element tensor, no host sync) if any gradient holds NaN/Inf.
+
+        One fused kernel, the one ``GradScaler`` uses (it "unscales" by 1.0, which leaves the
+        gradients unchanged): 0.04 ms a step on CPU instead of ~0.4 ms for an ``isfinite``
+        per parameter.
+        """
+        self._found.zero_()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
+        return self._found
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int, check: bool,
                  stop_requested: bool, poison: bool = False) -> bool:
         """Take optimizer step number ``step`` (1-based); return True if the ranks agreed to stop
-        after it. ``check``: agree on stop flags now (a sync point). ``poison``: test hook."""
+        after it. ``check``: agree on stop signals now (a collective). ``poison``: test hook."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.loss_fn(x, y)
@@ -51,13 +69,18 @@ class EagerStep:
             loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         self.dist.backward(loss)  # DDP averages gradients over ranks here
-        stop = False
+        # Invariant: after DDP's all-reduce every rank holds bitwise the same averaged
+        # gradients, so every rank reaches the same verdict on them without communicating,
+        # and a NaN/Inf update is never applied. (A rank's own loss is not part of the
+        # verdict: it may differ between ranks; the logged, all-reduced loss is checked
+        # in train_one_epoch.) One host sync per step; the collective only every ``check``.
+        nonfinite = self.grads_not_finite()
         if check:
-            # Sync point: one all-reduce of [non-finite?, stop signal?] so that every rank
-            # makes the same decision at the same step, before the optimizer step.
-            nonfinite, stop = self.dist.any_flags([not_finite(loss, self.params), stop_requested])
-            if nonfinite:
-                raise _nonfinite_error(step)
+            nonfinite, stop = self.dist.any_flags([nonfinite, stop_requested])
+        else:
+            nonfinite, stop = bool(nonfinite.item()), False
+        if nonfinite:
+            raise _nonfinite_error(step)
         self.optimizer.step()
         self.window_sum += loss.detach()
         self.epoch_sum += loss.detach()

@@ -8,6 +8,7 @@ checkpoint -> final weights and summary.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import secrets
 import time
@@ -28,7 +29,7 @@ from mnistdist.distributed import Dist, Heartbeat, is_collective_failure, warn_m
 from mnistdist.metrics import EvalCounts, per_sample_loss
 from mnistdist.model import MLP
 from mnistdist.schedule import lr_at
-from mnistdist.signals import FaultInjector, Preempted, RankFailure, StopSignals, TrainingStopped
+from mnistdist.signals import FaultInjector, NonFiniteLoss, Preempted, RankFailure, StopSignals, TrainingStopped
 from mnistdist.step import EagerStep, GraphedStep
 from mnistdist.tracking import Tracker, truncate_metrics
 
@@ -337,6 +338,9 @@ def train_one_epoch(job: Job, signals: StopSignals, faults: FaultInjector) -> bo
             # Each rank's loss is a mean over an equal-sized batch, so the mean over ranks is
             # the mean over the global batch. Sync point: every rank reaches this step.
             mean_loss = (dist.all_reduce_sum(meter.window_sum) / (dist.world_size * meter.window_steps)).item()
+            if not math.isfinite(mean_loss):  # the same value on every rank: all stop together
+                raise NonFiniteLoss(f"non-finite training loss in steps {state.step - meter.window_steps + 1}-"
+                                    f"{state.step} (the gradients were finite); lower train.lr or check the data")
             elapsed = time.perf_counter() - window_start
             job.tracker.log({"epoch": state.epoch + 1, "step": state.step, "train_loss": mean_loss, "lr": lr,
                              "samples_per_s": t.global_batch_size * meter.window_steps / elapsed})
