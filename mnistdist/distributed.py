@@ -20,6 +20,7 @@ import torch.distributed as torch_dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
+from mnistdist import shm
 from mnistdist.config import ConfigError, DistConfig
 
 
@@ -66,7 +67,7 @@ class Heartbeat:
 
 def is_collective_failure(exc: BaseException) -> bool:
     """A failed or timed-out collective (a peer died, hung or left), as opposed to a bug."""
-    if isinstance(exc, torch_dist.DistError):
+    if isinstance(exc, (torch_dist.DistError, shm.ShmPeerError)):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
@@ -102,6 +103,8 @@ class Dist:
     """The process group of one run, as seen from one rank."""
 
     def __init__(self, cfg: DistConfig) -> None:
+        self.cfg = cfg
+        self._shm: shm.ShmChannel | None = None
         use_cpu = resolve_device(cfg)
         # Without cpu=True on a machine without CUDA, accelerate would make every worker its
         # own rank 0 (each one "world size 1"); the check below catches that too.
@@ -149,7 +152,56 @@ class Dist:
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """Wrap model (DDP, autocast) and optimizer. Data loaders are never passed here: we
         own the sampler, and accelerate would shard an already sharded loader again."""
-        return self.accelerator.prepare(model, optimizer)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.cfg.cpu_allreduce == "shm":
+            self._shm = self._open_shm_channel(model)
+            if self._shm is not None:
+                model.register_comm_hook(self._shm, _shm_allreduce_hook)
+        return model, optimizer
+
+    @property
+    def gradient_reduction(self) -> str:
+        """How gradients are averaged across ranks: none, shm, gloo or nccl (for the log)."""
+        if self.world_size == 1:
+            return "none"
+        return "shared memory" if self._shm is not None else self.backend
+
+    def _open_shm_channel(self, model: torch.nn.Module) -> shm.ShmChannel | None:
+        """The shared-memory channel of this job, or None (gloo then) where it cannot work.
+        Collective: every rank calls it, and all of them get a channel or none does."""
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        why_not = shm.unsupported_reason(self.world_size, local_world_size, self.device.type)
+        if why_not:
+            return None  # e.g. several machines: gloo is the right tool there, no warning
+        # A slot holds any DDP bucket (at most all gradients) and any small reduction.
+        slot_bytes = -(-sum(p.numel() * p.element_size() for p in model.parameters()) // 64) * 64
+        created: tuple[str, int] | str
+        if self.is_main:
+            path = shm.new_path()
+            try:
+                created = (str(path), shm.create_file(path, self.world_size, slot_bytes))
+            except OSError as e:
+                created = f"cannot create {path}: {e}"
+        else:
+            created = ""
+        created = self.broadcast_object(created)
+        channel, error = None, created if isinstance(created, str) else None
+        if error is None:
+            path, token = created
+            try:
+                channel = shm.ShmChannel(Path(path), self.rank, self.world_size, slot_bytes, token,
+                                         self.cfg.timeout_s)
+            except (OSError, shm.ShmPeerError) as e:
+                error = f"rank {self.rank}: {e}"
+        errors = [e for e in self.gather_object(error) if e]  # also: everyone has mapped it now
+        if self.is_main and not isinstance(created, str):
+            Path(created[0]).unlink(missing_ok=True)
+        if errors:
+            if channel is not None:
+                channel.close()
+            warn_main(f"dist.cpu_allreduce=shm unavailable ({errors[0]}); averaging gradients with gloo")
+            return None
+        return channel
 
     def backward(self, loss: torch.Tensor) -> None:
         # Under DDP this is where gradients are averaged across ranks (bucketed all-reduces
@@ -172,6 +224,8 @@ class Dist:
         """Sum ``tensor`` over ranks; every rank gets the result on the tensor's device."""
         if self.world_size == 1:
             return tensor
+        if self._shm is not None and tensor.device.type == "cpu":
+            return self._shm.all_reduce_sum_(tensor.clone().contiguous())
         return self.accelerator.reduce(tensor.to(self.device), reduction="sum").to(tensor.device)
 
     def any_flags(self, flags: list[torch.Tensor | bool]) -> list[bool]:
@@ -211,9 +265,27 @@ class Dist:
 
     def close(self) -> None:
         """Tear the process group down (safe to call twice)."""
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         self.accelerator.end_training()
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def _shm_allreduce_hook(channel, bucket):  # type: ignore[no-untyped-def]
+    """DDP comm hook: average one gradient bucket (``torch.distributed.GradBucket``) through
+    shared memory; returns a completed ``Future[Tensor]``. Like DDP's default hook it divides
+    by the world size first and then sums, so the result is bitwise gloo's.
+
+    (No annotations: DDP compares them with its own classes, and this module's postponed
+    annotations are strings.)"""
+    buffer = bucket.buffer()
+    buffer.div_(channel.world_size)
+    channel.all_reduce_sum_(buffer)
+    done: torch.futures.Future = torch.futures.Future()
+    done.set_result(buffer)
+    return done
 
 
 def warn_main(message: str) -> None:

@@ -206,7 +206,8 @@ def fit(cfg: Config, dist: Dist, run_dir: Path, resume: str = "auto") -> dict[st
               state, meter, tracker, schedule_steps,
               stop_at=min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps)
     dist.print(
-        f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}; "
+        f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}, "
+        f"gradients averaged by {dist.gradient_reduction}; "
         f"global batch {t.global_batch_size} = {dist.world_size} x {per_process_batch_size}; "
         f"{len(batches)} steps/epoch; run dir {run_dir}"
         + (f"; resumed from {snapshot_path} at step {state.step}" if snapshot_path else "")
