@@ -9,6 +9,10 @@
 # eager, and the compiled/graph-captured step (dist.compile=reduce-overhead), each for 10
 # measured epochs after 1 warm-up epoch (a: 1 measured epoch, it is slow), plus a bf16 run;
 # then the CPU-independent unit tests on this machine. Results: OUT_DIR/gpu_bench.json and logs.
+#
+# DEVICE=cpu runs the same checks on the CPU with fewer epochs (EPOCHS, default 3): where no
+# GPU is lent, this shows the script works and that each GPU option falls back with one
+# warning; its timings say nothing about a GPU.
 set -uo pipefail
 data=${1:?data root}
 out=${2:?output dir}
@@ -20,9 +24,15 @@ if [ "${GUNZIP:-0}" = 1 ]; then
   data=/tmp/mnist
 fi
 export MNISTDIST_DATA_ROOT="$data"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+device=${DEVICE:-cuda}
+epochs=${EPOCHS:-$([ "$device" = cuda ] && echo 11 || echo 3)}
+if [ "$device" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+else
+  { nproc; grep -m1 "model name" /proc/cpuinfo; } | tee "$out/gpu.txt"
+fi
 python3 -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu.txt"
-python3 -m mnistdist.bench --device cuda --which a,b --reps 1 --epochs 11 --epochs-a 2 --warmup-epochs 1 \
+python3 -m mnistdist.bench --device "$device" --which a,b --reps 1 --epochs "$epochs" --epochs-a 2 --warmup-epochs 1 \
   --variant "compiled:dist.compile=reduce-overhead,train.stop_check_every_steps=50" \
   --variant "graph:dist.cuda_graph=true" \
   --variant "graph-check50:dist.cuda_graph=true,train.stop_check_every_steps=50" \
@@ -30,7 +40,8 @@ python3 -m mnistdist.bench --device cuda --which a,b --reps 1 --epochs 11 --epoc
   --json "$out/gpu_bench.json" 2>&1 | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$out/bench.log"
 # One plain GPU training run through the CLI, and its weights evaluated on the CPU.
-python3 train_dist.py --config configs/default.yaml --run-dir "$out/run_default" dist.device=cuda 2>&1 \
+python3 train_dist.py --config configs/default.yaml --run-dir "$out/run_default" dist.device="$device" \
+  train.epochs="$((epochs - 1))" 2>&1 \
   | tr '\r' '\n' | grep -a -E "training on|^epoch [0-9]+/[0-9]+  " | tee "$out/default_cuda.log"
 python3 -m mnistdist.cli evaluate --model "$out/run_default/model.safetensors" --json dist.device=cpu \
   | tee "$out/default_eval_cpu.json"
@@ -38,12 +49,12 @@ cp "$out/run_default/summary.json" "$out/default_summary.json" 2>/dev/null
 rm -rf "$out/run_default"
 # The CUDA-graph step against the eager step on this GPU: same run, exact resume, NaN stop.
 t=/tmp/graphcheck; rm -rf "$t"; mkdir -p "$t"
-common="train.epochs=1 train.log_every_steps=1 dist.device=cuda checkpoint.every_steps=100"
-python3 train_dist.py --run-dir "$t/eager" $common > "$t/eager.log" 2>&1; echo "eager exit $?"
-python3 train_dist.py --run-dir "$t/graph" $common dist.cuda_graph=true > "$t/graph.log" 2>&1; echo "graph exit $?"
-MNISTDIST_FAULT="step=150,action=TERM" python3 train_dist.py --run-dir "$t/graph_r" $common dist.cuda_graph=true > "$t/graph_r1.log" 2>&1; echo "graph interrupted exit $?"
-python3 train_dist.py --run-dir "$t/graph_r" $common dist.cuda_graph=true > "$t/graph_r2.log" 2>&1; echo "graph resumed exit $?"
-MNISTDIST_FAULT="step=50,action=nan" python3 train_dist.py --run-dir "$t/graph_nan" $common dist.cuda_graph=true > "$t/graph_nan.log" 2>&1; echo "graph nan exit $? (want 3)"
+common=(train.epochs=1 train.log_every_steps=1 "dist.device=$device" checkpoint.every_steps=100)
+python3 train_dist.py --run-dir "$t/eager" "${common[@]}" > "$t/eager.log" 2>&1; echo "eager exit $?"
+python3 train_dist.py --run-dir "$t/graph" "${common[@]}" dist.cuda_graph=true > "$t/graph.log" 2>&1; echo "graph exit $?"
+MNISTDIST_FAULT="step=150,action=TERM" python3 train_dist.py --run-dir "$t/graph_r" "${common[@]}" dist.cuda_graph=true > "$t/graph_r1.log" 2>&1; echo "graph interrupted exit $?"
+python3 train_dist.py --run-dir "$t/graph_r" "${common[@]}" dist.cuda_graph=true > "$t/graph_r2.log" 2>&1; echo "graph resumed exit $?"
+MNISTDIST_FAULT="step=50,action=nan" python3 train_dist.py --run-dir "$t/graph_nan" "${common[@]}" dist.cuda_graph=true > "$t/graph_nan.log" 2>&1; echo "graph nan exit $? (want 3)"
 grep -a -h -E "error|warning|stopped" "$t"/*.log | cut -c1-300
 python3 - "$t" <<'PY' 2>&1 | tee "$out/graph_check.txt"
 import json, sys, torch
