@@ -106,10 +106,12 @@ class TrainConfig:
     """Test images per forward pass on each process during evaluation."""
 
     stop_check_every_steps: int = 1
-    """Steps between the ranks' agreement on stop flags (a stop signal, a NaN/Inf loss or
-    gradient): one tiny all-reduce. 1 checks before every optimizer step, so a non-finite
-    gradient is never applied; larger values save a host-device sync per step on GPUs but
-    can apply up to that many non-finite updates before stopping."""
+    """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1): one tiny
+    all-reduce, so every rank stops after the same step. NaN/Inf gradients are caught before
+    every update regardless (each rank checks its own copy: they are identical after the
+    all-reduce). With ``dist.cuda_graph`` the check runs on the GPU, which skips a non-finite
+    update at once, but the run stops only at the next agreement; larger values save a
+    host-device sync per step there."""
 
 
 @dataclass
