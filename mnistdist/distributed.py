@@ -175,27 +175,28 @@ class Dist:
             return None  # e.g. several machines: gloo is the right tool there, no warning
         # A slot holds any DDP bucket (at most all gradients) and any small reduction.
         slot_bytes = -(-sum(p.numel() * p.element_size() for p in model.parameters()) // 64) * 64
-        created: tuple[str, int] | str
+        created: tuple[str, int] | str = ""
         if self.is_main:
             path = shm.new_path()
             try:
                 created = (str(path), shm.create_file(path, self.world_size, slot_bytes))
             except OSError as e:
                 created = f"cannot create {path}: {e}"
-        else:
-            created = ""
-        created = self.broadcast_object(created)
-        channel, error = None, created if isinstance(created, str) else None
-        if error is None:
-            path, token = created
-            try:
-                channel = shm.ShmChannel(Path(path), self.rank, self.world_size, slot_bytes, token,
-                                         self.cfg.timeout_s)
-            except (OSError, shm.ShmPeerError) as e:
-                error = f"rank {self.rank}: {e}"
-        errors = [e for e in self.gather_object(error) if e]  # also: everyone has mapped it now
-        if self.is_main and not isinstance(created, str):
-            Path(created[0]).unlink(missing_ok=True)
+        channel = None
+        try:
+            created = self.broadcast_object(created)
+            error = created if isinstance(created, str) else None
+            if error is None:
+                try:
+                    channel = shm.ShmChannel(Path(created[0]), self.rank, self.world_size, slot_bytes,
+                                             created[1], self.cfg.timeout_s)
+                except Exception as e:  # noqa: BLE001 - every rank must reach the gather below
+                    error = f"rank {self.rank}: {type(e).__name__}: {e}"
+            errors = [e for e in self.gather_object(error) if e]  # also: everyone has mapped it now
+        finally:
+            # Unlinked once every rank mapped it, or when setup failed anywhere: no stale file.
+            if self.is_main and not isinstance(created, str):
+                Path(created[0]).unlink(missing_ok=True)
         if errors:
             if channel is not None:
                 channel.close()
@@ -276,7 +277,7 @@ class Dist:
 def _shm_allreduce_hook(channel, bucket):  # type: ignore[no-untyped-def]
     """DDP comm hook: average one gradient bucket (``torch.distributed.GradBucket``) through
     shared memory; returns a completed ``Future[Tensor]``. Like DDP's default hook it divides
-    by the world size first and then sums, so the result is bitwise gloo's.
+    by the world size first and then sums (with 2 processes: bitwise gloo's result).
 
     (No annotations: DDP compares them with its own classes, and this module's postponed
     annotations are strings.)"""

@@ -3,8 +3,9 @@
 Why this exists: with gloo, CPU processes on one machine send every gradient all-reduce
 through TCP on the loopback device. For this model (0.8 MB of gradients per step) that was
 two thirds of a 2-process step on a 2-core machine: 1.9-2.0 s per epoch against 0.6 s of
-compute. Through shared memory the same sums take 0.85-0.9 s per epoch, and give bitwise the
-same result as gloo (measured side by side, see docs/benchmarks.md). torch's gloo has no
+compute. Through shared memory the same sums take 0.85-0.9 s per epoch, and with 2 processes
+give bitwise the same result as gloo (``a + b`` either way; with 3 or more, gloo's ring adds
+in another order, so the last bits may differ). Measured side by side: docs/benchmarks.md. torch's gloo has no
 shared-memory path in this version (gloo gained one upstream in 2025), so this is a small
 one of our own, used only where it is safe (``unsupported_reason``).
 
@@ -14,22 +15,31 @@ channel, shares its path with the other ranks, and plugs it into DDP as a comm h
 Protocol, for ``world_size`` processes on one machine:
 
 * one file in /dev/shm, created (space reserved) by rank 0, mapped by every rank, and
-  unlinked as soon as all have mapped it, so nothing is left behind even after SIGKILL;
+  unlinked as soon as all have mapped it (or setup failed), so once training runs nothing is
+  left behind even after SIGKILL;
 * a control block: a random token (proves every rank mapped the same file), then one 64-byte
   line per rank holding (sequence number, pid);
 * two data buffers, used by alternate calls, each with one slot per rank.
 
 Call number k: copy my tensor into my slot of buffer k % 2, publish k in my line, wait until
-every rank has published k, then sum the slots *in rank order* into my tensor. All ranks sum
-the same bytes in the same order, so every rank gets bitwise the same result (DDP keeps the
-replicas identical only because of that, and the trainer's per-step NaN check relies on it).
+every rank has published k, then add the slots *in rank order* into my tensor
+(``((s0 + s1) + s2) + ...``). All ranks add the same bytes in the same order, so every rank
+gets bitwise the same result (DDP keeps the replicas identical only because of that, and the
+trainer's per-step NaN check relies on it).
 Two buffers are enough: a rank publishes k + 1 only after it finished reading call k, so
 nobody can overwrite buffer k % 2 (at call k + 2) while a slower rank still reads it.
 
 Memory ordering: a reader that sees sequence number k must also see the data written before
-it. x86-64 guarantees this (stores become visible in program order, loads are not reordered
-with loads); weaker machines (ARM) would need fences we cannot issue from Python, so the
-channel is refused there and gloo is used.
+it. x86-64 guarantees this: stores become visible in program order and loads are not
+reordered with loads; a copy split over OpenMP threads ends in the parallel region's join
+(locked atomics) before this thread stores k, and x86 visibility is transitive. Weaker
+machines (ARM) would need fences we cannot issue from Python, so the channel is refused there
+and gloo is used.
+
+Liveness: each rank's pid is in the control block, so a waiting rank can tell a dead peer
+(reported at once) from a stopped or slow one (reported after ``timeout_s``, counted per
+all-reduce). All ranks are started by one launcher on one machine, so they share a pid
+namespace.
 """
 
 from __future__ import annotations
@@ -105,8 +115,10 @@ class ShmChannel:
 
     def __init__(self, path: Path, rank: int, world_size: int, slot_bytes: int, token: int,
                  timeout_s: float) -> None:
-        if slot_bytes <= 0 or slot_bytes % 8:
-            raise ValueError(f"slot_bytes must be a positive multiple of 8; got {slot_bytes}")
+        if slot_bytes <= 0 or slot_bytes % 64:
+            raise ValueError(f"slot_bytes must be a positive multiple of 64; got {slot_bytes}")
+        if world_size < 2:
+            raise ValueError(f"a channel joins at least 2 ranks; got world_size {world_size}")
         self.rank, self.world_size, self.slot_bytes, self.timeout_s = rank, world_size, slot_bytes, timeout_s
         control, size = _layout(world_size, slot_bytes)
         fd = os.open(path, os.O_RDWR)
@@ -122,7 +134,7 @@ class ShmChannel:
             raise ShmPeerError(f"{path} is not this job's channel (token mismatch): another machine?")
         self._data = torch.frombuffer(self._mm, dtype=torch.uint8, offset=control,
                                       count=2 * world_size * slot_bytes).view(2, world_size, slot_bytes)
-        self._seq = 0
+        self._seq, self._call_start = 0, 0.0
         self._ctrl[self._line(rank) + 1] = os.getpid()
 
     @staticmethod
@@ -133,8 +145,11 @@ class ShmChannel:
         """Replace ``tensor`` (CPU, contiguous) by its sum over all ranks; return it."""
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError("the shared-memory all-reduce takes contiguous CPU tensors")
+        if self._data is None:
+            raise ShmPeerError("the shared-memory channel is closed")
         flat = tensor.view(-1)
         per_call = self.slot_bytes // flat.element_size()
+        self._call_start = time.monotonic()  # timeout_s counts per all-reduce, not per wait
         for start in range(0, flat.numel(), per_call):  # tensors larger than a slot: in pieces
             self._reduce_piece(flat[start:start + per_call])
         return tensor
@@ -147,7 +162,11 @@ class ShmChannel:
         for other in range(self.world_size):
             if other != self.rank:
                 self._wait_for(other, self._seq)
-        torch.sum(slots, dim=0, out=piece)  # rank order, the same on every rank
+        # Rank order, the same on every rank. (Not torch.sum(dim=0): it starts from +0.0, so
+        # -0.0 + -0.0 would come out as +0.0, unlike gloo's a + b.)
+        torch.add(slots[0], slots[1], out=piece)
+        for other in range(2, self.world_size):
+            piece.add_(slots[other])
 
     def _wait_for(self, other: int, seq: int) -> None:
         """Wait until rank ``other`` published ``seq``: spin briefly (its arrival is usually
@@ -166,7 +185,7 @@ class ShmChannel:
             time.sleep(min(0.001, (now - start) / 20))
             if now >= next_check:
                 next_check = now + _CHECK_PEERS_EVERY_S
-                self._check_peer(other, seq, now - start)
+                self._check_peer(other, seq, now - self._call_start)
 
     def _check_peer(self, other: int, seq: int, waited_s: float) -> None:
         pid = self._ctrl[self._line(other) + 1]
