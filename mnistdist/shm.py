@@ -14,7 +14,7 @@ channel, shares its path with the other ranks, and plugs it into DDP as a comm h
 
 Protocol, for ``world_size`` processes on one machine:
 
-* one file in /dev/shm, created (space reserved) by rank 0, mapped by every rank, and
+* one file in /dev/shm (or ``$MNISTDIST_SHM_DIR``), created (space reserved) by rank 0, mapped by every rank, and
   unlinked as soon as all have mapped it (or setup failed), so once training runs nothing is
   left behind even after SIGKILL;
 * a control block: a random token (proves every rank mapped the same file), then one 64-byte
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-SHM_DIR = Path("/dev/shm")
+SHM_DIR_ENV = "MNISTDIST_SHM_DIR"  # where the channel file goes; default /dev/shm (a tmpfs)
 _LINE = 64  # bytes per control line (a cache line: ranks never write the same line)
 _WORDS = _LINE // 8
 _SPIN_S = 0.005  # busy-wait (yielding the CPU) this long before sleeping between checks
@@ -72,15 +72,21 @@ def unsupported_reason(world_size: int, local_world_size: int, device_type: str)
         return f"training runs on {device_type}, not on CPU processes"
     if local_world_size != world_size:
         return f"the {world_size} processes are spread over several machines"
-    if platform.system() != "Linux" or not SHM_DIR.is_dir():
-        return "/dev/shm is not available"
+    if platform.system() != "Linux" or not shm_dir().is_dir():
+        return f"{shm_dir()} is not available"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"its memory-ordering argument holds on x86-64 only, not on {platform.machine()}"
     return None
 
 
+def shm_dir() -> Path:
+    """The directory of channel files: ``$MNISTDIST_SHM_DIR``, else /dev/shm. Use a tmpfs
+    (memory); a disk-backed directory also works, more slowly."""
+    return Path(os.environ.get(SHM_DIR_ENV) or "/dev/shm")
+
+
 def new_path() -> Path:
-    return SHM_DIR / f"mnistdist-{os.getpid()}-{secrets.token_hex(8)}"
+    return shm_dir() / f"mnistdist-{os.getpid()}-{secrets.token_hex(8)}"
 
 
 def _layout(world_size: int, slot_bytes: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mnistdist.tracking import read_metrics
-from tests.conftest import REPO, check, launch_cmd, run_cmd, train_cmd
+from tests.conftest import REPO, check, child_env, launch_cmd, run_cmd, train_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -75,6 +75,16 @@ def test_run_directory_contents(one_epoch_runs):
     # One epoch line on stdout, from the main process only.
     assert result.stdout.count("epoch 1/10  train_loss") == 0  # epochs=1 override shows 1/1
     assert result.stdout.count("epoch 1/1  train_loss") == 1
+
+
+def test_shared_memory_setup_failure_falls_back_to_gloo_with_one_warning(tmp_path):
+    """Rank 0 cannot create the channel file (/proc takes no new files, not even from root):
+    all ranks fall back to gloo together, it is said once, and training goes on."""
+    cmd = launch_cmd(2, "train.epochs=1", "train.max_steps=30", "--run-dir", str(tmp_path / "run"))
+    result = check(run_cmd(cmd, env=child_env(MNISTDIST_SHM_DIR="/proc")))
+    assert "gradients averaged by gloo" in result.stdout
+    assert result.stderr.count("warning: dist.cpu_allreduce=shm unavailable (cannot create /proc/") == 1, \
+        result.stderr[-2000:]
 
 
 def test_world_size_invariance_after_one_epoch(one_epoch_runs):
