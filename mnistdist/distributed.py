@@ -161,7 +161,8 @@ class Dist:
 
     @property
     def gradient_reduction(self) -> str:
-        """How gradients are averaged across ranks: none, shm, gloo or nccl (for the log)."""
+        """How gradients are averaged across ranks, for the log: "none" (one process),
+        "shared memory", or the process group's backend ("gloo", "nccl")."""
         if self.world_size == 1:
             return "none"
         return "shared memory" if self._shm is not None else self.backend

@@ -37,7 +37,8 @@ def assert_finished(job, info: dict) -> None:
 
 class LocalRun:
     """The same config trained without interruption by 2 local processes, in the background
-    (it overlaps with the Slurm job's start-up and requeue waits)."""
+    (it overlaps with the Slurm job's start-up and requeue waits). As a context manager it is
+    killed on leaving, if still running (a failed wait must not leave it behind)."""
 
     def __init__(self, run_dir: Path, *args: str):
         self.run_dir = run_dir
@@ -56,7 +57,10 @@ class LocalRun:
         assert code == 0, f"local run failed (exit {code}):\n{self.log.read_text()[-4000:]}"
         return outcome(self.run_dir)
 
-    def stop(self) -> None:
+    def __enter__(self) -> "LocalRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -67,12 +71,9 @@ def test_two_nodes_equal_two_local_processes(slurm_cluster, tmp_path):
     run_dir = tmp_path / "slurm"
     job = slurm_cluster.submit("cpu.sbatch", tmp_path, "--nodes=2", RUN_DIR=str(run_dir),
                                OVERRIDES="train.epochs=1")
-    local = LocalRun(tmp_path / "local", "train.epochs=1")
-    try:
+    with LocalRun(tmp_path / "local", "train.epochs=1") as local:
         info = job.wait_done(timeout=240)
         expected = local.outcome()
-    finally:
-        local.stop()
     assert_finished(job, info)
     log = job.log_text()
     # One launcher per node, each with its own machine rank (expanded on the node itself).
@@ -92,8 +93,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     job = slurm_cluster.submit("cpu.sbatch", tmp_path, RUN_DIR=str(run_dir), OVERRIDES=" ".join(SHORT),
                                WANDB_MODE="offline")
-    golden = LocalRun(tmp_path / "golden", *SHORT)
-    try:
+    with LocalRun(tmp_path / "golden", *SHORT) as golden:
         job.wait_until(lambda i: i["JobState"] == "RUNNING" and any((run_dir / "checkpoints").glob("step-*"))
                        or i["JobState"] in TERMINAL_STATES,
                        timeout=240, what="running with a first checkpoint", poll=0.2)
@@ -104,8 +104,6 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
         job.wait_until(lambda i: i.get("Restarts") == "1", timeout=120, what="requeued")
         info = job.wait_done(timeout=240)
         expected = golden.outcome()
-    finally:
-        golden.stop()
     assert_finished(job, info)
     assert info["Restarts"] == "1", job.describe()
     log = job.log_text()
@@ -137,12 +135,9 @@ def test_time_limit_too_short_requeues_until_done(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     job = slurm_cluster.submit("cpu.sbatch", tmp_path, "--time=1", "--signal=B:USR1@5", RUN_DIR=str(run_dir),
                                OVERRIDES=" ".join([*LONG, "data.pipeline=torchvision"]))
-    golden = LocalRun(tmp_path / "golden", *LONG)
-    try:
+    with LocalRun(tmp_path / "golden", *LONG) as golden:
         info = job.wait_done(timeout=540)
         expected = golden.outcome()
-    finally:
-        golden.stop()
     assert_finished(job, info)
     restarts = int(info["Restarts"])
     log = job.log_text()
