@@ -3,6 +3,10 @@
 Precedence, highest first: CLI overrides (``train.lr=0.05``) > ``MNISTDIST_DATA_ROOT`` (for
 ``data.root`` only) > the YAML file > the dataclass defaults below.
 
+A YAML file may build on another: a top-level ``base: seed.yaml`` (relative to the file's own
+directory, and recursively: a base may have a base) is loaded first, then the file's sections
+are applied on top, key by key, so a variant states only what differs from its base.
+
 Every field carries a docstring. Unknown keys, wrong types and impossible values raise
 ``ConfigError`` with one line naming the key and what is allowed; ``train_dist.py`` turns that
 into exit code 2 *before* any process group starts, so a typo never costs a cluster allocation.
@@ -287,6 +291,62 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+BASE_KEY = "base"
+"""Top-level YAML key naming the config file a file builds on (relative to its directory)."""
+
+
+def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The file at ``path`` and its ``base:`` files, the root base first.
+
+    Each entry is ``(file, sections)`` with ``base`` removed from ``sections``. A base path is
+    relative to the directory of the file that names it. A missing base, a cycle and a
+    ``base`` that is not a non-empty string raise a one-line ConfigError naming the file.
+    """
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    seen: dict[Path, Path] = {}  # resolved path -> the path as shown in messages
+    current = path
+    while True:
+        seen[current.resolve()] = current
+        data = _read_yaml(current)
+        if BASE_KEY not in data:
+            chain.append((current, data))
+            break
+        base = data.pop(BASE_KEY)
+        chain.append((current, data))
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(
+                f"{current}: {BASE_KEY}: must be a non-empty string naming a config file "
+                f"(relative to this file's directory); got {base!r}"
+            )
+        base_path = current.parent / base
+        resolved = base_path.resolve()
+        if resolved == current.resolve():
+            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} names this file itself")
+        if resolved in seen:
+            loop = [str(p) for p, _ in chain] + [str(seen[resolved])]
+            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} makes a cycle: {' -> '.join(loop)}")
+        if not base_path.is_file():
+            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} not found (looked for {base_path})")
+        current = base_path
+    chain.reverse()
+    return chain
+
+
+def _apply_file(cfg: Config, path: Path, data: dict[str, Any], name_file: bool) -> None:
+    """Apply one file's sections to ``cfg``, key by key. ``name_file`` prefixes key errors
+    with the file (used in a ``base:`` chain, where the key alone does not say which file)."""
+    for section_name, section in data.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: {section_name}: must be a mapping of keys, got {type(section).__name__}")
+        for name, value in section.items():
+            try:
+                _apply(cfg, f"{section_name}.{name}", value)
+            except ConfigError as e:
+                if not name_file:
+                    raise
+                raise ConfigError(f"{path}: {e}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=0.05"`` -> ``("train.lr", 0.05)``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
@@ -304,17 +364,18 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     world_size: int | None = None,
 ) -> Config:
-    """Build and validate the config: defaults < YAML file < env < CLI overrides."""
+    """Build and validate the config: defaults < YAML file chain < env < CLI overrides.
+
+    A YAML file may start from another with a top-level ``base: other.yaml`` (a path relative
+    to its own directory; a base may name a base in turn). The chain is applied root base
+    first, each file key by key, so a file overrides only the keys it states. A missing
+    base, a cycle or a base that is not a non-empty string is a ``ConfigError`` naming the file.
+    """
     cfg = Config()
     if path is not None:
-        data = _read_yaml(Path(path))
-        for section_name, section in data.items():
-            if not isinstance(section, dict):
-                raise ConfigError(
-                    f"{path}: {section_name}: must be a mapping of keys, got {type(section).__name__}"
-                )
-            for name, value in section.items():
-                _apply(cfg, f"{section_name}.{name}", value)
+        chain = _read_chain(Path(path))
+        for file, data in chain:
+            _apply_file(cfg, file, data, name_file=len(chain) > 1)
     if os.environ.get(DATA_ROOT_ENV):
         cfg.data.root = os.environ[DATA_ROOT_ENV]
     for text in overrides:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mnistdist.config import DATA_ROOT_ENV, Config, ConfigError, load_config, to_yaml
 from tests.conftest import REPO, run_cmd, train_cmd
@@ -137,3 +138,169 @@ def test_cli_exits_2_with_one_line_and_no_traceback(args, message):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+# --------------------------------------------------------------------------------------
+# base: inheritance
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_is_applied_first_and_the_child_wins_per_key(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    write(tmp_path / "parent.yaml", "model:\n  final_relu: true\ntrain:\n  lr: 0.5\n  epochs: 3\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\ntrain:\n  lr: 0.25\n")
+    cfg = load_config(child)
+    # train.lr from the child; train.epochs (same section, not named by the child) and
+    # model.final_relu (a section the child lacks) from the base; the rest are defaults.
+    assert (cfg.train.lr, cfg.train.epochs, cfg.model.final_relu) == (0.25, 3, True)
+    expected = Config()
+    expected.train.lr, expected.train.epochs, expected.model.final_relu = 0.25, 3, True
+    assert cfg == expected
+
+
+def test_two_level_chain_resolves_each_base_next_to_the_file_naming_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # relative to the naming file's directory, not the cwd
+    write(tmp_path / "shared" / "root.yaml", "train:\n  lr: 0.5\n  epochs: 3\n  momentum: 0.5\n")
+    write(tmp_path / "shared" / "mid.yaml", "base: root.yaml\ntrain:\n  epochs: 4\ndata:\n  root: mid\n")
+    leaf = write(tmp_path / "variants" / "leaf.yaml", "base: ../shared/mid.yaml\ntrain:\n  momentum: 0.0\n  nesterov: false\n")
+    cfg = load_config(leaf)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.momentum, cfg.train.nesterov) == (0.5, 4, 0.0, False)
+    assert cfg.data.root == "mid"
+    # Loaded by a path relative to the cwd as the CLI would get it.
+    assert load_config("variants/leaf.yaml") == cfg
+
+
+def test_cli_override_and_env_beat_base_and_child(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    write(tmp_path / "parent.yaml", "train:\n  lr: 0.5\n  epochs: 3\ndata:\n  root: parent\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\ntrain:\n  lr: 0.25\n")
+    cfg = load_config(child, ["train.lr=0.125", "train.epochs=7"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.data.root) == (0.125, 7, "parent")
+    monkeypatch.setenv(DATA_ROOT_ENV, "/from/env")
+    assert load_config(child).data.root == "/from/env"
+    assert load_config(child, ["data.root=/from/cli"]).data.root == "/from/cli"
+
+
+BAD_BASES = {
+    "missing": ({"a.yaml": "base: nope.yaml\n"}, "a.yaml: base: 'nope.yaml' not found"),
+    "self": ({"a.yaml": "base: a.yaml\n"}, "a.yaml: base: 'a.yaml' names this file itself"),
+    "self-via-dot": ({"a.yaml": "base: ./a.yaml\n"}, "a.yaml: base: './a.yaml' names this file itself"),
+    "cycle": ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "b.yaml: base: 'a.yaml' makes a cycle"),
+    "cycle-3": (
+        {"a.yaml": "base: b.yaml\n", "b.yaml": "base: c.yaml\n", "c.yaml": "base: b.yaml\n"},
+        "c.yaml: base: 'b.yaml' makes a cycle",
+    ),
+    "int": ({"a.yaml": "base: 3\n"}, "a.yaml: base: must be a non-empty string"),
+    "list": ({"a.yaml": "base: [b.yaml]\n", "b.yaml": "{}\n"}, "a.yaml: base: must be a non-empty string"),
+    "null": ({"a.yaml": "base:\n"}, "a.yaml: base: must be a non-empty string"),
+    "empty": ({"a.yaml": "base: ''\n"}, "a.yaml: base: must be a non-empty string"),
+    "missing-in-base": ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: gone.yaml\n"}, "b.yaml: base: 'gone.yaml' not found"),
+}
+
+
+@pytest.mark.parametrize("files,message", BAD_BASES.values(), ids=BAD_BASES.keys())
+def test_bad_base_is_one_line_naming_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "a.yaml")
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(str(tmp_path / message.split(":")[0]) + ":"), text
+    assert message in text
+
+
+def test_cycle_message_shows_the_loop(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "a.yaml")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert str(info.value).endswith(f"makes a cycle: {a} -> {b} -> {a}")
+
+
+@pytest.mark.parametrize(
+    "parent,child,message",
+    [
+        ("model:\n  depth: 3\n", "base: parent.yaml\n", "parent.yaml: model.depth: unknown key"),
+        ("{}\n", "base: parent.yaml\nmodel:\n  depth: 3\n", "child.yaml: model.depth: unknown key"),
+        ("train:\n  epochs: x\n", "base: parent.yaml\n", "parent.yaml: train.epochs: must be an integer"),
+        ("train: 3\n", "base: parent.yaml\n", "parent.yaml: train: must be a mapping"),
+        ("train: {lr: 0.1\n", "base: parent.yaml\n", "parent.yaml: not valid YAML"),
+        ("base: child.yaml\n", "base: parent.yaml\n", "parent.yaml: base: 'child.yaml' makes a cycle"),
+    ],
+)
+def test_bad_key_anywhere_in_the_chain_names_the_key_and_its_file(tmp_path, parent, child, message):
+    write(tmp_path / "parent.yaml", parent)
+    write(tmp_path / "child.yaml", child)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "child.yaml")
+    assert f"{tmp_path}/{message}" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_file_without_base_keeps_its_messages(tmp_path):
+    f = write(tmp_path / "c.yaml", "model:\n  depth: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    assert str(info.value).startswith("model.depth: unknown key; model has ")
+
+
+def test_cli_exits_2_on_a_base_cycle(tmp_path):
+    write(tmp_path / "a.yaml", "base: a.yaml\n")
+    result = run_cmd(train_cmd("--config", str(tmp_path / "a.yaml")), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert f"error: {tmp_path / 'a.yaml'}: base: 'a.yaml' names this file itself" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def _stated_keys(data: dict) -> set[str]:
+    return {f"{s}.{k}" for s, section in data.items() if s != "base" for k in section}
+
+
+def _flat(cfg: Config) -> dict[str, object]:
+    return {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
+
+
+VARIANTS = [p for p in SHIPPED if "base" in (yaml.safe_load(p.read_text()) or {})]
+
+
+def test_shipped_variants_use_base():
+    # The variants of seed.yaml state only what differs; seed.yaml and default.yaml stand alone.
+    assert {"mse.yaml", "seed_no_final_relu.yaml"} <= {p.name for p in VARIANTS}
+    assert not {"seed.yaml", "default.yaml"} & {p.name for p in VARIANTS}
+
+
+@pytest.mark.parametrize("path", VARIANTS, ids=lambda p: p.name)
+def test_shipped_variant_differs_from_its_base_exactly_in_the_keys_it_states(path: Path, monkeypatch):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    data = yaml.safe_load(path.read_text())
+    base = load_config(path.parent / data["base"])
+    variant = load_config(path)
+    flat_base, flat_variant = _flat(base), _flat(variant)
+    differing = {k for k in flat_variant if flat_variant[k] != flat_base[k]}
+    # Every key it states must change something (no copies of the base's values), and nothing
+    # it does not state may change.
+    assert differing == _stated_keys(data)
+    # Each stated key carries a comment saying why it differs.
+    for line in path.read_text().splitlines():
+        if line.startswith("  ") and not line.lstrip().startswith("#"):
+            assert "#" in line, f"{path.name}: no comment on {line.strip()!r}"
+
+
+def test_seed_variants_resolve_to_the_seed_run_with_one_change(monkeypatch):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    seed = load_config(REPO / "configs" / "seed.yaml")
+    no_relu = load_config(REPO / "configs" / "seed_no_final_relu.yaml")
+    mse = load_config(REPO / "configs" / "mse.yaml")
+    seed.model.final_relu = False
+    assert no_relu == seed
+    seed.model.final_relu, seed.train.loss = True, "mse"
+    assert mse == seed
