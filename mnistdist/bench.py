@@ -3,8 +3,10 @@
 Every measurement is a real training run of ``train_dist.py`` started as a subprocess (through
 ``accelerate launch`` for several processes), with its own temporary run directory. Epoch times
 and samples/s come from the evaluation lines of ``metrics.jsonl`` (training only: evaluation and
-checkpointing are not inside ``epoch_time_s``); peak memory per process and test accuracy from
-``summary.json``. Start-up is the time from starting the command (launcher, imports, process
+checkpointing are not inside ``epoch_time_s``), test accuracy from ``summary.json``. Peak memory
+is measured from outside, like start-up: the resident memory of every process of the run
+(and, with ``--device cuda``, its GPU memory from ``nvidia-smi``) is sampled every
+``MEMORY_SAMPLE_S`` seconds, and the ``nproc`` largest processes are the workers. Start-up is the time from starting the command (launcher, imports, process
 group, CUDA context, data, model) to the main rank's "training on ..." line, printed just before
 the first step. Built-in variants, on ``--config`` (default ``configs/seed.yaml``):
 
@@ -14,7 +16,7 @@ the first step. Built-in variants, on ``--config`` (default ``configs/seed.yaml`
        (CPU: ``accelerate launch --config_file configs/accelerate/cpu.yaml``, gloo)
 
 ``--variant NAME:override[,override...]`` adds a 1-process run with those config overrides
-(``NAME@N:...`` for N processes), e.g. ``--variant compiled:train.compile=true`` on a GPU.
+(``NAME@N:...`` for N processes), e.g. ``--variant graph:dist.cuda_graph=true`` on a GPU.
 
 Method: each of ``--reps`` rounds runs every variant once, in turn, so a busy machine slows all
 of them alike; each run trains ``--epochs`` epochs and the first ``--warmup-epochs`` of them are
@@ -37,7 +39,6 @@ import os
 import platform
 import resource
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import psutil
+
+from mnistdist.config import ConfigError, load_config
+from mnistdist.launch import child_env, free_port
+from mnistdist.rundir import RunDir, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "train_dist.py"
@@ -62,6 +69,7 @@ TARGET_EPOCH_RATIO_C_OVER_B = 2.5
 # many times over when another process competes (OpenMP threads wait for each other), so its
 # numbers, and the ratios, are then meaningless.
 BUSY_CPUS = 0.25
+MEMORY_SAMPLE_S = 0.2
 
 
 @dataclass
@@ -87,8 +95,9 @@ def builtin_variants(epochs_a: int | None = None) -> dict[str, Variant]:
 def parse_variant(text: str) -> Variant:
     """``NAME[@N]:override[,override...]`` -> a Variant of N (default 1) processes.
 
-    ``compiled:train.compile=true`` is a 1-process run with that override; the overrides are
-    applied after the built-in ones of the config file, like ``train_dist.py`` arguments.
+    ``graph:dist.cuda_graph=true`` is a 1-process run with that override; the overrides are
+    applied after the built-in ones of the config file, like ``train_dist.py`` arguments, and
+    are checked against the config now (an unknown key or a bad value raises ValueError).
     """
     head, sep, rest = text.partition(":")
     name, at, nproc_text = head.partition("@")
@@ -106,6 +115,10 @@ def parse_variant(text: str) -> Variant:
     for o in overrides:
         if "=" not in o or "." not in o.partition("=")[0]:
             raise ValueError(f"--variant {text!r}: {o!r} is not a section.key=value override")
+    try:
+        load_config(None, overrides, world_size=nproc)
+    except ConfigError as e:
+        raise ValueError(f"--variant {text!r}: {e}") from None
     procs = f"{nproc} process" + ("es" if nproc > 1 else "")
     return Variant(name, f"{', '.join(overrides) or 'no overrides'}; {procs}", nproc, overrides)
 
@@ -139,20 +152,19 @@ class RunResult:
 
 
 def read_run(run_dir: Path, wall_s: float) -> RunResult:
-    """Read ``metrics.jsonl`` (one evaluation line per epoch) and ``summary.json`` of a run."""
-    with open(run_dir / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    evals = [r for r in records if "epoch_time_s" in r]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    per_rank = summary.get("per_rank") or []
+    """Read ``metrics.jsonl`` (one evaluation line per epoch) and ``summary.json`` of a run
+    (memory is filled in by ``run_once``)."""
+    run = RunDir(run_dir)
+    evals = [r for r in read_metrics(run.root) if "epoch_time_s" in r]
+    summary = json.loads(run.summary.read_text())
     return RunResult(
         epoch_times_s=[r["epoch_time_s"] for r in evals],
         samples_per_s=[r["samples_per_s"] for r in evals],
         test_acc_by_epoch=[r["test_acc"] for r in evals],
         final_test_acc=summary["final_test_acc"],
         startup_s=None,  # measured by run_once from outside the run
-        peak_rss_mb_per_rank=[r.get("peak_rss_mb") for r in per_rank],
-        peak_cuda_mb_per_rank=[r.get("peak_cuda_mb") for r in per_rank],
+        peak_rss_mb_per_rank=[],
+        peak_cuda_mb_per_rank=[],
         wall_s=wall_s,
     )
 
@@ -344,12 +356,6 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_command(variant: Variant, config: Path, run_dir: Path, epochs: int, device: str,
                   extra_overrides: list[str]) -> list[str]:
     """The command line of one run: ``train_dist.py`` directly, or under ``accelerate launch``."""
@@ -363,14 +369,57 @@ def build_command(variant: Variant, config: Path, run_dir: Path, epochs: int, de
         launcher.append("launch")
     where = ["--config_file", str(CPU_LAUNCH_CONFIG)] if device == "cpu" else ["--multi_gpu"]
     return [*launcher, *where, "--num_processes", str(variant.nproc),
-            "--main_process_port", str(_free_port()), *args]
+            "--main_process_port", str(free_port()), *args]
 
 
-def child_env() -> dict[str, str]:
-    """The caller's environment without launcher/W&B settings that would change the runs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
-    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    return env
+class MemorySampler:
+    """Peak memory of a process tree, sampled from outside every ``MEMORY_SAMPLE_S`` seconds:
+    resident memory of each process (psutil) and, with ``gpu``, each process's GPU memory as
+    ``nvidia-smi`` reports it. Training itself measures nothing."""
+
+    def __init__(self, root_pid: int, gpu: bool) -> None:
+        self.root, self.gpu = psutil.Process(root_pid), gpu
+        self.rss_mb: dict[int, float] = {}
+        self.gpu_mb: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="memory-sampler")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(MEMORY_SAMPLE_S):
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in procs:
+                try:
+                    self.rss_mb[p.pid] = max(self.rss_mb.get(p.pid, 0.0), p.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            if self.gpu:
+                self._sample_gpu({p.pid for p in procs})
+
+    def _sample_gpu(self, pids: set[int]) -> None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return
+        for line in out.splitlines():
+            pid_text, _, mb_text = line.partition(",")
+            if pid_text.strip().isdigit() and int(pid_text) in pids:
+                try:
+                    self.gpu_mb[int(pid_text)] = max(self.gpu_mb.get(int(pid_text), 0.0), float(mb_text))
+                except ValueError:
+                    pass
+
+    def stop(self, nproc: int) -> tuple[list[float], list[float | None]]:
+        """(peak RSS MB, peak GPU MB or None) of the ``nproc`` largest processes: the workers
+        (a launcher holds less than a worker with the data and model)."""
+        self._stop.set()
+        self._thread.join()
+        workers = sorted(self.rss_mb, key=self.rss_mb.get, reverse=True)[:nproc]  # type: ignore[arg-type]
+        return [self.rss_mb[p] for p in workers], [self.gpu_mb.get(p) if self.gpu else None for p in workers]
 
 
 def machine_busy_cpu_s() -> float | None:
@@ -430,6 +479,7 @@ def run_once(variant: Variant, config: Path, workdir: Path, tag: str, epochs: in
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace")
+        memory = MemorySampler(proc.pid, gpu=device == "cuda")
         killer = threading.Timer(timeout_s, proc.kill)
         killer.start()
         try:
@@ -441,6 +491,7 @@ def run_once(variant: Variant, config: Path, workdir: Path, tag: str, epochs: in
             returncode = proc.wait()
         finally:
             killer.cancel()
+            rss, gpu = memory.stop(variant.nproc)
     wall_s = time.perf_counter() - start
     busy1, own1 = machine_busy_cpu_s(), own_cpu_s()
     if returncode != 0:
@@ -448,6 +499,7 @@ def run_once(variant: Variant, config: Path, workdir: Path, tag: str, epochs: in
         raise RuntimeError(f"variant {variant.name} failed (exit {returncode}): {shlex.join(cmd)}\n{tail}")
     result = read_run(run_dir, wall_s)
     result.startup_s = startup_s
+    result.peak_rss_mb_per_rank, result.peak_cuda_mb_per_rank = rss, gpu
     if busy0 is not None and busy1 is not None:
         result.others_cpus = others_cpus(busy1 - busy0, own1 - own0, wall_s)
     return result
@@ -519,7 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="built-in variants to run, comma-separated from a,b,c (default: a,b,c on cpu, a,b on cuda)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME[@N]:OVERRIDES",
                    help="extra variant: N (default 1) processes with comma-separated config overrides, "
-                        "e.g. compiled:train.compile=true (repeatable)")
+                        "e.g. graph:dist.cuda_graph=true (repeatable)")
     p.add_argument("--reps", type=int, default=3, help="rounds; each runs every variant once (default 3)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3: 1 warm-up + 2 measured)")
     p.add_argument("--epochs-a", type=int, default=2,

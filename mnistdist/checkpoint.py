@@ -28,14 +28,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-CHECKPOINTS = "checkpoints"
+from mnistdist.config import ConfigError
+from mnistdist.rundir import CHECKPOINTS
+
+if TYPE_CHECKING:
+    from mnistdist.distributed import Dist
+
 MANIFEST = "manifest.json"
 FORMAT = "mnistdist-checkpoint-1"
 _PREFIX = "step-"
@@ -65,6 +70,9 @@ class Snapshot:
     tracking: dict[str, Any] = field(default_factory=dict)
     """E.g. the W&B run id, so a resumed job continues the same W&B run."""
     config: dict[str, Any] = field(default_factory=dict)
+    """The resolved config of the run that wrote it."""
+    path: Path | None = None
+    """The directory it was read from (None before it is saved)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -285,7 +293,7 @@ def load_checkpoint(path: Path) -> Snapshot:
         step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
         world_size=state["world_size"], global_batch_size=state["global_batch_size"],
         model=model, optimizer=optimizer, ranks=ranks, tracking=state.get("tracking", {}),
-        config=state.get("config", {}),
+        config=state.get("config", {}), path=path,
     )
 
 
@@ -317,3 +325,61 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         path = path / "model.safetensors"
     return load_file(str(path))
+
+
+# --------------------------------------------------------------------------------------
+# Collectives: every rank calls these at the same point. Rank 0 decides or writes and every
+# rank gets the same outcome (``Dist.on_main``): an error is raised on all ranks together.
+
+
+def save(dist: Dist, run_dir: Path, keep_last: int, snap: Snapshot, loss_state: dict[str, Any]) -> Path:
+    """Write ``snap`` (its ``ranks`` filled here with every rank's RNG and ``loss_state``)."""
+    snap.ranks = dist.gather_object({"rng": rng_state(), "loss": loss_state})
+
+    def write() -> Path:
+        try:
+            return save_checkpoint(run_dir, snap, keep_last)
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoint in {Path(run_dir) / CHECKPOINTS}: {e.strerror or e}") from None
+
+    return dist.on_main(write)
+
+
+def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Snapshot | None:
+    """The checkpoint that ``--resume`` names, read on every rank; None to start fresh.
+
+    ``resume``: ``auto`` (the newest valid checkpoint in the run directory, if any; damaged ones
+    are skipped with a warning), ``never`` (refused when the run directory holds checkpoints),
+    or the path of a checkpoint directory.
+    """
+
+    def choose() -> str | None:
+        if resume == "never":
+            if list_checkpoints(run_dir):
+                raise ConfigError(f"--resume never: {Path(run_dir) / CHECKPOINTS} already holds checkpoints; "
+                                  "use another --run-dir or --resume auto")
+            return None
+        if resume == "auto":
+            found = find_latest_valid(run_dir, warn=lambda m: print(m, flush=True))
+            return str(found) if found else None
+        verify(Path(resume))
+        return resume
+
+    path = dist.on_main(choose)
+    if path is None:
+        return None
+    snap = load_checkpoint(Path(path))
+    if snap.world_size != dist.world_size or snap.global_batch_size != global_batch_size:
+        raise ConfigError(
+            f"{path}: written by {snap.world_size} process(es) with train.global_batch_size "
+            f"{snap.global_batch_size}; this run has {dist.world_size} with {global_batch_size}. "
+            "Resume with the same number of processes and global batch (or --resume never)"
+        )
+    return snap
+
+
+def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """Load the weights, the optimizer state and rank ``rank``'s RNG state of ``snap``."""
+    model.load_state_dict(snap.model)
+    optimizer.load_state_dict(snap.optimizer)
+    set_rng_state(snap.ranks[rank]["rng"])

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from mnistdist import rundir
 from mnistdist.checkpoint import CheckpointError
 from mnistdist.config import ConfigError, load_config
 from mnistdist.data import DataError
 from mnistdist.distributed import launched_world_size, report_exception
+from mnistdist.signals import Preempted, TrainingStopped
 
 EXIT_USAGE = 2
 # configs/ next to the package in a source checkout (the supported way to install).
@@ -63,17 +65,17 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     except (ConfigError, DataError, CheckpointError) as e:
         report_exception(e)
         return EXIT_USAGE
-    except training.Preempted as e:
+    except Preempted as e:
         report_exception(e, label="stopped")
         return e.exit_code
-    except training.TrainingStopped as e:
+    except TrainingStopped as e:
         report_exception(e)
         return e.exit_code
     return 0
 
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
+MODEL_FILE = rundir.MODEL
+CONFIG_FILE = rundir.CONFIG
 CONFIG_SEARCH_LEVELS = 2  # RUN_DIR/checkpoints/step-XXXXXXXX/model.safetensors -> RUN_DIR/config.yaml
 
 
@@ -102,9 +104,9 @@ def load_weights(cfg, model_file: Path):
     """The MLP of ``cfg`` with the weights of ``model_file`` (on the CPU); ConfigError when the
     file is not a state dict of that model."""
     from mnistdist import checkpoint
-    from mnistdist.model import MLP
+    from mnistdist.training import build_model
 
-    model = MLP(final_relu=cfg.model.final_relu)
+    model = build_model(cfg)  # final ReLU and dtype as in training
     try:
         model.load_state_dict(checkpoint.load_model_state(model_file))
     except Exception as e:  # noqa: BLE001 - safetensors, OS and shape errors all mean "bad file"
@@ -242,13 +244,13 @@ def plot_main(argv: list[str] | None = None, prog: str = "mnistdist plot") -> in
                         help="when metrics.jsonl has no confusion matrix, skip confusion.png instead of "
                              "evaluating RUN_DIR/model.safetensors")
     args = parser.parse_args(argv)
-    metrics_file = args.run_dir / "metrics.jsonl"
+    metrics_file = rundir.RunDir(args.run_dir).metrics
     try:
         if not args.run_dir.is_dir():
             raise ConfigError(f"{args.run_dir}: no such directory")
         if not metrics_file.is_file():
             raise ConfigError(f"{metrics_file}: no such file (not a run directory?)")
-        train, evals = plots.split_records(plots.read_records(args.run_dir))
+        train, evals = plots.split_records(rundir.read_metrics(args.run_dir, warn=True))
         if not train and not evals:
             raise ConfigError(f"{metrics_file}: no training or evaluation lines to plot")
         confusion = plots.last_confusion(evals)

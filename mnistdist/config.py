@@ -147,13 +147,6 @@ class DistConfig:
     graph and replay it: the fast path for this launch-bound model on one GPU. Falls back to
     the eager step with one warning with several processes, bf16 or without CUDA."""
 
-    cpu_allreduce: Literal["shm", "gloo"] = "shm"
-    """How CPU processes on one machine average gradients (and sum metrics): ``shm`` through
-    shared memory, 2.5x faster epochs than ``gloo`` with 2 processes here and bitwise the same
-    result (with 3 or more the additions run in another order than gloo's ring, so the last
-    bits may differ; every rank still gets the same bytes); ``gloo`` through the process group
-    (TCP loopback). Several machines, GPUs and non-x86 machines always use the process group."""
-
     timeout_s: float = 300.0
     """Process-group timeout: a collective that waits longer than this fails instead of
     hanging (for example when another rank died)."""

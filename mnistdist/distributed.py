@@ -11,17 +11,21 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+import pickle
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-from mnistdist import shm
 from mnistdist.config import ConfigError, DistConfig
+from mnistdist.signals import RankFailure, TrainingStopped
+
+T = TypeVar("T")
 
 
 class Heartbeat:
@@ -65,9 +69,23 @@ class Heartbeat:
         self._stop.set()
 
 
+def describe_collective_failure(exc: BaseException, heartbeat: Heartbeat, where: str, timeout_s: float) -> str:
+    """One line: where it failed and which rank(s) look responsible."""
+    silent = heartbeat.silent_ranks(older_than_s=max(3 * heartbeat.interval_s, min(timeout_s / 2, 10.0)))
+    if silent:
+        who = ", ".join(f"rank {r} (silent for {age:.0f} s)" if age != float("inf") else f"rank {r}"
+                        for r, age in sorted(silent.items()))
+        culprit = f"{who} stopped responding (hung, stopped or killed)"
+    else:
+        culprit = "another rank exited or raised (see its own error above)"
+    first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return (f"a collective operation failed {where} (dist.timeout_s={timeout_s:g}): {culprit}; "
+            f"{type(exc).__name__}: {first_line}")
+
+
 def is_collective_failure(exc: BaseException) -> bool:
     """A failed or timed-out collective (a peer died, hung or left), as opposed to a bug."""
-    if isinstance(exc, (torch_dist.DistError, shm.ShmPeerError)):
+    if isinstance(exc, torch_dist.DistError):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
@@ -104,7 +122,6 @@ class Dist:
 
     def __init__(self, cfg: DistConfig) -> None:
         self.cfg = cfg
-        self._shm: shm.ShmChannel | None = None
         use_cpu = resolve_device(cfg)
         # Without cpu=True on a machine without CUDA, accelerate would make every worker its
         # own rank 0 (each one "world size 1"); the check below catches that too.
@@ -152,58 +169,7 @@ class Dist:
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """Wrap model (DDP, autocast) and optimizer. Data loaders are never passed here: we
         own the sampler, and accelerate would shard an already sharded loader again."""
-        model, optimizer = self.accelerator.prepare(model, optimizer)
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.cfg.cpu_allreduce == "shm":
-            self._shm = self._open_shm_channel(model)
-            if self._shm is not None:
-                model.register_comm_hook(self._shm, _shm_allreduce_hook)
-        return model, optimizer
-
-    @property
-    def gradient_reduction(self) -> str:
-        """How gradients are averaged across ranks, for the log: "none" (one process),
-        "shared memory", or the process group's backend ("gloo", "nccl")."""
-        if self.world_size == 1:
-            return "none"
-        return "shared memory" if self._shm is not None else self.backend
-
-    def _open_shm_channel(self, model: torch.nn.Module) -> shm.ShmChannel | None:
-        """The shared-memory channel of this job, or None (gloo then) where it cannot work.
-        Collective: every rank calls it, and all of them get a channel or none does."""
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        why_not = shm.unsupported_reason(self.world_size, local_world_size, self.device.type)
-        if why_not:
-            return None  # e.g. several machines: gloo is the right tool there, no warning
-        # A slot holds any DDP bucket (at most all gradients) and any small reduction.
-        slot_bytes = -(-sum(p.numel() * p.element_size() for p in model.parameters()) // 64) * 64
-        created: tuple[str, int] | str = ""
-        if self.is_main:
-            path = shm.new_path()
-            try:
-                created = (str(path), shm.create_file(path, self.world_size, slot_bytes))
-            except OSError as e:
-                created = f"cannot create {path}: {e}"
-        channel = None
-        try:
-            created = self.broadcast_object(created)
-            error = created if isinstance(created, str) else None
-            if error is None:
-                try:
-                    channel = shm.ShmChannel(Path(created[0]), self.rank, self.world_size, slot_bytes,
-                                             created[1], self.cfg.timeout_s)
-                except Exception as e:  # noqa: BLE001 - every rank must reach the gather below
-                    error = f"rank {self.rank}: {type(e).__name__}: {e}"
-            errors = [e for e in self.gather_object(error) if e]  # also: everyone has mapped it now
-        finally:
-            # Unlinked once every rank mapped it, or when setup failed anywhere: no stale file.
-            if self.is_main and not isinstance(created, str):
-                Path(created[0]).unlink(missing_ok=True)
-        if errors:
-            if channel is not None:
-                channel.close()
-            warn_main(f"dist.cpu_allreduce=shm unavailable ({errors[0]}); averaging gradients with gloo")
-            return None
-        return channel
+        return self.accelerator.prepare(model, optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         # Under DDP this is where gradients are averaged across ranks (bucketed all-reduces
@@ -226,8 +192,6 @@ class Dist:
         """Sum ``tensor`` over ranks; every rank gets the result on the tensor's device."""
         if self.world_size == 1:
             return tensor
-        if self._shm is not None and tensor.device.type == "cpu":
-            return self._shm.all_reduce_sum_(tensor.clone().contiguous())
         return self.accelerator.reduce(tensor.to(self.device), reduction="sum").to(tensor.device)
 
     def any_flags(self, flags: list[torch.Tensor | bool]) -> list[bool]:
@@ -255,6 +219,47 @@ class Dist:
         torch_dist.all_gather_object(out, obj)
         return out
 
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the main process only; every rank returns its result, or raises its
+        exception. Sync point: a failure decided on rank 0 (a bad checkpoint, a full disk) is
+        raised on every rank together, instead of leaving the others waiting in the next
+        collective until the timeout."""
+        result: Any = None
+        error: Exception | None = None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        if self.world_size > 1:
+            try:
+                pickle.dumps(error)
+            except Exception:  # noqa: BLE001 - an exception that cannot travel: send its text
+                error = RuntimeError(f"{type(error).__name__}: {error}")
+            result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
+
+    @contextlib.contextmanager
+    def diagnose_failures(self, heartbeat_dir: Path, where: Callable[[], str]) -> Iterator[None]:
+        """Inside: a failed collective (a peer died, hung or left) is raised as ``RankFailure``
+        naming the rank(s) that stopped beating, and ``where()`` it happened."""
+        if self.world_size == 1:
+            yield
+            return
+        heartbeat = Heartbeat(heartbeat_dir, self.rank, self.world_size)
+        try:
+            yield
+        except TrainingStopped:
+            raise
+        except Exception as e:
+            if not is_collective_failure(e):
+                raise
+            raise RankFailure(describe_collective_failure(e, heartbeat, where(), self.cfg.timeout_s)) from e
+        finally:
+            heartbeat.stop()
+
     # -- side effects --------------------------------------------------------------------
     def print(self, *args: Any) -> None:
         """Print on the main process only."""
@@ -267,27 +272,9 @@ class Dist:
 
     def close(self) -> None:
         """Tear the process group down (safe to call twice)."""
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
         self.accelerator.end_training()
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
-
-
-def _shm_allreduce_hook(channel, bucket):  # type: ignore[no-untyped-def]
-    """DDP comm hook: average one gradient bucket (``torch.distributed.GradBucket``) through
-    shared memory; returns a completed ``Future[Tensor]``. Like DDP's default hook it divides
-    by the world size first and then sums (with 2 processes: bitwise gloo's result).
-
-    (No annotations: DDP compares them with its own classes, and this module's postponed
-    annotations are strings.)"""
-    buffer = bucket.buffer()
-    buffer.div_(channel.world_size)
-    channel.all_reduce_sum_(buffer)
-    done: torch.futures.Future = torch.futures.Future()
-    done.set_result(buffer)
-    return done
 
 
 def warn_main(message: str) -> None:

@@ -47,10 +47,20 @@ def _exit_codes(exc: BaseException) -> list[int]:
     return [returncode] if returncode is not None else []
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this machine now (for a rendezvous of one machine's job)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a training run started by a tool or a test: this one without
+    launcher and W&B settings that would change the run, unbuffered, W&B off; then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env.update(extra)
+    return env
 
 
 def _first_failure(exc: BaseException) -> str | None:
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.main_process_port is None and (args.num_machines or 1) == 1:
         # accelerate's default port (29500) would make two jobs on one machine collide.
-        args.main_process_port = _free_port()
+        args.main_process_port = free_port()
     threading.Thread(target=_watch_workers, args=(WORKER_GRACE_S,), daemon=True, name="worker-watchdog").start()
     try:
         launch_command(args)

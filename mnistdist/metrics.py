@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +94,27 @@ class EvalCounts:
             "test_correct": self.correct,
             "test_total": self.total,
         }
+
+
+class LossMeter:
+    """This rank's training-loss sums, kept on the device (reading them every step would force a
+    host-device sync per step) and added to by the step itself; they are part of a checkpoint
+    so logs resume exactly. Always updated in place: a CUDA graph holds their addresses.
+
+    ``window_*``: since the last training line of metrics.jsonl; ``epoch_sum``: this epoch.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.window_sum = torch.zeros((), device=device)
+        self.window_steps = 0
+        self.epoch_sum = torch.zeros((), device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        # float32 -> Python float is exact, and back again.
+        return {"window_sum": float(self.window_sum), "window_steps": self.window_steps,
+                "epoch_sum": float(self.epoch_sum)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window_sum.fill_(state["window_sum"])
+        self.window_steps = state["window_steps"]
+        self.epoch_sum.fill_(state["epoch_sum"])

@@ -7,30 +7,13 @@ window, never changes the process-wide backend and keeps no global figure state.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mnistdist.model import NUM_CLASSES
-
-PLOTS_DIR = "plots"
-
-
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The JSON objects of ``run_dir/metrics.jsonl``, skipping lines that do not parse (a run
-    killed mid-write can leave half a last line). FileNotFoundError when there is no file."""
-    records = []
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+from mnistdist.rundir import RunDir, read_metrics
 
 
 def split_records(records: Sequence[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -158,17 +141,19 @@ def write_run_plots(run_dir: Path, confusion: Sequence[Sequence[int]] | None = N
     returned list). ``out_dir`` defaults to ``run_dir/plots``. Raises FileNotFoundError when
     the run has no metrics.jsonl.
     """
-    run_dir = Path(run_dir)
-    train, evals = split_records(read_records(run_dir))
+    run = RunDir(Path(run_dir))
+    if not run.metrics.is_file():
+        raise FileNotFoundError(f"{run.metrics}: no such file")
+    train, evals = split_records(read_metrics(run.root))
     if hasattr(confusion, "tolist"):  # a tensor or an array
         confusion = confusion.tolist()
     if confusion is None:
         confusion = last_confusion(evals)
     elif not _is_confusion(confusion):
         raise ValueError("confusion must be a 10x10 matrix (rows = true class)")
-    out = Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR
+    out = Path(out_dir) if out_dir is not None else run.plots
     out.mkdir(parents=True, exist_ok=True)
-    title = run_dir.resolve().name
+    title = run.root.resolve().name
     written = [plot_loss(train, evals, out / "loss.png", title), plot_accuracy(evals, out / "accuracy.png", title)]
     if confusion is not None:
         written.append(plot_confusion(confusion, out / "confusion.png", title))

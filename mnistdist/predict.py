@@ -6,7 +6,7 @@ scaled to fit a 20x20 box (aspect ratio kept, anti-aliased), and the result is p
 test set's mean centre of mass lies). MNIST digits are white on black; a black-on-white scan
 is inverted first (``polarity``; ``auto`` decides from the image's border pixels).
 
-Everything here except ``load_model``/``predict_probabilities`` is pure numpy/PIL so it can be
+Everything here except ``predict_probabilities`` is pure numpy/PIL so it can be
 unit-tested without a model.
 """
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, resume to continue
 EXIT_NONFINITE = 3  # a loss or gradient was NaN/Inf: stopped before the optimizer step
@@ -68,15 +70,16 @@ class StopSignals:
 
 
 class FaultInjector:
-    """Test hook: ``MNISTDIST_FAULT="step=K,rank=R,action=A"`` makes rank R do A after step K.
+    """Test hook: ``MNISTDIST_FAULT="step=K,rank=R,action=A"`` makes rank R do A at step K.
 
-    Actions: ``KILL``/``TERM``/``USR1``/``STOP`` send that signal to this process, ``raise``
-    raises, ``nan`` makes the loss of step K NaN. Used by the tests to interrupt runs at an
-    exact step; unset in normal use (then it costs one attribute check per step).
+    Actions: ``KILL``/``TERM``/``USR1``/``STOP`` send that signal to this process after step K,
+    ``raise`` raises after step K, ``nan`` feeds step K a NaN batch (so its loss and gradients
+    are NaN). Used by the tests to interrupt runs at an exact step. It wraps the step from the
+    outside (``wrap``); unset, the step is returned as it is and costs nothing.
     """
 
     def __init__(self, rank: int, env: str | None = None) -> None:
-        self.step = -1
+        self.step, self.action = -1, ""
         text = os.environ.get("MNISTDIST_FAULT", "") if env is None else env
         if not text:
             return
@@ -85,13 +88,23 @@ class FaultInjector:
             self.step = int(spec["step"])
             self.action = spec["action"]
 
-    def poisons_loss(self, step: int) -> bool:
-        """True if the loss computed for ``step`` (1-based, the step being taken) must be NaN."""
-        return step == self.step and self.action == "nan"
+    def wrap(self, step: Callable[..., bool], steps_done: int) -> Callable[..., bool]:
+        """``step`` with the fault added at step ``self.step`` (``steps_done``: the steps taken
+        before the first call, i.e. the resumed step)."""
+        if self.step < 0:
+            return step
+        count = steps_done
 
-    def after_step(self, step: int) -> None:
-        if step != self.step or self.action == "nan":
-            return
-        if self.action == "raise":
-            raise RuntimeError(f"injected fault after step {step}")
-        os.kill(os.getpid(), getattr(signal, f"SIG{self.action}"))
+        def faulty_step(x: Any, y: Any, lr: float) -> bool:
+            nonlocal count
+            count += 1
+            if count == self.step and self.action == "nan":
+                x = x * float("nan")
+            stop = step(x, y, lr)
+            if count == self.step and self.action == "raise":
+                raise RuntimeError(f"injected fault after step {count}")
+            if count == self.step and self.action != "nan":
+                os.kill(os.getpid(), getattr(signal, f"SIG{self.action}"))
+            return stop
+
+        return faulty_step

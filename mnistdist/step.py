@@ -1,5 +1,10 @@
 """One optimizer step: forward, backward, the ranks' stop agreement, update.
 
+A step is called as ``step(x, y, lr) -> stop``: it takes optimizer step number ``self.step``
+(counted from the resumed step), adds its loss to the ``LossMeter``'s sums, and returns True
+when the ranks agreed to stop after it (every ``check_every`` steps they agree on the stop
+requests of ``stop_requested()``: one tiny all-reduce).
+
 ``EagerStep`` is the reference. ``GraphedStep`` records the same step once as a CUDA graph
 and replays it: on a GPU this tiny model is bound by kernel-launch and Python overhead, not
 by arithmetic, and a replay launches the ~40 kernels of a step at once (1 GPU only).
@@ -12,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from mnistdist.distributed import Dist
+from mnistdist.metrics import LossMeter
 from mnistdist.signals import NonFiniteLoss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,14 +41,17 @@ class EagerStep:
     """The step as plain PyTorch calls."""
 
     def __init__(self, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                 window_sum: torch.Tensor, epoch_sum: torch.Tensor) -> None:
+                 meter: LossMeter, stop_requested: Callable[[], bool], check_every: int, step: int) -> None:
         self.dist, self.model, self.loss_fn = dist, model, loss_fn
+        self.stop_requested, self.check_every = stop_requested, check_every
+        self.step = step
+        """Optimizer steps taken so far (the resumed step at the start)."""
         # accelerate's optimizer wrapper only matters for gradient accumulation and fp16 loss
         # scaling, neither of which we use; calling the torch optimizer directly saves ~0.3 ms
         # a step on CPU (the wrapper looks up an optional package on every step()).
         self.optimizer = dist.raw_optimizer(optimizer)
         self.params = list(model.parameters())
-        self.window_sum, self.epoch_sum = window_sum, epoch_sum
+        self.window_sum, self.epoch_sum = meter.window_sum, meter.epoch_sum
         self._found = torch.zeros(1, device=dist.device)
         self._one = torch.ones((), device=dist.device)
 
@@ -58,29 +67,26 @@ class EagerStep:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
         return self._found
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int, check: bool,
-                 stop_requested: bool, poison: bool = False) -> bool:
-        """Take optimizer step number ``step`` (1-based); return True if the ranks agreed to stop
-        after it. ``check``: agree on stop signals now (a collective). ``poison``: test hook."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> bool:
+        """Take the next optimizer step; return True if the ranks agreed to stop after it."""
+        self.step += 1
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.loss_fn(x, y)
-        if poison:
-            loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         self.dist.backward(loss)  # DDP averages gradients over ranks here
         # Invariant: after DDP's all-reduce every rank holds bitwise the same averaged
         # gradients, so every rank reaches the same verdict on them without communicating,
         # and a NaN/Inf update is never applied. (A rank's own loss is not part of the
         # verdict: it may differ between ranks; the logged, all-reduced loss is checked
-        # in train_one_epoch.) One host sync per step; the collective only every ``check``.
+        # in training.log_training.) One host sync per step; the collective every ``check_every`` steps.
         nonfinite = self.grads_not_finite()
-        if check:
-            nonfinite, stop = self.dist.any_flags([nonfinite, stop_requested])
+        if self.step % self.check_every == 0:
+            nonfinite, stop = self.dist.any_flags([nonfinite, self.stop_requested()])
         else:
             nonfinite, stop = bool(nonfinite.item()), False
         if nonfinite:
-            raise _nonfinite_error(step)
+            raise _nonfinite_error(self.step)
         self.optimizer.step()
         self.window_sum += loss.detach()
         self.epoch_sum += loss.detach()
@@ -104,7 +110,6 @@ class GraphedStep:
         device = example_x.device
         self.x, self.y = torch.empty_like(example_x), torch.empty_like(example_y)
         self.lr = torch.zeros((), device=device)
-        self.poison = torch.ones((), device=device)
         self.found_inf = torch.zeros((), device=device)
         self.nonfinite_seen = torch.zeros((), device=device)
         for group in optimizer.param_groups:
@@ -149,7 +154,7 @@ class GraphedStep:
     def _body(self) -> None:
         # Gradients are None when this is captured, so backward writes them into graph-owned
         # memory, overwritten (not accumulated) by every replay.
-        loss = self.eager.loss_fn(self.x, self.y) * self.poison
+        loss = self.eager.loss_fn(self.x, self.y)
         loss.backward()
         self.found_inf.copy_(not_finite(loss, self.eager.params).float())
         self.nonfinite_seen.copy_(torch.maximum(self.nonfinite_seen, self.found_inf))
@@ -159,29 +164,28 @@ class GraphedStep:
         self.eager.window_sum.add_(loss)
         self.eager.epoch_sum.add_(loss)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int, check: bool,
-                 stop_requested: bool, poison: bool = False) -> bool:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> bool:
         if x.shape != self.x.shape:
-            return self._fallback(x, y, lr, step, check, stop_requested, poison)
+            return self._fallback(x, y, lr)
+        eager = self.eager
+        eager.step += 1
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
         self.lr.fill_(lr)
-        self.poison.fill_(float("nan") if poison else 1.0)
         self.graph.replay()
-        if not check:
+        if eager.step % eager.check_every != 0:
             return False
-        nonfinite, stop = self.dist.any_flags([self.nonfinite_seen, stop_requested])
+        nonfinite, stop = self.dist.any_flags([self.nonfinite_seen, eager.stop_requested()])
         if nonfinite:
-            raise _nonfinite_error(step)
+            raise _nonfinite_error(eager.step)
         return stop
 
-    def _fallback(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int, check: bool,
-                  stop_requested: bool, poison: bool) -> bool:
+    def _fallback(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> bool:
         lr_tensor = self.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         try:
-            return self.eager(x, y, lr, step, check, stop_requested, poison)
+            return self.eager(x, y, lr)
         finally:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_tensor

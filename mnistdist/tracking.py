@@ -29,8 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mnistdist.config import TrackingConfig
-
-RUN_ID_FILE = "wandb_run_id"
+from mnistdist.rundir import RunDir
 
 
 def _jsonable(value: Any) -> Any:
@@ -43,9 +42,9 @@ def _jsonable(value: Any) -> Any:
 class MetricsLog:
     """Appends one JSON object per line to ``run_dir/metrics.jsonl``; a no-op off the main rank."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = path
         self._file = open(self.path, "a", buffering=1) if enabled else None  # line-buffered
 
     def log(self, record: dict[str, Any]) -> None:
@@ -56,25 +55,6 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop records logged after ``last_step`` (by a run that died after its last checkpoint),
-    so a resumed run's metrics.jsonl reads like one uninterrupted run."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl."""
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # --------------------------------------------------------------------------------------
@@ -107,11 +87,12 @@ def resolve_mode(cfg: TrackingConfig) -> str:
 class Tracker:
     """metrics.jsonl + W&B for one run; every method is a no-op off the main process."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any], enabled: bool,
+    def __init__(self, cfg: TrackingConfig, run: RunDir, config: dict[str, Any], enabled: bool,
                  run_id: str | None = None) -> None:
         self.cfg = cfg
-        self.run_dir = run_dir
-        self.metrics = MetricsLog(run_dir, enabled)
+        self.run_dir = run.root
+        self.run = run
+        self.metrics = MetricsLog(run.metrics, enabled)
         self.mode = resolve_mode(cfg) if enabled else "disabled"
         self.run_id = run_id
         self._wandb: Any = None
@@ -126,7 +107,7 @@ class Tracker:
         import wandb
 
         self._wandb = wandb
-        id_file = self.run_dir / RUN_ID_FILE
+        id_file = self.run.wandb_run_id
         if self.run_id is None and id_file.is_file():
             self.run_id = id_file.read_text().strip() or None
         if self.run_id is None:
@@ -178,6 +159,13 @@ class Tracker:
         if self._run is not None:
             for k, v in values.items():
                 self._run.summary[k] = v
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        # The run's exit code goes to W&B: 0, or the stop's own code (75 preempted, 3 NaN, ...).
+        self.close(exit_code=0 if exc is None else getattr(exc, "exit_code", 1))
 
     def close(self, exit_code: int = 0) -> None:
         """Finish W&B within ``finish_timeout_s``; never raises."""

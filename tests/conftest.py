@@ -1,4 +1,5 @@
-"""Shared test helpers: where real MNIST lives and how to start the real launcher."""
+"""Shared test helpers: where real MNIST lives, a tiny synthetic MNIST, how to start the real
+launcher, and the ``slow`` marker that ``make test-fast`` (``pytest -m "not slow"``) leaves out."""
 
 from __future__ import annotations
 
@@ -10,11 +11,48 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
 CPU_LAUNCH_CONFIG = REPO / "configs" / "accelerate" / "cpu.yaml"
+
+# `slow`: left out of `make test-fast` (pytest -m "not slow"). Every test in these
+# directories starts several processes, a Slurm cluster or reads real MNIST.
+SLOW_DIRECTORIES = ("distributed", "faults", "slurm", "tools", "tracking")
+# Slow tests elsewhere carry @pytest.mark.slow. Any test that reads real MNIST must be slow:
+# data_root() fails in one that is not.
+_running: pytest.Item | None = None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            top = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        if top in SLOW_DIRECTORIES:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _running
+    _running = item
+
+
+@pytest.fixture
+def synthetic_mnist(tmp_path: Path) -> Path:
+    """A data root with a tiny learnable MNIST (1000 train, 200 test images) in the real IDX
+    format under ``MNIST/raw/`` (see tests/synthetic_mnist.py)."""
+    from tests.synthetic_mnist import write_synthetic_mnist
+
+    return write_synthetic_mnist(tmp_path / "data")
 
 
 def data_root() -> Path:
     """Real MNIST: $MNISTDIST_DATA_ROOT, else ../shared/data next to the checkout."""
+    if _running is not None and _running.get_closest_marker("slow") is None:
+        pytest.fail(f"{_running.nodeid} reads real MNIST but is not marked slow: add @pytest.mark.slow "
+                    "or use the synthetic_mnist fixture")
     root = Path(os.environ.get("MNISTDIST_DATA_ROOT") or REPO.parent / "shared" / "data")
     if not (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file():
         pytest.fail(f"real MNIST not found under {root}/MNIST/raw; set MNISTDIST_DATA_ROOT")
@@ -22,10 +60,10 @@ def data_root() -> Path:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    env.update(MNISTDIST_DATA_ROOT=str(data_root()), PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    env.update(extra)
-    return env
+    """The environment of a run a test starts: mnistdist.launch.child_env on real MNIST."""
+    from mnistdist.launch import child_env as clean_env
+
+    return clean_env(MNISTDIST_DATA_ROOT=str(data_root()), **extra)
 
 
 def run_cmd(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None,
@@ -44,11 +82,9 @@ def launch_cmd(num_processes: int, *args: str, module: bool = False, script: Pat
 
     Each call gets its own rendezvous port so tests never collide with each other.
     """
-    import socket
+    from mnistdist.launch import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     accelerate = Path(sys.executable).parent / "accelerate"
     head = [str(accelerate), "launch", "--config_file", str(CPU_LAUNCH_CONFIG),
             "--num_processes", str(num_processes), "--main_process_port", str(port)]
@@ -67,7 +103,7 @@ def outcome(run_dir: Path) -> dict:
     logged training loss and every evaluation."""
     from safetensors.torch import load_file
 
-    from mnistdist.tracking import read_metrics
+    from mnistdist.rundir import read_metrics
 
     records = read_metrics(run_dir)
     return {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mnistdist.tracking import read_metrics
+from mnistdist.rundir import read_metrics
 from tests.conftest import REPO, check, child_env, launch_cmd, run_cmd, train_cmd
 
 pytestmark = pytest.mark.distributed
@@ -18,14 +18,12 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def one_epoch_runs(tmp_path_factory):
-    """1 epoch of configs/default.yaml: on 2 gloo processes (float32) with gradients averaged
-    through shared memory (the default) and through gloo, and in float64 on 1 and on 2
-    processes (for the invariance check, see below)."""
+    """1 epoch of configs/default.yaml: on 2 gloo processes (float32), and in float64 on 1 and
+    on 2 processes (for the invariance check, see below)."""
     base = tmp_path_factory.mktemp("runs")
     args = ["--config", str(REPO / "configs" / "default.yaml"), "train.epochs=1"]
     runs = {}
     for name, cmd in (("p2", launch_cmd(2, *args)),
-                      ("p2_gloo", launch_cmd(2, *args, "dist.cpu_allreduce=gloo")),
                       ("p1_f64", train_cmd(*args, "model.dtype=float64")),
                       ("p2_f64", launch_cmd(2, *args, "model.dtype=float64"))):
         runs[name] = (base / name, check(run_cmd([*cmd, "--run-dir", str(base / name)])))
@@ -34,22 +32,8 @@ def one_epoch_runs(tmp_path_factory):
 
 def test_two_processes_really_ran(one_epoch_runs):
     _, result = one_epoch_runs["p2"]
-    assert "training on 2 process(es), cpu, backend gloo, gradients averaged by shared memory" in result.stdout
+    assert "training on 2 process(es), cpu, backend gloo" in result.stdout
     assert "global batch 200 = 2 x 100" in result.stdout
-    assert "gradients averaged by gloo" in one_epoch_runs["p2_gloo"][1].stdout
-
-
-def test_shared_memory_and_gloo_averaging_are_bitwise_identical(one_epoch_runs):
-    """The shared-memory all-reduce is an optimization only: in float32, after 300 steps,
-    every parameter and every logged number equals the gloo run's exactly."""
-    (shm_dir, _), (gloo_dir, _) = one_epoch_runs["p2"], one_epoch_runs["p2_gloo"]
-    a, b = load_file(shm_dir / "model.safetensors"), load_file(gloo_dir / "model.safetensors")
-    assert a.keys() == b.keys() and a["fc1.weight"].dtype == torch.float32
-    assert all(torch.equal(a[k], b[k]) for k in a), "parameters differ"
-    def numbers(run_dir):
-        return [{k: v for k, v in r.items() if k not in ("samples_per_s", "time", "epoch_time_s")}
-                for r in read_metrics(run_dir)]
-    assert numbers(shm_dir) == numbers(gloo_dir)
 
 
 def test_end_to_end_two_processes_reach_95_percent(one_epoch_runs):
@@ -75,16 +59,6 @@ def test_run_directory_contents(one_epoch_runs):
     # One epoch line on stdout, from the main process only.
     assert result.stdout.count("epoch 1/10  train_loss") == 0  # epochs=1 override shows 1/1
     assert result.stdout.count("epoch 1/1  train_loss") == 1
-
-
-def test_shared_memory_setup_failure_falls_back_to_gloo_with_one_warning(tmp_path):
-    """Rank 0 cannot create the channel file (/proc takes no new files, not even from root):
-    all ranks fall back to gloo together, it is said once, and training goes on."""
-    cmd = launch_cmd(2, "train.epochs=1", "train.max_steps=30", "--run-dir", str(tmp_path / "run"))
-    result = check(run_cmd(cmd, env=child_env(MNISTDIST_SHM_DIR="/proc")))
-    assert "gradients averaged by gloo" in result.stdout
-    assert result.stderr.count("warning: dist.cpu_allreduce=shm unavailable (cannot create /proc/") == 1, \
-        result.stderr[-2000:]
 
 
 def test_world_size_invariance_after_one_epoch(one_epoch_runs):

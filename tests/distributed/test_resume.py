@@ -17,7 +17,7 @@ import torch
 
 from mnistdist import checkpoint
 from mnistdist.signals import EXIT_NONFINITE, EXIT_PREEMPTED
-from mnistdist.tracking import read_metrics
+from mnistdist.rundir import read_metrics
 from tests.conftest import REPO, assert_same_run, check, child_env, launch_cmd, outcome, run_cmd, train_cmd
 
 pytestmark = pytest.mark.distributed
@@ -153,8 +153,20 @@ def test_resume_never_refuses_a_run_dir_with_checkpoints(golden, tmp_path):
     assert result.returncode != 0 and "--resume never:" in result.stderr and "already holds checkpoints" in result.stderr
 
 
-def test_metrics_are_not_duplicated_after_resume(golden):
-    steps = [r["step"] for r in read_metrics(golden[0]) if "train_loss" in r]
-    assert steps == list(range(1, 601))
+def test_metrics_are_not_duplicated_after_resume(golden, tmp_path):
+    """A run killed after logging past its last checkpoint: the resumed run drops the lines
+    after the checkpoint and logs those steps again, once."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(golden[0] / "checkpoints" / "step-00000500", run_dir / "checkpoints" / "step-00000500")
+    shutil.copy(golden[0] / "metrics.jsonl", run_dir / "metrics.jsonl")  # logged up to step 600
+    before = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+    assert before == list(range(1, 601))  # so keeping them would duplicate steps 501-600
+    result = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))))
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000500'}" in result.stdout
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 601))
+    assert [(r["epoch"], r["step"]) for r in records if "test_acc" in r] == [(1, 300), (2, 600)]
+    assert_same_run(golden[1], outcome(run_dir))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mnistdist.tracking import read_metrics
+from mnistdist.rundir import read_metrics
 from tests.conftest import REPO, assert_same_run, child_env, launch_cmd, outcome, run_cmd
 from tests.slurm.conftest import TERMINAL_STATES
 

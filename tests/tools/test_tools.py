@@ -16,6 +16,7 @@ from PIL import Image
 
 from mnistdist import cli, plots, predict
 from mnistdist.config import ConfigError
+from mnistdist.rundir import read_metrics
 from tests.conftest import check, data_root, run_cmd, train_cmd
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -54,7 +55,7 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def last_eval(run) -> dict:
-    return plots.split_records(plots.read_records(run))[1][-1]
+    return plots.split_records(read_metrics(run))[1][-1]
 
 
 # --------------------------------------------------------------------------------------

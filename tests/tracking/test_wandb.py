@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from mnistdist.config import TrackingConfig
-from mnistdist.tracking import read_metrics, resolve_mode
+from mnistdist.rundir import read_metrics
+from mnistdist.tracking import resolve_mode
 from tests.conftest import check, child_env, launch_cmd, run_cmd, train_cmd
 from tests.tracking.wandb_reader import summarize
 

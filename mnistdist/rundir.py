@@ -1,0 +1,158 @@
+"""The run directory: the one place that knows its layout.
+
+    RUN_DIR/
+        config.yaml          the resolved config of the run
+        metrics.jsonl        one JSON object per line: training lines and evaluation lines
+        summary.json         final numbers, written when training finished
+        model.safetensors    the final weights
+        checkpoints/         step-XXXXXXXX/ directories (layout: mnistdist.checkpoint)
+        plots/               loss.png, accuracy.png, confusion.png
+        wandb/, wandb_run_id the W&B run (files of wandb) and its id, kept across resumes
+        .heartbeat/          per-rank liveness files of a multi-process run
+
+Every reader and writer of these files goes through the paths below, and every reader of
+metrics.jsonl through ``read_metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mnistdist.config import ConfigError
+
+if TYPE_CHECKING:
+    from mnistdist.distributed import Dist
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+MODEL = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+PLOTS = "plots"
+WANDB_RUN_ID = "wandb_run_id"
+HEARTBEAT = ".heartbeat"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory (nothing is created by building one)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def plots(self) -> Path:
+        return self.root / PLOTS
+
+    @property
+    def wandb_run_id(self) -> Path:
+        return self.root / WANDB_RUN_ID
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.root / HEARTBEAT
+
+
+def create(requested: str | Path | None, dist: Dist) -> RunDir:
+    """The run directory: ``requested``, or ``runs/<time>-<random>`` chosen on rank 0 (clocks
+    and random state differ between processes, so each rank must not pick its own). Created
+    and probed for writing now, so a bad one fails before training, on every rank together."""
+
+    def make() -> str:
+        path = Path(requested) if requested is not None else Path(
+            "runs", f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{secrets.token_hex(4)}"
+            probe.write_bytes(b"\0" * 65536)
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"--run-dir {path}: cannot write there ({e.strerror or e})") from None
+        return str(path)
+
+    return RunDir(Path(dist.on_main(make)))
+
+
+def start(run: RunDir, config_yaml: str, resumed_step: int | None) -> None:
+    """Write the run's resolved config; after a resume, drop metrics logged past the checkpoint."""
+    write_text_atomic(run.config, config_yaml)
+    if resumed_step is not None:
+        truncate_metrics(run, resumed_step)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
+    write_text_atomic(run.summary, json.dumps(summary, indent=2) + "\n")
+
+
+def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl``, in order.
+
+    Tolerant: a line that is not a JSON object (a run killed while writing its last line) is
+    skipped, with a note on stderr when ``warn``. A missing file reads as no records.
+    """
+    path = RunDir(Path(run_dir)).metrics
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records, skipped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped += 1
+    if skipped and warn:
+        print(f"warning: {path}: skipped {skipped} unreadable line(s)", file=sys.stderr, flush=True)
+    return records
+
+
+def truncate_metrics(run: RunDir, last_step: int) -> None:
+    """Keep only records up to ``last_step`` (a run that died after its last checkpoint logged
+    more), so a resumed run's metrics.jsonl reads like one uninterrupted run."""
+    if not run.metrics.is_file():
+        return
+    kept = [r for r in read_metrics(run.root, warn=True) if r.get("step", 0) <= last_step]
+    write_text_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
