@@ -124,6 +124,7 @@ def test_missing_file():
         load_config("/nonexistent/c.yaml")
 
 
+@pytest.mark.slow  # real subprocess runs of train_dist.py
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -252,6 +253,7 @@ def test_file_without_base_keeps_its_messages(tmp_path):
     assert str(info.value).startswith("model.depth: unknown key; model has ")
 
 
+@pytest.mark.slow  # a real subprocess run
 def test_cli_exits_2_on_a_base_cycle(tmp_path):
     write(tmp_path / "a.yaml", "base: a.yaml\n")
     result = run_cmd(train_cmd("--config", str(tmp_path / "a.yaml")), timeout=120)

@@ -1,15 +1,18 @@
-"""Data: the file checks, the offline error, and both pipelines yielding identical batches."""
+"""Data: the file checks, the offline error, and both pipelines yielding identical batches.
+
+The file checks run on a tiny synthetic MNIST (tests/synthetic_mnist.py); the tests that read
+real MNIST are ``slow`` (left out of ``make test-fast``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mnistdist.config import DataConfig
 from mnistdist.data import (
-    MNIST_FILES,
     DataError,
     TrainBatches,
     check_mnist_files,
@@ -21,20 +24,12 @@ from mnistdist.data import (
     seed_transform,
 )
 from tests.conftest import data_root
+from tests.synthetic_mnist import idx_images, idx_labels, write_synthetic_mnist
 
 
 @pytest.fixture(scope="module")
 def tensors():
     return load_tensors(data_root())
-
-
-def staged_copy(tmp_path: Path) -> Path:
-    """A data root whose raw files are symlinks to the real ones (replace one to damage it)."""
-    raw = raw_dir(tmp_path)
-    raw.mkdir(parents=True)
-    for name in MNIST_FILES:
-        (raw / name).symlink_to(raw_dir(data_root()) / name)
-    return tmp_path
 
 
 def replace_with(root: Path, name: str, content: bytes) -> Path:
@@ -44,41 +39,113 @@ def replace_with(root: Path, name: str, content: bytes) -> Path:
     return path
 
 
+def header(path: Path, fields: int) -> list[int]:
+    return [int.from_bytes(path.read_bytes()[i : i + 4], "big") for i in range(0, 4 * fields, 4)]
+
+
+@pytest.mark.slow
 def test_real_files_pass_the_checks():
     assert check_mnist_files(data_root()) == []
 
 
-def test_missing_file_is_named(tmp_path):
-    root = staged_copy(tmp_path)
-    (raw_dir(root) / "t10k-images-idx3-ubyte").unlink()
-    [problem] = check_mnist_files(root)
-    assert "t10k-images-idx3-ubyte: missing" in problem
+def test_synthetic_files_pass_the_checks_and_load(synthetic_mnist):
+    """Any item count passes when the headers describe the files; torchvision reads them."""
+    assert check_mnist_files(synthetic_mnist) == []
+    prepare_mnist(DataConfig(root=str(synthetic_mnist), download=False), is_local_main=True, barrier=lambda: None)
+    t = load_tensors(synthetic_mnist)
+    assert t.train_images.shape == (1000, 28, 28) and t.test_images.shape == (200, 28, 28)
+    assert t.train_images.dtype == torch.uint8 and t.train_labels.dtype == torch.int64
+    images = raw_dir(synthetic_mnist) / "train-images-idx3-ubyte"
+    assert header(images, 4) == [2051, 1000, 28, 28]
+    assert torch.equal(t.train_images[-1].flatten(), torch.tensor(list(images.read_bytes()[-784:]), dtype=torch.uint8))
+    assert sorted(set(t.train_labels.tolist())) == list(range(10))
 
 
-def test_truncated_file_is_named(tmp_path):
-    root = staged_copy(tmp_path)
-    good = (raw_dir(data_root()) / "train-images-idx3-ubyte").read_bytes()
-    replace_with(root, "train-images-idx3-ubyte", good[: len(good) // 2])
-    [problem] = check_mnist_files(root)
-    assert "train-images-idx3-ubyte" in problem and "truncated" in problem
+def test_tiny_dataset_passes(tmp_path):
+    root = write_synthetic_mnist(tmp_path, num_train=3, num_test=1)
+    assert check_mnist_files(root) == []
 
 
-def test_wrong_magic_is_named(tmp_path):
-    root = staged_copy(tmp_path)
-    good = bytearray((raw_dir(data_root()) / "t10k-labels-idx1-ubyte").read_bytes())
+def test_missing_file_is_named(synthetic_mnist):
+    (raw_dir(synthetic_mnist) / "t10k-images-idx3-ubyte").unlink()
+    [problem] = check_mnist_files(synthetic_mnist)
+    assert problem == f"{raw_dir(synthetic_mnist) / 't10k-images-idx3-ubyte'}: missing"
+
+
+def test_truncated_file_is_named(synthetic_mnist):
+    good = (raw_dir(synthetic_mnist) / "train-images-idx3-ubyte").read_bytes()
+    path = replace_with(synthetic_mnist, "train-images-idx3-ubyte", good[: len(good) // 2])
+    [problem] = check_mnist_files(synthetic_mnist)
+    assert problem.startswith(f"{path}: ") and "truncated" in problem
+    assert f"{len(good) // 2} bytes" in problem and "count 1000" in problem
+
+
+def test_file_longer_than_its_header_says_is_named(synthetic_mnist):
+    good = (raw_dir(synthetic_mnist) / "t10k-labels-idx1-ubyte").read_bytes()
+    path = replace_with(synthetic_mnist, "t10k-labels-idx1-ubyte", good + b"\0")
+    [problem] = check_mnist_files(synthetic_mnist)
+    assert problem.startswith(f"{path}: {len(good) + 1} bytes") and "count 200 needs 208" in problem
+
+
+def test_file_shorter_than_a_header_is_named(synthetic_mnist):
+    path = replace_with(synthetic_mnist, "t10k-images-idx3-ubyte", b"\0\0\x08\x03\0")
+    [problem] = check_mnist_files(synthetic_mnist)
+    assert problem.startswith(f"{path}: 5 bytes") and "16-byte IDX header" in problem
+
+
+def test_wrong_magic_is_named(synthetic_mnist):
+    good = bytearray((raw_dir(synthetic_mnist) / "t10k-labels-idx1-ubyte").read_bytes())
     good[3] = 0x03  # magic 2049 -> 2051
-    replace_with(root, "t10k-labels-idx1-ubyte", bytes(good))
-    [problem] = check_mnist_files(root)
-    assert "t10k-labels-idx1-ubyte" in problem and "magic 2051" in problem
+    path = replace_with(synthetic_mnist, "t10k-labels-idx1-ubyte", bytes(good))
+    [problem] = check_mnist_files(synthetic_mnist)
+    assert problem.startswith(f"{path}: ") and "magic 2051" in problem and "expected magic 2049" in problem
 
 
-def test_label_out_of_range_is_named(tmp_path):
-    root = staged_copy(tmp_path)
-    good = bytearray((raw_dir(data_root()) / "t10k-labels-idx1-ubyte").read_bytes())
+def test_images_not_28x28_are_named(synthetic_mnist):
+    good = bytearray((raw_dir(synthetic_mnist) / "train-images-idx3-ubyte").read_bytes())
+    good[8:16] = (14).to_bytes(4, "big") + (56).to_bytes(4, "big")  # same bytes per image, wrong shape
+    path = replace_with(synthetic_mnist, "train-images-idx3-ubyte", bytes(good))
+    [problem] = check_mnist_files(synthetic_mnist)
+    assert problem.startswith(f"{path}: ") and "14x56" in problem and "expected 28x28" in problem
+
+
+def test_images_and_labels_must_agree_on_the_count(synthetic_mnist):
+    """Each file is sound on its own (header matches size) but the split's two files differ."""
+    labels = raw_dir(synthetic_mnist) / "train-labels-idx1-ubyte"
+    good = labels.read_bytes()
+    fewer = (2049).to_bytes(4, "big") + (999).to_bytes(4, "big") + good[8:-1]
+    replace_with(synthetic_mnist, "train-labels-idx1-ubyte", fewer)
+    [problem] = check_mnist_files(synthetic_mnist)
+    images = raw_dir(synthetic_mnist) / "train-images-idx3-ubyte"
+    assert problem.startswith(f"{labels}: 999 labels") and f"{images} has 1000 images" in problem
+
+
+def test_label_out_of_range_is_named(synthetic_mnist):
+    good = bytearray((raw_dir(synthetic_mnist) / "t10k-labels-idx1-ubyte").read_bytes())
     good[100] = 42
-    replace_with(root, "t10k-labels-idx1-ubyte", bytes(good))
-    [problem] = check_mnist_files(root)
-    assert "label 42 out of range" in problem
+    path = replace_with(synthetic_mnist, "t10k-labels-idx1-ubyte", bytes(good))
+    [problem] = check_mnist_files(synthetic_mnist)
+    assert problem.startswith(f"{path}: ") and "label 42 out of range" in problem
+
+
+def test_empty_split_is_named(synthetic_mnist):
+    replace_with(synthetic_mnist, "t10k-images-idx3-ubyte", idx_images(np.zeros((0, 28, 28), np.uint8)))
+    path = replace_with(synthetic_mnist, "t10k-labels-idx1-ubyte", idx_labels(np.zeros(0, np.uint8)))
+    problems = check_mnist_files(synthetic_mnist)
+    assert len(problems) == 2 and problems[1] == f"{path}: header says 0 items (empty file)"
+
+
+def test_one_problem_per_bad_file(synthetic_mnist):
+    (raw_dir(synthetic_mnist) / "train-images-idx3-ubyte").unlink()
+    replace_with(synthetic_mnist, "t10k-labels-idx1-ubyte", b"junk")
+    problems = check_mnist_files(synthetic_mnist)
+    raw = raw_dir(synthetic_mnist)
+    assert len(problems) == 2
+    assert problems[0] == f"{raw / 'train-images-idx3-ubyte'}: missing"
+    assert problems[1].startswith(f"{raw / 't10k-labels-idx1-ubyte'}: 4 bytes, shorter than the 8-byte IDX header")
+    with pytest.raises(DataError) as info:
+        prepare_mnist(DataConfig(root=str(synthetic_mnist), download=False), is_local_main=True, barrier=lambda: None)
+    assert all(p in str(info.value) for p in problems)
 
 
 def test_no_files_and_no_download_says_where_to_put_them(tmp_path):
@@ -105,6 +172,7 @@ def test_offline_download_failure_is_reported_not_raised_before_the_barrier(tmp_
     assert calls == []
 
 
+@pytest.mark.slow
 def test_normalize_is_bit_identical_to_torchvision(tensors):
     from PIL import Image
 
@@ -115,6 +183,7 @@ def test_normalize_is_bit_identical_to_torchvision(tensors):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_replicas,rank", [(1, 0), (2, 1), (3, 2)])
 def test_both_pipelines_yield_the_same_batches(tensors, num_replicas, rank):
     root = str(data_root())
@@ -130,6 +199,7 @@ def test_both_pipelines_yield_the_same_batches(tensors, num_replicas, rank):
         assert xa.shape == (per_process, 1, 28, 28)
 
 
+@pytest.mark.slow
 def test_start_batch_skips_exactly(tensors):
     cfg = DataConfig(root=str(data_root()))
     batches = TrainBatches(cfg, tensors, 100, 0, 2, seed=0, device=torch.device("cpu"))
@@ -141,6 +211,7 @@ def test_start_batch_skips_exactly(tensors):
     assert list(batches.epoch(0, start_batch=300)) == []
 
 
+@pytest.mark.slow
 def test_epochs_are_shuffled_differently(tensors):
     batches = TrainBatches(DataConfig(root=str(data_root())), tensors, 200, 0, 1, seed=0, device=torch.device("cpu"))
     assert not torch.equal(batches.epoch_indices(0), batches.epoch_indices(1))

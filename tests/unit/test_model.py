@@ -33,9 +33,28 @@ def test_final_relu_only_when_asked():
     assert torch.equal(relu(x), torch.relu(plain(x)))
 
 
-def test_same_seed_same_weights():
-    torch.manual_seed(3)
-    a = MLP()
-    torch.manual_seed(3)
-    b = MLP()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+def test_reset_parameters_redraws_weights_and_zeroes_biases():
+    torch.manual_seed(0)
+    model = MLP()
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    model.reset_parameters()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        else:
+            assert not torch.equal(p, first[name]) and (p != 0.5).all(), f"{name} was not re-drawn"
+            expected_std = math.sqrt(2.0 / p.shape[1])
+            assert abs(p.std().item() / expected_std - 1) < 0.1, name
+
+
+def test_float32_batches_into_a_float64_model():
+    """model.dtype=float64 trains on the same float32 batches: forward converts them (exactly)."""
+    torch.manual_seed(0)
+    model = MLP().to(torch.float64)
+    x = torch.randn(5, 1, 28, 28)
+    out = model(x)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, model(x.to(torch.float64)))
