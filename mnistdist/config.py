@@ -15,6 +15,7 @@ into exit code 2 *before* any process group starts, so a typo never costs a clus
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,19 @@ from typing import Any, Literal
 import yaml
 
 DATA_ROOT_ENV = "MNISTDIST_DATA_ROOT"
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""Upper bound of every ``*timeout_s`` (one week). torch's TCPStore and gloo count timeouts in
+int64 nanoseconds and fail at once from about 9.2e9 s; ``threading.Event.wait`` overflows
+there too; ``timedelta`` raises OverflowError beyond 999999999 days."""
+
+MAX_SEED = 2**32 - 1
+"""``train.seed`` must be in 0..MAX_SEED: accelerate's ``set_seed`` also seeds numpy, whose
+``RandomState`` refuses anything else (torch takes more)."""
+
+# How PyYAML spells booleans: an unquoted ``off``/``no`` in a file or an override reads as False.
+_YAML_FALSE = ("false", "no", "off")
+_YAML_TRUE = ("true", "yes", "on")
 
 
 class ConfigError(ValueError):
@@ -216,6 +230,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Return ``value`` converted to ``typ`` or raise ConfigError naming ``key``."""
     if typing.get_origin(typ) is Literal:
         allowed = typing.get_args(typ)
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted `off` or `no` as False: give back the literal it
+            # spelled when exactly one allowed value is such a spelling.
+            spellings = _YAML_TRUE if value else _YAML_FALSE
+            matches = [a for a in allowed if isinstance(a, str) and a.lower() in spellings]
+            if len(matches) == 1:
+                return matches[0]
         if value not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
@@ -229,14 +250,22 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"{key}: must be an integer; got {value!r}")
     if typ is float:
         # PyYAML reads "1e-3" (no dot) as a string, so accept numeric strings here.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                raise ConfigError(f"{key}: must be a finite number; got {value!r}") from None
+        elif isinstance(value, str):
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: must be a number; got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: must be a number; got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number; got {number}")
+        return number
     if typing.get_origin(typ) is list:
         if isinstance(value, str):  # "a,b" from the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -379,8 +408,16 @@ def load_config(
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Reject values no run can use. ``world_size`` (if known) checks the batch split."""
+    # Every float finite (also for a Config built in code, which _coerce never saw).
+    for section_name, section_type in _section_types(Config).items():
+        section = getattr(cfg, section_name)
+        for name, typ in _section_types(section_type).items():
+            value = getattr(section, name)
+            if typ is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ConfigError(f"{section_name}.{name}: must be a finite number; got {value!r}")
     t, d = cfg.train, cfg.data
     checks: list[tuple[bool, str]] = [
+        (0 <= t.seed <= MAX_SEED, f"train.seed: must be in 0..{MAX_SEED} (numpy's seed range); got {t.seed}"),
         (t.epochs >= 1, f"train.epochs: must be >= 1; got {t.epochs}"),
         (t.global_batch_size >= 1, f"train.global_batch_size: must be >= 1; got {t.global_batch_size}"),
         (t.lr > 0, f"train.lr: must be > 0; got {t.lr}"),
@@ -399,14 +436,28 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (bool(d.root), "data.root: must not be empty"),
         (cfg.dist.timeout_s > 0, f"dist.timeout_s: must be > 0; got {cfg.dist.timeout_s}"),
         (
+            cfg.dist.timeout_s <= MAX_TIMEOUT_S,
+            f"dist.timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); got {cfg.dist.timeout_s:g}",
+        ),
+        (
             t.stop_check_every_steps >= 1,
             f"train.stop_check_every_steps: must be >= 1; got {t.stop_check_every_steps}",
         ),
         (cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0; got {cfg.checkpoint.every_steps}"),
         (cfg.tracking.init_timeout_s > 0, f"tracking.init_timeout_s: must be > 0; got {cfg.tracking.init_timeout_s}"),
         (
+            cfg.tracking.init_timeout_s <= MAX_TIMEOUT_S,
+            f"tracking.init_timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); "
+            f"got {cfg.tracking.init_timeout_s:g}",
+        ),
+        (
             cfg.tracking.finish_timeout_s > 0,
             f"tracking.finish_timeout_s: must be > 0; got {cfg.tracking.finish_timeout_s}",
+        ),
+        (
+            cfg.tracking.finish_timeout_s <= MAX_TIMEOUT_S,
+            f"tracking.finish_timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); "
+            f"got {cfg.tracking.finish_timeout_s:g}",
         ),
         (cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last: must be >= 0; got {cfg.checkpoint.keep_last}"),
     ]

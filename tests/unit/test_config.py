@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnistdist.config import DATA_ROOT_ENV, Config, ConfigError, load_config, to_yaml
+from mnistdist.config import DATA_ROOT_ENV, Config, ConfigError, load_config, to_yaml, validate
 from tests.conftest import REPO, run_cmd, train_cmd
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -129,6 +129,9 @@ def test_missing_file():
     "args,message",
     [
         (["train.lr=-1"], "error: train.lr: must be > 0; got -1"),
+        (["train.lr=inf"], "error: train.lr: must be a finite number; got inf"),
+        (["train.seed=-1"], "error: train.seed: must be in 0..4294967295"),
+        (["dist.timeout_s=1e300"], "error: dist.timeout_s: must be <= 604800"),
         (["--config", "/nonexistent.yaml"], "error: /nonexistent.yaml: config file not found"),
         (["--bogus-flag"], "error: unrecognized arguments: --bogus-flag"),
     ],
@@ -306,3 +309,100 @@ def test_seed_variants_resolve_to_the_seed_run_with_one_change(monkeypatch):
     assert no_relu == seed
     seed.model.final_relu, seed.train.loss = True, "mse"
     assert mse == seed
+
+
+# --------------------------------------------------------------------------------------
+# Finite values in range; the YAML-boolean spellings of Literal values
+
+OUT_OF_RANGE = [
+    ("train.lr=inf", "train.lr: must be a finite number"),
+    ("train.lr=.inf", "train.lr: must be a finite number"),
+    ("train.lr=nan", "train.lr: must be a finite number"),
+    ("train.weight_decay=inf", "train.weight_decay: must be a finite number"),
+    ("data.normalize_mean=nan", "data.normalize_mean: must be a finite number"),
+    ("data.normalize_std=inf", "data.normalize_std: must be a finite number"),
+    ("train.momentum=-inf", "train.momentum: must be a finite number"),
+    ("dist.timeout_s=inf", "dist.timeout_s: must be a finite number"),
+    # torch's TCPStore/gloo overflow near 9.2e9 s (int64 nanoseconds); a week is plenty.
+    ("dist.timeout_s=1e300", "dist.timeout_s: must be <= 604800"),
+    ("dist.timeout_s=604801", "dist.timeout_s: must be <= 604800"),
+    ("tracking.finish_timeout_s=inf", "tracking.finish_timeout_s: must be a finite number"),
+    ("tracking.finish_timeout_s=1e10", "tracking.finish_timeout_s: must be <= 604800"),
+    ("tracking.init_timeout_s=1e10", "tracking.init_timeout_s: must be <= 604800"),
+    # numpy's RandomState (seeded by accelerate's set_seed) takes 0..2**32-1 only.
+    ("train.seed=-1", "train.seed: must be in 0..4294967295"),
+    ("train.seed=4294967296", "train.seed: must be in 0..4294967295"),
+    ("train.seed=100000000000000000000000", "train.seed: must be in 0..4294967295"),
+    ("train.seed=1e23", "train.seed: must be an integer"),
+    ("train.seed=1.0e+23", "train.seed: must be an integer"),
+]
+
+
+@pytest.mark.parametrize("override,message", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_non_finite_and_out_of_range_values_are_refused(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["train:\n  lr: .inf\n", "data:\n  normalize_mean: .nan\n",
+                                  "dist:\n  timeout_s: 1.0e+300\n", "train:\n  seed: -1\n"])
+def test_non_finite_and_out_of_range_values_in_a_file(tmp_path, text):
+    f = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    assert str(info.value).startswith(text.split(":")[0] + ".")
+    assert "\n" not in str(info.value)
+
+
+def test_validate_catches_values_set_in_code():
+    cfg = Config()
+    cfg.train.lr = float("inf")
+    with pytest.raises(ConfigError, match="train.lr: must be a finite number"):
+        validate(cfg)
+
+
+def test_range_edges_are_accepted():
+    cfg = load_config(None, ["train.seed=4294967295", "dist.timeout_s=604800", "tracking.finish_timeout_s=604800"])
+    assert (cfg.train.seed, cfg.dist.timeout_s) == (2**32 - 1, 604800.0)
+    assert load_config(None, ["train.seed=0"]).train.seed == 0
+
+
+@pytest.mark.parametrize(
+    "override,key,expected",
+    [
+        ("dist.compile=off", "compile", "off"),
+        ("dist.compile=OFF", "compile", "off"),
+        ("dist.compile=default", "compile", "default"),
+        ("dist.mixed_precision=no", "mixed_precision", "no"),
+        ("dist.mixed_precision=No", "mixed_precision", "no"),
+        ("dist.mixed_precision=bf16", "mixed_precision", "bf16"),
+    ],
+)
+def test_literal_values_yaml_reads_as_booleans_are_accepted(override, key, expected):
+    cfg = load_config(None, [override])
+    assert getattr(cfg.dist, key) == expected
+
+
+def test_literal_values_yaml_reads_as_booleans_are_accepted_in_a_file(tmp_path):
+    f = write(tmp_path / "c.yaml", "dist:\n  compile: off\n  mixed_precision: no\n")
+    cfg = load_config(f)
+    assert (cfg.dist.compile, cfg.dist.mixed_precision) == ("off", "no")
+    # and the resolved config round-trips through to_yaml
+    assert load_config(write(tmp_path / "r.yaml", to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # a boolean that spells no allowed value is still refused
+        ("dist.compile=on", "dist.compile: must be one of off, default, reduce-overhead, max-autotune; got True"),
+        ("dist.mixed_precision=yes", "dist.mixed_precision: must be one of no, bf16; got True"),
+        ("train.loss=false", "train.loss: must be one of cross_entropy, mse; got False"),
+    ],
+)
+def test_booleans_that_spell_no_allowed_value_are_refused(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
