@@ -7,6 +7,9 @@ so the two always hold the same numbers. W&B can never hold the job hostage:
 * start-up is bounded (``tracking.init_timeout_s``); if W&B cannot be reached, the run is
   logged offline instead (for ``wandb sync`` later) and the log says so once;
 * finishing is bounded (``tracking.finish_timeout_s``); what is not uploaded stays on disk;
+* after start-up, a W&B call that raises (``log``, a ``Table`` or ``Image``, the summary,
+  ``finish``) is reported once on stderr and W&B is dropped for the rest of the run; training
+  goes on, and metrics.jsonl (written first, always) holds every record;
 * the run id lives in ``RUN_DIR/wandb_run_id`` (and in each checkpoint), so a resumed or
   requeued job continues the same W&B run.
 
@@ -27,6 +30,8 @@ import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from tqdm.auto import tqdm
 
 from mnistdist.config import TrackingConfig
 from mnistdist.rundir import RunDir
@@ -97,11 +102,26 @@ class Tracker:
         self.run_id = run_id
         self._wandb: Any = None
         self._run: Any = None
+        self._dropped: Any = None  # the run after a W&B call failed; only finished, quietly
         if self.mode != "disabled":
             self._start(config)
 
     def _say(self, message: str) -> None:
-        print(f"wandb: {message}", file=sys.stderr, flush=True)
+        # Through tqdm: on a line of its own even while the progress bar is drawn.
+        tqdm.write(f"wandb: {message}", file=sys.stderr)
+        sys.stderr.flush()
+
+    @staticmethod
+    def _describe(e: BaseException) -> str:
+        """``Type: message`` on one line (W&B errors can span several), at most ~200 characters."""
+        text = " ".join(str(e).split())
+        return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+    def _drop(self, what: str, e: Exception) -> None:
+        """A W&B call failed after start-up: say so once and log to metrics.jsonl only from now on."""
+        self._say(f"{what} failed ({self._describe(e)}); W&B is off for the rest of this run, "
+                  f"{self.run.metrics} has every record")
+        self._dropped, self._run = self._run, None
 
     def _start(self, config: dict[str, Any]) -> None:
         import wandb
@@ -140,7 +160,9 @@ class Tracker:
     def log(self, record: dict[str, Any]) -> None:
         """One record (with its global ``step``) to metrics.jsonl and W&B."""
         self.metrics.log(record)
-        if self._run is not None:
+        if self._run is None:
+            return
+        try:
             data = {k: v for k, v in record.items() if k != "step" and not isinstance(v, (list, dict))}
             for c, acc in enumerate(record.get("per_class_acc") or []):
                 data[f"test_acc_class/{c}"] = acc
@@ -150,15 +172,25 @@ class Tracker:
                     data=[[t, *row] for t, row in enumerate(record["confusion"])],
                 )
             self._run.log(data, step=record["step"])
+        except Exception as e:  # noqa: BLE001 - W&B must never stop training
+            self._drop(f"logging step {record.get('step')}", e)
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
-        if self._run is not None and images:
+        if self._run is None or not images:
+            return
+        try:
             self._run.log({k: self._wandb.Image(str(p)) for k, p in images.items()}, step=step)
+        except Exception as e:  # noqa: BLE001
+            self._drop("logging the plots", e)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self._run is not None:
+        if self._run is None:
+            return
+        try:
             for k, v in values.items():
                 self._run.summary[k] = v
+        except Exception as e:  # noqa: BLE001
+            self._drop("writing the summary", e)
 
     def __enter__(self) -> Tracker:
         return self
@@ -168,9 +200,15 @@ class Tracker:
         self.close(exit_code=0 if exc is None else getattr(exc, "exit_code", 1))
 
     def close(self, exit_code: int = 0) -> None:
-        """Finish W&B within ``finish_timeout_s``; never raises."""
+        """Finish W&B within ``finish_timeout_s``; never raises.
+
+        A run dropped after a failed call is still finished (so what it got is flushed to
+        ``RUN_DIR/wandb`` and wandb's exit hook has nothing left to wait for), without a word:
+        its one warning was given when it failed.
+        """
         self.metrics.close()
-        run, self._run = self._run, None
+        quiet = self._run is None
+        run, self._run, self._dropped = self._run or self._dropped, None, None
         if run is None:
             return
         done = threading.Event()
@@ -179,10 +217,11 @@ class Tracker:
             try:
                 run.finish(exit_code=exit_code)
             except Exception as e:  # noqa: BLE001
-                self._say(f"finish failed ({type(e).__name__}: {e}); data stays in {self.run_dir / 'wandb'}")
+                if not quiet:
+                    self._say(f"finish failed ({self._describe(e)}); data stays in {self.run_dir / 'wandb'}")
             done.set()
 
         threading.Thread(target=finish, daemon=True, name="wandb-finish").start()
-        if not done.wait(self.cfg.finish_timeout_s):
+        if not done.wait(self.cfg.finish_timeout_s) and not quiet:
             self._say(f"did not finish within {self.cfg.finish_timeout_s:g} s; the data stays in "
                       f"{self.run_dir / 'wandb'}: upload it with `wandb sync`")

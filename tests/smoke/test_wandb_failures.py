@@ -1,0 +1,130 @@
+"""W&B can never stop training: a failure of any W&B call after start-up (``run.log``, a
+``wandb.Table`` or ``wandb.Image``, ``run.summary[...] = ...``, ``run.finish``) is reported once
+on stderr, W&B is dropped for the rest of the run, and training finishes with a complete
+metrics.jsonl and summary.json.
+
+The real training loop runs in this process on tiny synthetic MNIST with ``tracking.mode=offline``
+(so the Tracker starts W&B); ``wandb.init`` returns a stand-in run that raises where we ask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mnistdist import training
+from mnistdist.config import load_config
+
+STEPS_PER_EPOCH, EPOCHS = 10, 1  # 1000 synthetic images in batches of 100
+
+
+class Broken(ConnectionError):
+    pass
+
+
+class FakeSummary(dict):
+    def __init__(self, fail: bool) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if self.fail:
+            raise Broken("summary upload failed")
+        super().__setitem__(key, value)
+
+
+class FakeRun:
+    """What ``wandb.init`` returns; ``fail`` names the call that raises."""
+
+    def __init__(self, fail: str, fail_after: int) -> None:
+        self.fail, self.fail_after = fail, fail_after
+        self.logged: list[int] = []
+        self.calls_after_failure = 0
+        self.failed = False
+        self.summary = FakeSummary(fail == "summary")
+        self.finished: int | None = None
+
+    def log(self, data: dict[str, Any], step: int) -> None:
+        if self.failed:
+            self.calls_after_failure += 1
+        if self.fail == "log" and len(self.logged) >= self.fail_after:
+            self.failed = True
+            raise Broken("wandb-core went away")
+        self.logged.append(step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.fail == "finish":
+            raise Broken("finish failed")
+        self.finished = exit_code
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """A factory: ``fake_wandb(fail, fail_after)`` patches wandb and returns the runs it makes."""
+    import wandb
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
+        monkeypatch.delenv(name)
+
+    def patch(fail: str, fail_after: int = 0) -> list[FakeRun]:
+        runs: list[FakeRun] = []
+
+        def init(**kwargs: Any) -> FakeRun:
+            assert kwargs["mode"] == "offline"
+            runs.append(FakeRun(fail, fail_after))
+            return runs[-1]
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise Broken(f"wandb.{fail.capitalize()} failed")
+
+        monkeypatch.setattr(wandb, "init", init)
+        if fail in ("image", "table"):
+            monkeypatch.setattr(wandb, fail.capitalize(), broken)
+        return runs
+
+    return patch
+
+
+def overrides(data_root: Path) -> list[str]:
+    return [f"data.root={data_root}", "data.download=false", "dist.device=cpu", "tracking.mode=offline",
+            f"train.epochs={EPOCHS}", "train.global_batch_size=100", "train.log_every_steps=1"]
+
+
+@pytest.mark.parametrize("fail,fail_after", [
+    ("log", 4),         # mid-epoch, on a training line
+    ("table", 0),       # building the confusion table of the first evaluation
+    ("summary", 0),     # run.summary[...] = ... after training
+    ("image", 0),       # wandb.Image of the final plots
+    ("finish", 0),      # run.finish at the very end
+])
+def test_a_failing_wandb_call_is_reported_once_and_training_finishes(fake_wandb, synthetic_mnist, tmp_path,
+                                                                    capsys, fail, fail_after):
+    runs = fake_wandb(fail, fail_after)
+    run_dir = tmp_path / "run"
+
+    summary = training.run(load_config(None, overrides(synthetic_mnist)), run_dir, resume="auto")
+
+    assert summary["steps"] == STEPS_PER_EPOCH * EPOCHS
+    assert json.loads((run_dir / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
+    assert [r["step"] for r in records if "test_acc" in r] == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
+
+    err = capsys.readouterr().err
+    assert err.count("wandb:") == 1, err
+    # On a line of its own, even with the progress bar drawn (\r redraws it in place).
+    warnings = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("wandb:")]
+    assert len(warnings) == 1, err
+    assert "Broken" in warnings[0], warnings
+
+    [run] = runs
+    assert run.calls_after_failure == 0  # dropped for the rest of the run
+    if fail == "log":
+        assert run.logged == list(range(1, fail_after + 1))
