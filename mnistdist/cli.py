@@ -194,7 +194,9 @@ def predict_main(argv: list[str] | None = None, prog: str = "mnistdist predict")
     parser.add_argument("--save-converted", type=Path, default=None, metavar="DIR",
                         help="also write each converted 28x28 image (what the model sees) as DIR/<name>.png")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
-                        help="image files, or directories (their *.png/*.jpg/*.jpeg files, sorted)")
+                        help="PNG/JPEG files, or directories (their *.png/*.jpg/*.jpeg files, sorted); "
+                             f"at most {predict.MAX_PIXELS // 1_000_000} megapixels each (larger ones are "
+                             "refused before decoding: scale them down)")
     args = parser.parse_args(argv)
     if args.invert and args.polarity not in (None, "black-on-white"):
         parser.error(f"--invert contradicts --polarity {args.polarity}")

@@ -13,6 +13,8 @@ unit-tested without a model.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,12 @@ BOX = 20  # the digit's bounding box is scaled to fit BOX x BOX
 CENTER = 14.0  # where the centre of mass goes (row, column); MNIST test mean is 13.99 / 14.01
 NOISE_FLOOR = 0.1  # after stretching, pixels below this fraction of the peak count as background
 MIN_CONTRAST = 10.0  # grey levels (of 255) between background and the brightest stroke
+MAX_PIXELS = 40_000_000
+"""Largest image read (width x height; 40 megapixels, more than most phone photos). Checked
+from the file's header before any pixel is decoded: PNG and JPEG compress so well that a
+few hundred KB can ask for gigabytes (a 350 KB all-black RGBA PNG of 88 megapixels took 1.9 GB
+to convert), and PIL itself only warns below 179 megapixels."""
+IMAGE_FORMATS = ["PNG", "JPEG"]  # what PIL may open: no TIFF (float pixels), BMP, GIF, ...
 
 
 class ImageError(ValueError):
@@ -56,40 +64,95 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def load_grayscale(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as float32 grey levels 0..255, shape [H, W].
+def _too_large(path: Path, pixels: int, size: str = "") -> ImageError:
+    return ImageError(
+        f"{path}: image has {pixels // 1_000_000} megapixels ({size}{pixels} pixels); predict reads at most "
+        f"{MAX_PIXELS // 1_000_000} megapixels ({MAX_PIXELS} pixels): scale it down first"
+    )
 
-    Colour is converted with the ITU-R 601 luma weights (PIL's ``L``); transparent pixels are
-    composited over white (how viewers show them); EXIF rotation of photos is applied.
+
+def load_grayscale(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG or JPEG file as float32 grey levels 0..255, shape [H, W].
+
+    Only PNG and JPEG are opened, and an image over ``MAX_PIXELS`` is refused from its header
+    before its pixels are decoded. Colour is converted with the ITU-R 601 luma weights (PIL's
+    ``L``); EXIF rotation of photos is applied; transparency is flattened by
+    ``flatten_alpha`` (a white digit on a transparent background stays a white digit).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():
+            # PIL warns from 89.5 megapixels; such an image is refused just below anyway.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path, formats=IMAGE_FORMATS)  # reads the header only
+        with opened:
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                raise _too_large(path, width * height, f"{width}x{height} = ")
             im = ImageOps.exif_transpose(opened)  # a loaded copy
             im.load()
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not a readable PNG/JPEG image") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own limit (2 x 89.5 megapixels) in open()
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(path, int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
+    except (OSError, ValueError, SyntaxError) as e:
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise ImageError(f"{path}: cannot read image ({reason})") from None
 
     if im.mode.startswith("I;16"):
-        return np.asarray(im, dtype=np.float32) / 257.0
-    if im.mode in ("I", "F"):
-        arr = np.asarray(im, dtype=np.float32)
-        top = float(arr.max()) if arr.size else 0.0
-        return arr * (255.0 / top) if top > 255 else arr
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    return np.asarray(im.convert("L"), dtype=np.float32)
+        gray = np.asarray(im, dtype=np.float32) / 257.0
+    elif im.mode in ("I", "F"):  # (older Pillow reads 16-bit PNG as I)
+        gray = np.asarray(im, dtype=np.float32)
+        top = float(gray.max()) if gray.size else 0.0
+        if np.isfinite(top) and top > 255:
+            gray = gray * (255.0 / top)
+    elif im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        gray = flatten_alpha(im)
+    else:
+        gray = np.asarray(im.convert("L"), dtype=np.float32)
+    if not np.isfinite(gray).all():
+        raise ImageError(f"{path}: image holds NaN or infinite grey levels")
+    return gray
+
+
+def flatten_alpha(im) -> np.ndarray:
+    """Grey levels 0..255 of an image with transparency, composited over the background its
+    opaque pixels imply.
+
+    When the opaque pixels cover less than half of the image they are the drawing (a digit on
+    a transparent background): they go over black if they are bright (alpha-weighted mean
+    luma above 127.5), else over white, so the digit keeps its contrast. When they cover more
+    they are a sheet with transparent margins (a window screenshot): the margins take the
+    sheet's own side, white for a bright sheet, black for a dark one. A fully transparent
+    image is blank (white). 8-bit throughout, so a 40-megapixel RGBA image needs no float copies
+    beyond the result.
+    """
+    from PIL import Image, ImageChops
+
+    if im.mode == "LA":
+        luma, alpha = im.getchannel("L"), im.getchannel("A")
+    else:
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")
+        luma, alpha = rgba.convert("L"), rgba.getchannel("A")  # RGBA -> L ignores alpha
+        del rgba
+    weight = int(np.asarray(alpha).sum(dtype=np.uint64))  # sum of alpha, 0..255 each
+    if weight == 0:
+        return np.full((im.height, im.width), 255.0, dtype=np.float32)
+    weighted_luma = int(np.asarray(ImageChops.multiply(luma, alpha)).sum(dtype=np.uint64))  # luma * alpha / 255
+    bright = 255 * weighted_luma > 127.5 * weight
+    drawing = weight < 0.5 * 255 * im.width * im.height
+    background = 0 if bright == drawing else 255
+    flat = Image.composite(luma, Image.new("L", luma.size, background), alpha)
+    return np.asarray(flat, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------
@@ -137,6 +200,8 @@ def to_mnist(gray: np.ndarray, polarity: Polarity = "auto", name: str = "image")
     gray = np.asarray(gray, dtype=np.float32)
     if gray.ndim != 2 or min(gray.shape) < 2:
         raise ImageError(f"{name}: expected a 2-D image of at least 2x2 pixels, got shape {gray.shape}")
+    if not np.isfinite(gray).all():
+        raise ImageError(f"{name}: image holds NaN or infinite grey levels")
     if polarity not in POLARITIES:
         raise ValueError(f"polarity must be one of {POLARITIES}; got {polarity!r}")
     if polarity == "auto":

@@ -1,0 +1,240 @@
+"""``mnistdist predict`` reads digit images, not decompression bombs (fast tier: pure PIL/numpy,
+one small subprocess to measure peak memory, one in-process CLI call with a fresh model).
+
+* only PNG and JPEG are opened (a float TIFF or a BMP named .png is "not a readable PNG/JPEG");
+* an image over ``predict.MAX_PIXELS`` is refused from its header, before any pixel is
+  decoded: one line naming the file, exit 2;
+* NaN/Inf grey levels are a one-line error, not a traceback;
+* transparent pixels become the background that fits the opaque ones, so a white digit on a
+  transparent background is read as a digit.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnistdist import cli, predict
+from tests.conftest import REPO
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def zero_png(path: Path, width: int, height: int, color_type: int = 0) -> Path:
+    """A valid all-zero 8-bit PNG written row by row (the test never holds the pixels):
+    grey (color_type 0) or RGBA (6). Zeros compress about 1000:1."""
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + width * channels)  # filter byte 0, then the pixels
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)))
+        idat = b"".join([*(compressor.compress(row) for _ in range(height)), compressor.flush()])
+        f.write(_chunk(b"IDAT", idat))
+        f.write(_chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bombs")
+    return {
+        # 169 Mpx grey: PIL only warns (its error starts at 179 Mpx); before the limit this
+        # took 1.3 GB to read.
+        "grey-169mpx": zero_png(d / "grey.png", 13000, 13000),
+        # 88 Mpx RGBA: under PIL's warning threshold, so not even a warning before the limit.
+        "rgba-88mpx": zero_png(d / "rgba.png", 9400, 9400, color_type=6),
+    }
+
+
+# What a user's process sees: a fresh interpreter that reads the image with load_grayscale.
+# Peak resident memory is VmHWM (ru_maxrss would include the forked pytest before exec).
+PEAK_SCRIPT = r"""
+import json, re, sys
+from mnistdist import predict
+
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) // 1024
+
+results = {}
+baseline = peak_mb()
+for path in sys.argv[1:]:
+    try:
+        predict.load_grayscale(path)
+        outcome = "read"
+    except predict.ImageError as e:
+        outcome = str(e)
+    results[path] = {"outcome": outcome, "peak_mb": peak_mb()}
+print(json.dumps({"baseline_mb": baseline, "results": results}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_bombs_are_refused_from_the_header_with_low_peak_memory(bombs):
+    sizes = {name: path.stat().st_size for name, path in bombs.items()}
+    assert all(size < 400_000 for size in sizes.values()), sizes
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *map(str, bombs.values())],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "DecompressionBombWarning" not in result.stderr  # refused, not warned about
+    report = json.loads(result.stdout)
+    print(f"\nfile sizes {sizes}; peak memory {report}")  # shown with pytest -s
+    for name, path in bombs.items():
+        outcome = report["results"][str(path)]
+        assert outcome["outcome"].startswith(f"{path}: "), outcome
+        assert "megapixels" in outcome["outcome"] and "\n" not in outcome["outcome"], outcome
+        # Refused from the header: nothing near the 169-676 MB of pixels is ever allocated.
+        assert outcome["peak_mb"] < report["baseline_mb"] + 60, (name, report)
+
+
+def test_over_pils_own_limit_is_the_same_one_line(tmp_path):
+    # PIL raises DecompressionBombError itself above 2 x 89.5 Mpx: the same message as ours.
+    bomb = zero_png(tmp_path / "huge.png", 20000, 10000)
+    with pytest.raises(predict.ImageError) as info:
+        predict.load_grayscale(bomb)
+    assert str(info.value).startswith(f"{bomb}: image has 200 megapixels")
+    assert f"at most {predict.MAX_PIXELS // 1_000_000} megapixels" in str(info.value)
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict, "MAX_PIXELS", 100)
+    Image.new("L", (10, 10)).save(tmp_path / "ok.png")
+    Image.new("L", (11, 10)).save(tmp_path / "big.png")
+    Image.new("L", (10, 11)).save(tmp_path / "big.jpg")
+    assert predict.load_grayscale(tmp_path / "ok.png").shape == (10, 10)
+    for name in ("big.png", "big.jpg"):
+        with pytest.raises(predict.ImageError, match=f"{name}: image has 0 megapixels .*110 pixels"):
+            predict.load_grayscale(tmp_path / name)
+
+
+def _fresh_model(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from mnistdist.config import Config
+    from mnistdist.training import build_model
+
+    model = build_model(Config())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    return tmp_path / "model.safetensors"
+
+
+def test_cli_refuses_a_bomb_with_exit_2_and_one_line(bombs, tmp_path, capsys):
+    model = _fresh_model(tmp_path)
+    code = cli.main(["predict", "--model", str(model), str(bombs["grey-169mpx"])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.splitlines() == [err] and err.startswith(f"error: {bombs['grey-169mpx']}: image has 169 megapixels")
+
+
+def test_help_states_the_pixel_limit(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    assert f"{predict.MAX_PIXELS // 1_000_000} megapixels" in " ".join(capsys.readouterr().out.split())
+
+
+# --------------------------------------------------------------------------------------
+# Only PNG and JPEG; no NaN
+
+
+def _digit() -> np.ndarray:
+    img = np.zeros((40, 30), np.float32)
+    img[8:32, 13:18] = 255.0
+    img[8:12, 8:18] = 255.0
+    return img
+
+
+@pytest.mark.parametrize("fmt,mode", [("TIFF", "F"), ("BMP", "L"), ("GIF", "L")])
+def test_only_png_and_jpeg_are_opened(tmp_path, fmt, mode):
+    img = _digit()
+    if mode == "F":
+        img[0, 0] = np.nan  # a 32-bit float TIFF with NaN, renamed .png
+    Image.fromarray(img if mode == "F" else img.astype(np.uint8), mode).save(tmp_path / "x.bin", format=fmt)
+    (tmp_path / "x.bin").rename(tmp_path / "x.png")
+    with pytest.raises(predict.ImageError, match="x.png: not a readable PNG/JPEG image"):
+        predict.load_grayscale(tmp_path / "x.png")
+
+
+def test_cli_float_tiff_named_png_is_one_line(tmp_path, capsys):
+    img = _digit()
+    img[:5] = np.inf
+    Image.fromarray(img, "F").save(tmp_path / "f.png", format="TIFF")
+    code = cli.main(["predict", "--model", str(_fresh_model(tmp_path)), str(tmp_path / "f.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [err] and "f.png: not a readable PNG/JPEG image" in err, err
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_to_mnist_refuses_non_finite_grey_levels(bad):
+    img = _digit()
+    img[3, 3] = bad
+    with pytest.raises(predict.ImageError, match=r"^d.png: image holds NaN or infinite grey levels$"):
+        predict.to_mnist(img, name="d.png")
+
+
+def test_sixteen_bit_png_still_reads(tmp_path):
+    Image.fromarray((_digit() * 257).astype(np.uint16)).save(tmp_path / "d16.png")
+    np.testing.assert_array_equal(predict.to_mnist(predict.load_grayscale(tmp_path / "d16.png")),
+                                  predict.to_mnist(_digit()))
+
+
+# --------------------------------------------------------------------------------------
+# Transparency
+
+
+def _rgba(rgb_fg: int, rgb_bg: int, alpha_fg: int, alpha_bg: int) -> Image.Image:
+    digit = _digit() > 0
+    rgba = np.zeros((*digit.shape, 4), np.uint8)
+    rgba[..., :3] = np.where(digit[..., None], rgb_fg, rgb_bg)
+    rgba[..., 3] = np.where(digit, alpha_fg, alpha_bg)
+    return Image.fromarray(rgba, "RGBA")
+
+
+@pytest.mark.parametrize("hidden_rgb", [0, 255])  # what the invisible background pixels hold
+def test_white_digit_on_transparent_background_is_a_digit(tmp_path, hidden_rgb):
+    _rgba(255, hidden_rgb, 255, 0).save(tmp_path / "w.png")
+    expected = predict.to_mnist(_digit())
+    np.testing.assert_array_equal(predict.to_mnist(predict.load_grayscale(tmp_path / "w.png")), expected)
+
+
+@pytest.mark.parametrize("hidden_rgb", [0, 255])
+def test_black_digit_on_transparent_background_is_a_digit(tmp_path, hidden_rgb):
+    _rgba(0, hidden_rgb, 255, 0).save(tmp_path / "b.png")
+    gray = predict.load_grayscale(tmp_path / "b.png")
+    np.testing.assert_array_equal(gray, 255.0 - _digit())  # composited over white
+    np.testing.assert_array_equal(predict.to_mnist(gray), predict.to_mnist(_digit()))
+
+
+def test_white_digit_la_and_palette_with_transparency(tmp_path):
+    digit = (_digit() > 0).astype(np.uint8) * 255
+    Image.fromarray(np.stack([digit, digit], axis=-1), "LA").save(tmp_path / "la.png")
+    pal = Image.fromarray((_digit() > 0).astype(np.uint8), "P")
+    pal.putpalette([0, 0, 0, 255, 255, 255])
+    pal.save(tmp_path / "p.png", transparency=0)  # palette index 0 (the background) transparent
+    expected = predict.to_mnist(_digit())
+    for name in ("la.png", "p.png"):
+        np.testing.assert_array_equal(predict.to_mnist(predict.load_grayscale(tmp_path / name)), expected, name)
+
+
+def test_sheet_with_transparent_margins_keeps_its_background(tmp_path):
+    """A white sheet (most of the image opaque) with a black digit and transparent corners,
+    like a window screenshot: the margins take the sheet's white, not black blobs."""
+    sheet = 255.0 - _digit()
+    rgba = np.zeros((*sheet.shape, 4), np.uint8)
+    rgba[..., :3] = sheet.astype(np.uint8)[..., None]
+    rgba[..., 3] = 255
+    rgba[:4, :4, 3] = rgba[-4:, -4:, 3] = 0
+    rgba[:4, :4, :3] = rgba[-4:, -4:, :3] = 0  # hidden pixels black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "sheet.png")
+    gray = predict.load_grayscale(tmp_path / "sheet.png")
+    np.testing.assert_array_equal(gray, sheet)
