@@ -39,11 +39,31 @@
 #                   personal ~/.cache/huggingface/accelerate config out of the job)
 #   LAUNCH_ARGS     extra `accelerate launch` arguments (default: none)
 #   MAX_REQUEUES    stop requeueing after this many restarts (default: 20)
+#
+# The numeric knobs (NODES, GPUS_PER_NODE, PROCS_PER_NODE, THREADS_PER_PROC, MASTER_PORT,
+# MAX_REQUEUES) and the Slurm variables used in arithmetic (SLURM_JOB_ID, SLURM_CPUS_PER_TASK,
+# SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE) must be plain decimal integers: anything else stops
+# the job at once with one line and exit 2. (Bash arithmetic evaluates a variable's value as an
+# expression, and `x[$(cmd)]` in it runs cmd.)
 
 MNISTDIST_EXIT_PREEMPTED=75  # mnistdist/signals.py EXIT_PREEMPTED: stopped, checkpoint written
 
 ms_log() { echo "[mnistdist-slurm $(date +%H:%M:%S)] $*"; }
 ms_die() { ms_log "error: $*" >&2; exit 2; }
+
+# ms_check_number NAME MIN [MAX]: the variable NAME must hold a plain decimal integer (digits
+# only, no sign, no leading zero: bash reads 08 as bad octal) in MIN..MAX, else the job stops
+# with one line and exit 2. Checked as a string first, so nothing in it is ever evaluated.
+ms_check_number() {
+    local name=$1 min=$2 max=${3:-} value=${!1-}
+    if [[ -z $value || $value == *[!0123456789]* || $value == 0?* || ${#value} -gt 18 ]]; then
+        ms_die "$name='${value//[![:print:]]/?}': must be a plain non-negative integer (digits only)"
+    fi
+    if [[ -n $max ]] && (( value < min || value > max )); then
+        ms_die "$name=$value: must be in $min..$max"
+    fi
+    (( value >= min )) || ms_die "$name=$value: must be >= $min"
+}
 
 ms_count_gpus() {
     if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
@@ -57,6 +77,7 @@ ms_count_gpus() {
 
 ms_configure() {
     : "${SLURM_JOB_ID:?not inside a Slurm job: submit this with sbatch}"
+    ms_check_number SLURM_JOB_ID 0
     REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
     cd "$REPO" || ms_die "REPO=$REPO: no such directory"
     [[ -f train_dist.py ]] || ms_die "REPO=$REPO is not an mnistdist checkout (no train_dist.py)"
@@ -65,12 +86,17 @@ ms_configure() {
     fi
     DEVICE=${DEVICE:-gpu}
     NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
+    ms_check_number NODES 1
     if [[ $NODES != "${SLURM_JOB_NUM_NODES:-1}" ]]; then
         ms_die "NODES=$NODES but the job has ${SLURM_JOB_NUM_NODES:-1} node(s): submit with sbatch --nodes=$NODES"
     fi
     case $DEVICE in
         gpu)
+            if [[ -z ${GPUS_PER_NODE:-} && -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+                ms_check_number SLURM_GPUS_ON_NODE 0
+            fi
             GPUS_PER_NODE=${GPUS_PER_NODE:-$(ms_count_gpus)}
+            ms_check_number GPUS_PER_NODE 0
             (( GPUS_PER_NODE > 0 )) || ms_die "DEVICE=gpu but no GPUs found on $(hostname -s) (request them with --gpus-per-node, or use DEVICE=cpu / slurm/cpu.sbatch)"
             PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
             ;;
@@ -79,8 +105,11 @@ ms_configure() {
             ;;
         *) ms_die "DEVICE=$DEVICE: must be gpu or cpu" ;;
     esac
+    ms_check_number PROCS_PER_NODE 1
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then ms_check_number SLURM_CPUS_PER_TASK 1; fi
     local cpus=${SLURM_CPUS_PER_TASK:-1}
     THREADS_PER_PROC=${THREADS_PER_PROC:-$(( cpus / PROCS_PER_NODE > 1 ? cpus / PROCS_PER_NODE : 1 ))}
+    ms_check_number THREADS_PER_PROC 1
     NUM_PROCESSES=$(( NODES * PROCS_PER_NODE ))
     CONFIG=${CONFIG:-configs/default.yaml}
     OVERRIDES=${OVERRIDES:-}
@@ -91,9 +120,12 @@ ms_configure() {
     # of its input: with pipefail, head could make scontrol die of SIGPIPE).
     MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
     MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+    ms_check_number MASTER_PORT 1 65535
     LAUNCH_CONFIG=${LAUNCH_CONFIG:-configs/accelerate/cpu.yaml}
     LAUNCH_ARGS=${LAUNCH_ARGS:-}
     MAX_REQUEUES=${MAX_REQUEUES:-20}
+    ms_check_number MAX_REQUEUES 0
+    if [[ -n ${SLURM_RESTART_COUNT:-} ]]; then ms_check_number SLURM_RESTART_COUNT 0; fi
     [[ -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
 }
 

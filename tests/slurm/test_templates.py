@@ -240,3 +240,89 @@ def test_python_defaults_to_the_checkouts_venv(tmp_path):
     venv = REPO / ".venv" / "bin" / "python"
     expected = str(venv) if os.access(venv, os.X_OK) else "python3"
     assert f"\n{expected}\n--config_file\n" in (tmp_path / "srun.args").read_text()
+
+
+# --------------------------------------------------------------------------------------
+# Numeric knobs: bash arithmetic evaluates a variable's value as an expression, and an array
+# subscript in it runs command substitutions, so each knob is checked before any (( )).
+
+# (template, knob): the GPU template for GPUS_PER_NODE and SLURM_GPUS_ON_NODE (ms_count_gpus).
+NUMERIC_KNOBS = [
+    ("cpu.sbatch", "NODES"),
+    ("cpu.sbatch", "PROCS_PER_NODE"),
+    ("cpu.sbatch", "THREADS_PER_PROC"),
+    ("cpu.sbatch", "MASTER_PORT"),
+    ("cpu.sbatch", "MAX_REQUEUES"),
+    ("cpu.sbatch", "SLURM_CPUS_PER_TASK"),
+    ("cpu.sbatch", "SLURM_RESTART_COUNT"),
+    ("cpu.sbatch", "SLURM_JOB_ID"),
+    ("multi_node.sbatch", "GPUS_PER_NODE"),
+    ("multi_node.sbatch", "SLURM_GPUS_ON_NODE"),
+]
+
+
+def assert_refused(proc: subprocess.Popen, knob: str) -> str:
+    out, _ = proc.communicate(timeout=60)
+    lines = out.strip().splitlines()
+    assert proc.returncode == 2, out
+    assert len(lines) == 1 and f"error: {knob}=" in lines[0], out
+    return lines[0]
+
+
+def preempt_if_started(tmp_path: Path, proc: subprocess.Popen) -> None:
+    """Send USR1 once the step runs (so MAX_REQUEUES / SLURM_RESTART_COUNT reach ms_requeue's
+    arithmetic), unless the job ends first."""
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (tmp_path / "srun.pid").exists():
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGUSR1)
+            return
+        time.sleep(0.05)
+
+
+# `PWD[...]`: a set variable, so `set -u` does not stop bash before it expands the subscript
+# (`a[$(...)]` with `a` unset fails as "unbound variable" first, by luck).
+@pytest.mark.parametrize("payload", ["PWD[$(touch {marker})]", "a[$(touch {marker})]"], ids=["PWD[]", "a[]"])
+@pytest.mark.parametrize("template,knob", NUMERIC_KNOBS, ids=[k for _, k in NUMERIC_KNOBS])
+def test_numeric_knob_injection_is_refused_not_run(tmp_path, template, knob, payload):
+    marker = tmp_path / "pwned"
+    proc = fake_job(tmp_path, template, "preempt", **{knob: payload.format(marker=marker)})
+    preempt_if_started(tmp_path, proc)
+    try:
+        line = assert_refused(proc, knob)
+    finally:
+        assert not marker.exists(), "the knob's command substitution ran"
+    assert "must be a plain non-negative integer" in line, line
+    assert not (tmp_path / "srun.args").exists()  # refused before the step
+
+
+@pytest.mark.parametrize(
+    "knob,value,message",
+    [
+        ("PROCS_PER_NODE", "1+1", "must be a plain non-negative integer"),
+        ("PROCS_PER_NODE", "-1", "must be a plain non-negative integer"),
+        ("PROCS_PER_NODE", " 2", "must be a plain non-negative integer"),
+        ("PROCS_PER_NODE", "08", "must be a plain non-negative integer"),  # bash: octal, "value too great"
+        ("PROCS_PER_NODE", "2\n3", "must be a plain non-negative integer"),  # still one line
+        ("PROCS_PER_NODE", "0", "PROCS_PER_NODE=0: must be >= 1"),  # 0 divided the CPUs by zero
+        ("THREADS_PER_PROC", "0", "THREADS_PER_PROC=0: must be >= 1"),
+        ("NODES", "0", "NODES=0: must be >= 1"),
+        ("MASTER_PORT", "65536", "must be in 1..65535"),
+        ("MAX_REQUEUES", "99999999999999999999", "must be a plain non-negative integer"),  # wraps in bash
+        ("NODES", "two", "must be a plain non-negative integer"),
+    ],
+)
+def test_numeric_knob_values(tmp_path, knob, value, message):
+    line = assert_refused(fake_job(tmp_path, "cpu.sbatch", "fail", **{knob: value}), knob)
+    assert message in line, line
+
+
+def test_plain_numbers_still_work(tmp_path):
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo", PROCS_PER_NODE="3", THREADS_PER_PROC="2",
+                    MASTER_PORT="29500", MAX_REQUEUES="0", SLURM_CPUS_PER_TASK="8", SLURM_RESTART_COUNT="0")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    task = (tmp_path / "task0.out").read_text()
+    assert "--num_processes 6 " in task and "--main_process_port 29500 " in task
+    assert "--num_cpu_threads_per_process 2 " in task
