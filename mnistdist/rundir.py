@@ -106,15 +106,30 @@ def start(run: RunDir, config_yaml: str, resumed_step: int | None) -> None:
         truncate_metrics(run, resumed_step)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable: after a rename (or a new file or
+    directory) in it, the rename survives a power loss only once its directory is fsynced."""
+    if os.name == "nt":  # a directory cannot be opened there; NTFS journals its metadata itself
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old
-    file or the new one, never half of one."""
+    file or the new one, never half of one. Durable on return: the file and then its directory
+    (the rename) are fsynced."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def write_summary(run: RunDir, summary: dict[str, Any]) -> None:

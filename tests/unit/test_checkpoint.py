@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -156,3 +157,383 @@ def test_pickle_bomb_with_matching_manifest_is_never_executed(tmp_path, name):
     with pytest.raises(CheckpointError, match="unreadable checkpoint content"):
         checkpoint.load_checkpoint(path)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------
+# Issue 13, item 8: every malformed checkpoint is a clean CheckpointError naming the file, and
+# auto-resume skips it. The attacker (or the bug) also fixes the manifest, so only the
+# content's schema can catch these.
+
+
+def rewrite(path, name, data: bytes) -> None:
+    """Replace ``path/name`` with ``data`` and make the manifest match it."""
+    (path / name).write_bytes(data)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": len(data), "sha256": checkpoint._sha256(path / name)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def edit_state(path, change) -> None:
+    state = json.loads((path / "state.json").read_text())
+    changed = change(state)  # None: changed in place
+    state = state if changed is None else changed
+    rewrite(path, "state.json", json.dumps(state).encode())
+
+
+def _set(keys, value):
+    def change(state):
+        target = state
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return change
+
+
+def _delete(keys):
+    def change(state):
+        target = state
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+    return change
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+BAD_STATES = {
+    "no ranks": _delete(["ranks"]),
+    "ranks an object": _set(["ranks"], {"0": {}}),
+    "fewer ranks than world_size": lambda s: s.update(ranks=s["ranks"][:1]),
+    "a rank not an object": _set(["ranks", 1], 3),
+    "rank without rng": _delete(["ranks", 0, "rng"]),
+    "python rng too short": _set(["ranks", 0, "rng", "python"], [3, [1, 2], None]),
+    "python rng gauss a string": _set(["ranks", 0, "rng", "python", 2], "x"),
+    "numpy rng a string": _set(["ranks", 0, "rng", "numpy"], "MT19937"),
+    "numpy rng keys too short": _set(["ranks", 0, "rng", "numpy", 1], [1, 2, 3]),
+    "loss sums missing": _delete(["ranks", 0, "loss", "window_steps"]),
+    "loss sum a string": _set(["ranks", 1, "loss", "epoch_sum"], "2.5"),
+    "step a string": _set(["step"], "12"),
+    "epoch a bool": _set(["epoch"], True),
+    "negative batch_in_epoch": _set(["batch_in_epoch"], -1),
+    "world_size zero": _set(["world_size"], 0),
+    "global_batch_size a float": _set(["global_batch_size"], 200.0),
+    "no optimizer": _delete(["optimizer"]),
+    "param_groups an object": _set(["optimizer", "param_groups"], {}),
+    "params not integers": _set(["optimizer", "param_groups", 0, "params"], ["a"]),
+    "scalars a list": _set(["optimizer", "scalars"], []),
+    "scalar name without index": _set(["optimizer", "scalars"], {"momentum_buffer": None}),
+    "scalar of an unknown parameter": _set(["optimizer", "scalars"], {"7.momentum_buffer": None}),
+    "lr a string": _set(["optimizer", "param_groups", 0, "lr"], "0.1"),
+    "momentum negative": _set(["optimizer", "param_groups", 0, "momentum"], -0.9),
+    "tracking a list": _set(["tracking"], []),
+    "wandb run id a number": _set(["tracking", "wandb_run_id"], 7),
+    "config a string": _set(["config"], "x"),
+    "a list, not an object": lambda s: [],
+    "wrong format": _set(["format"], "something-else"),
+    "step differs from the manifest": _set(["step"], 6),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STATES))
+def test_malformed_state_json_is_a_checkpoint_error_naming_it(tmp_path, case):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    edit_state(path, BAD_STATES[case])
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_checkpoint(path)
+    assert str(path / "state.json") in str(info.value)
+
+
+@pytest.mark.parametrize("data", [DEEP, b"null", b"\xff\xfe\xfa not text", b"[1, 2]"],
+                         ids=["deeply nested", "null", "not UTF-8", "a list"])
+def test_state_json_that_is_not_a_state_is_a_checkpoint_error(tmp_path, data):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    rewrite(path, "state.json", data)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_checkpoint(path)
+    assert str(path / "state.json") in str(info.value)
+
+
+def _bad_ranks():
+    return {
+        "rank 1's torch state missing": {"0.torch_cpu": torch.get_rng_state()},
+        "torch state not bytes": {"0.torch_cpu": torch.zeros(5056), "1.torch_cpu": torch.get_rng_state()},
+        "torch state too short": {"0.torch_cpu": torch.zeros(7, dtype=torch.uint8),
+                                  "1.torch_cpu": torch.get_rng_state()},
+        "cuda state of a rank that does not exist": {"0.torch_cpu": torch.get_rng_state(),
+                                                     "1.torch_cpu": torch.get_rng_state(),
+                                                     "2.torch_cuda": torch.zeros(16, dtype=torch.uint8)},
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_ranks()))
+def test_malformed_ranks_safetensors_is_a_checkpoint_error_naming_it(tmp_path, case):
+    from safetensors.torch import save_file
+
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    save_file(_bad_ranks()[case], str(tmp_path / "ranks"))
+    rewrite(path, "ranks.safetensors", (tmp_path / "ranks").read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_checkpoint(path)
+    assert str(path / "ranks.safetensors") in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["momentum_buffer", "7.momentum_buffer", "x.momentum_buffer"])
+def test_optimizer_tensor_of_no_parameter_is_a_checkpoint_error_naming_it(tmp_path, name):
+    from safetensors.torch import save_file
+
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    save_file({name: torch.zeros(3)}, str(tmp_path / "optimizer"))
+    rewrite(path, "optimizer.safetensors", (tmp_path / "optimizer").read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_checkpoint(path)
+    assert str(path / "optimizer.safetensors") in str(info.value)
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+BAD_MANIFESTS = {
+    "files a list": lambda m: m.update(files=list(m["files"])),
+    "entries not objects": lambda m: m.update(files={name: 3 for name in m["files"]}),
+    "entry without sha256": lambda m: m["files"]["model.safetensors"].pop("sha256"),
+    "bytes a string": lambda m: m["files"]["model.safetensors"].update(bytes="184"),
+    "sha256 a number": lambda m: m["files"]["state.json"].update(sha256=1),
+    "no step": lambda m: m.pop("step"),
+    "step a string": lambda m: m.update(step="5"),
+    "a list": lambda m: [],
+    "null": lambda m: None,
+    "wrong format": lambda m: m.update(format="other"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MANIFESTS) + ["deeply nested", "not UTF-8"])
+def test_malformed_manifest_is_a_checkpoint_error_naming_it(tmp_path, case):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    if case == "deeply nested":
+        data = DEEP
+    elif case == "not UTF-8":
+        data = b"\xff\xfe\xfa{}"
+    else:
+        manifest = _manifest(path)
+        changed = BAD_MANIFESTS[case](manifest)
+        data = json.dumps(manifest if changed is None and case != "null" else changed).encode()
+    (path / "manifest.json").write_bytes(data)
+    for call in (checkpoint.verify, checkpoint.load_checkpoint):
+        with pytest.raises(CheckpointError) as info:
+            call(path)
+        assert str(path / "manifest.json") in str(info.value)
+
+
+class OneProcess:
+    """``Dist`` as seen by rank 0 of ``world_size`` when it is the only process: what
+    checkpoint.save and checkpoint.resume use of it."""
+
+    def __init__(self, world_size: int = 2) -> None:
+        self.world_size, self.rank, self.is_main = world_size, 0, True
+
+    def on_main(self, fn):
+        return fn()
+
+    def gather_object(self, obj):
+        return [copy.deepcopy(obj) for _ in range(self.world_size)]  # as all_gather_object: copies
+
+
+def test_auto_resume_skips_a_newest_checkpoint_that_does_not_load(tmp_path, capsys):
+    checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
+    newest = checkpoint.save_checkpoint(tmp_path, make_snapshot(20), keep_last=0)
+    edit_state(newest, _delete(["ranks"]))  # manifest and checksums are fine; the content is not
+    snap = checkpoint.resume(OneProcess(), tmp_path, "auto", 200)
+    assert snap is not None and snap.step == 10 and snap.path.name == "step-00000010"
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and str(newest / "state.json") in out
+    said = []
+    assert checkpoint.find_latest_valid(tmp_path, warn=said.append).name == "step-00000010"
+    assert len(said) == 1 and "step-00000020" in said[0]
+
+
+def test_auto_resume_with_only_malformed_checkpoints_starts_fresh(tmp_path, capsys):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
+    (path / "manifest.json").write_bytes(DEEP)
+    assert checkpoint.resume(OneProcess(), tmp_path, "auto", 200) is None
+    assert "skipping damaged checkpoint" in capsys.readouterr().out
+
+
+def test_resume_of_a_named_malformed_checkpoint_is_a_checkpoint_error(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
+    edit_state(path, _set(["ranks", 0], None))
+    with pytest.raises(CheckpointError, match="state.json"):
+        checkpoint.resume(OneProcess(), tmp_path, str(path), 200)
+
+
+def test_save_and_resume_through_a_dist_round_trip(tmp_path):
+    dist = OneProcess()
+    snap = make_snapshot(10)
+    loss = snap.ranks[0]["loss"]
+    path = checkpoint.save(dist, tmp_path, 2, snap, loss)
+    back = checkpoint.resume(dist, tmp_path, "auto", 200)
+    assert back.path == path and back.step == 10 and back.ranks[1]["loss"] == loss
+
+
+# --------------------------------------------------------------------------------------
+# Item 9: a manifest names only files inside its checkpoint.
+
+
+@pytest.mark.parametrize("name", ["../../secret", "ABSOLUTE", "sub/model.safetensors", "extra.bin",
+                                  ".", "..", "", "manifest.json"])
+def test_manifest_naming_anything_but_a_checkpoint_file_is_refused(tmp_path, name):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not yours")
+    (path / "sub").mkdir()
+    (path / "sub" / "model.safetensors").write_bytes(b"not yours")
+    (path / "extra.bin").write_bytes(b"not yours")
+    if name == "ABSOLUTE":
+        name = str(secret)
+    manifest = _manifest(path)
+    manifest["files"][name] = {"bytes": 9, "sha256": checkpoint._sha256(secret)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.verify(path)
+    assert str(path / "manifest.json") in str(info.value)
+
+
+def test_a_checkpoint_file_that_is_a_symlink_out_of_the_checkpoint_is_refused(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    outside = tmp_path / "elsewhere.safetensors"
+    (path / "model.safetensors").rename(outside)
+    (path / "model.safetensors").symlink_to(outside)  # same bytes, so the checksum matches
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.verify(path)
+    assert str(path / "model.safetensors") in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# Item 10: durable writes, and a step never missing while it is replaced.
+
+
+@pytest.fixture
+def fsynced(monkeypatch):
+    """The paths passed to os.fsync, in order (read from /proc/self/fd)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name fsynced descriptors")
+    seen: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def test_checkpoint_files_and_directories_are_fsynced(tmp_path, fsynced):
+    run = tmp_path / "run"
+    run.mkdir()
+    path = checkpoint.save_checkpoint(run, make_snapshot(5), keep_last=0)
+    root = os.path.realpath(path.parent)
+    names = [os.path.basename(p) for p in fsynced]
+    for name in ("model.safetensors", "optimizer.safetensors", "ranks.safetensors", "state.json", "manifest.json"):
+        assert name in names
+    tmp_dir = next(i for i, p in enumerate(fsynced) if os.path.basename(p).startswith(".tmp-step-00000005"))
+    assert root in fsynced[tmp_dir:]  # the rename into checkpoints/ is made durable
+    assert os.path.realpath(run) in fsynced  # and so is the new checkpoints/ entry of the run dir
+
+
+def test_save_model_fsyncs_the_file_and_its_directory(tmp_path, fsynced):
+    model = torch.nn.Linear(2, 2)
+    checkpoint.save_model(model, tmp_path / "model.safetensors")
+    assert fsynced[-1] == os.path.realpath(tmp_path)
+    assert any(p.endswith("model.safetensors.tmp") for p in fsynced)
+
+
+def test_write_text_atomic_fsyncs_the_file_and_its_directory(tmp_path, fsynced):
+    from mnistdist import rundir
+
+    rundir.write_text_atomic(tmp_path / "summary.json", "{}\n")
+    assert (tmp_path / "summary.json").read_text() == "{}\n"
+    assert fsynced[-1] == os.path.realpath(tmp_path)
+    assert any(".summary.json.tmp-" in p for p in fsynced[:-1])
+
+
+def test_sigkill_while_replacing_a_step_leaves_a_copy_of_that_step(tmp_path):
+    """A real SIGKILL after the existing directory of the step was moved aside, before the new
+    one is in place: one copy of the step must still be found and load."""
+    checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from mnistdist import checkpoint
+        from tests.unit.test_checkpoint import make_snapshot
+        real, calls = os.rename, []
+        def rename(src, dst):
+            calls.append(src)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst)
+        os.rename = rename
+        checkpoint.save_checkpoint({str(tmp_path)!r}, make_snapshot(10), keep_last=0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO)
+    assert result.returncode == -9
+    listed = checkpoint.list_checkpoints(tmp_path)
+    assert len(listed) == 1
+    assert checkpoint.load_checkpoint(listed[0]).step == 10
+    assert checkpoint.find_latest_valid(tmp_path) == listed[0]
+    # The next save puts the copy back under its own name and removes the leftovers.
+    checkpoint.save_checkpoint(tmp_path, make_snapshot(20), keep_last=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000020", "step-00000010"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "step-00000010").step == 10
+
+
+def test_a_checkpoint_of_another_model_is_a_checkpoint_error_at_restore(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    snap = checkpoint.load_checkpoint(path)  # keys w and b; this model has weight and bias
+    model = torch.nn.Linear(3, 4)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.restore(snap, model, torch.optim.SGD(model.parameters(), lr=0.1), rank=0)
+    assert str(path / "model.safetensors") in str(info.value)
+
+
+def test_non_finite_weights_are_a_checkpoint_error_naming_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    save_file({"w": torch.full((4, 3), float("nan")), "b": torch.zeros(4)}, str(tmp_path / "model"))
+    rewrite(path, "model.safetensors", (tmp_path / "model").read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_checkpoint(path)
+    assert str(path / "model.safetensors") in str(info.value)
+
+
+class WB(torch.nn.Module):
+    """The model of make_snapshot: parameters w (4x3) and b (4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4, 3))
+        self.b = torch.nn.Parameter(torch.zeros(4))
+
+
+def test_restore_into_the_model_it_was_saved_from(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    model = WB()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    checkpoint.restore(checkpoint.load_checkpoint(path), model, optimizer, rank=1)
+    assert torch.equal(model.w.detach(), make_snapshot(5).model["w"])
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_optimizer_state_of_another_shape_is_a_checkpoint_error_at_restore(tmp_path):
+    from safetensors.torch import save_file
+
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    save_file({"0.momentum_buffer": torch.zeros(2)}, str(tmp_path / "optimizer"))
+    rewrite(path, "optimizer.safetensors", (tmp_path / "optimizer").read_bytes())
+    model = WB()
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.restore(checkpoint.load_checkpoint(path), model,
+                           torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rank=0)
+    assert str(path / "optimizer.safetensors") in str(info.value)
