@@ -293,7 +293,7 @@ def _manifest(path):
     return json.loads((path / "manifest.json").read_text())
 
 
-BAD_MANIFESTS = {
+BAD_MANIFESTS = {  # changed in place
     "files a list": lambda m: m.update(files=list(m["files"])),
     "entries not objects": lambda m: m.update(files={name: 3 for name in m["files"]}),
     "entry without sha256": lambda m: m["files"]["model.safetensors"].pop("sha256"),
@@ -301,23 +301,21 @@ BAD_MANIFESTS = {
     "sha256 a number": lambda m: m["files"]["state.json"].update(sha256=1),
     "no step": lambda m: m.pop("step"),
     "step a string": lambda m: m.update(step="5"),
-    "a list": lambda m: [],
-    "null": lambda m: None,
     "wrong format": lambda m: m.update(format="other"),
 }
+NOT_MANIFESTS = {"a list": b"[]", "null": b"null", "a string": b'"files"', "deeply nested": DEEP,
+                 "not UTF-8": b"\xff\xfe\xfa{}"}
 
 
-@pytest.mark.parametrize("case", list(BAD_MANIFESTS) + ["deeply nested", "not UTF-8"])
+@pytest.mark.parametrize("case", list(BAD_MANIFESTS) + list(NOT_MANIFESTS))
 def test_malformed_manifest_is_a_checkpoint_error_naming_it(tmp_path, case):
     path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
-    if case == "deeply nested":
-        data = DEEP
-    elif case == "not UTF-8":
-        data = b"\xff\xfe\xfa{}"
+    if case in NOT_MANIFESTS:
+        data = NOT_MANIFESTS[case]
     else:
         manifest = _manifest(path)
-        changed = BAD_MANIFESTS[case](manifest)
-        data = json.dumps(manifest if changed is None and case != "null" else changed).encode()
+        BAD_MANIFESTS[case](manifest)
+        data = json.dumps(manifest).encode()
     (path / "manifest.json").write_bytes(data)
     for call in (checkpoint.verify, checkpoint.load_checkpoint):
         with pytest.raises(CheckpointError) as info:
