@@ -3,6 +3,7 @@
     RUN_DIR/
         config.yaml          the resolved config of the run
         metrics.jsonl        one JSON object per line: training lines and evaluation lines
+        metrics.jsonl.old-N  the history of an earlier start that left no checkpoint (kept aside)
         summary.json         final numbers, written when training finished
         model.safetensors    the final weights
         checkpoints/         step-XXXXXXXX/ directories (layout: mnistdist.checkpoint)
@@ -100,9 +101,13 @@ def create(requested: str | Path | None, dist: Dist) -> RunDir:
 
 
 def start(run: RunDir, config_yaml: str, resumed_step: int | None) -> None:
-    """Write the run's resolved config; after a resume, drop metrics logged past the checkpoint."""
+    """Write the run's resolved config and make metrics.jsonl one history: after a resume, the
+    records up to the checkpoint (``truncate_metrics``); on a fresh start (``resumed_step`` is
+    None), a new file, with an earlier one kept aside (``set_metrics_aside``)."""
     write_text_atomic(run.config, config_yaml)
-    if resumed_step is not None:
+    if resumed_step is None:
+        set_metrics_aside(run)
+    else:
         truncate_metrics(run, resumed_step)
 
 
@@ -136,17 +141,8 @@ def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
     write_text_atomic(run.summary, json.dumps(summary, indent=2) + "\n")
 
 
-def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]]:
-    """The records of ``RUN_DIR/metrics.jsonl``, in order.
-
-    Tolerant: a line that is not a JSON object (a run killed while writing its last line) is
-    skipped, with a note on stderr when ``warn``. A missing file reads as no records.
-    """
-    path = RunDir(Path(run_dir)).metrics
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
+def _parse_metrics_lines(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """(the lines that are JSON objects, the number of other non-blank lines)."""
     records, skipped = [], 0
     for line in lines:
         if not line.strip():
@@ -159,6 +155,21 @@ def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]
             records.append(record)
         else:
             skipped += 1
+    return records, skipped
+
+
+def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl``, in order.
+
+    Tolerant: a line that is not a JSON object (a run killed while writing its last line) is
+    skipped, with a note on stderr when ``warn``. A missing file reads as no records.
+    """
+    path = RunDir(Path(run_dir)).metrics
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    records, skipped = _parse_metrics_lines(lines)
     if skipped and warn:
         print(f"warning: {path}: skipped {skipped} unreadable line(s)", file=sys.stderr, flush=True)
     return records
@@ -166,8 +177,51 @@ def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]
 
 def truncate_metrics(run: RunDir, last_step: int) -> None:
     """Keep only records up to ``last_step`` (a run that died after its last checkpoint logged
-    more), so a resumed run's metrics.jsonl reads like one uninterrupted run."""
-    if not run.metrics.is_file():
+    more), so a resumed run's metrics.jsonl reads like one uninterrupted run.
+
+    A half-written last line (no newline: the run was killed while writing it; every record is
+    written with its newline in one go) is dropped even when it happens to parse, and so is
+    any other line that is not a JSON object with an integer ``step``; the log says how many.
+    The file is rewritten atomically and ends with a newline, so the resumed run's first
+    record starts a line of its own.
+    """
+    path = run.metrics
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
         return
-    kept = [r for r in read_metrics(run.root, warn=True) if r.get("step", 0) <= last_step]
-    write_text_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    lines = text.splitlines()
+    half_written = bool(lines) and not text.endswith("\n")
+    if half_written:
+        lines.pop()
+    records, unreadable = _parse_metrics_lines(lines)
+    with_step = [r for r in records if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
+    unreadable += len(records) - len(with_step)
+    kept = [r for r in with_step if r["step"] <= last_step]
+    if half_written or unreadable:
+        what = ["a half-written last line"] if half_written else []
+        what += [f"{unreadable} unreadable line(s)"] if unreadable else []
+        print(f"warning: {path}: dropped {' and '.join(what)} before resuming at step {last_step}",
+              file=sys.stderr, flush=True)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def set_metrics_aside(run: RunDir) -> Path | None:
+    """A fresh start in a run directory that already holds metrics.jsonl (a run killed before
+    its first checkpoint, run again): rename it to ``metrics.jsonl.old-N`` (the first N free)
+    and say so, so the new run writes a history of its own instead of appending to the old one
+    (which would repeat steps). Returns the new name; None when there was nothing to keep."""
+    path = run.metrics
+    try:
+        if path.stat().st_size == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    n = 1
+    while (aside := path.with_name(f"{path.name}.old-{n}")).exists():
+        n += 1
+    os.rename(path, aside)
+    fsync_dir(path.parent)
+    print(f"warning: {path} is from an earlier start that left no checkpoint to resume from; "
+          f"kept it as {aside.name}, starting a new history", file=sys.stderr, flush=True)
+    return aside

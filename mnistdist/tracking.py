@@ -44,6 +44,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Whether ``path`` is non-empty and its last byte is not a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # missing or empty
+        return False
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``run_dir/metrics.jsonl``; a no-op off the main rank."""
 
@@ -51,6 +61,10 @@ class MetricsLog:
         self.enabled = enabled
         self.path = path
         self._file = open(self.path, "a", buffering=1) if enabled else None  # line-buffered
+        if self._file is not None and _ends_mid_line(self.path):
+            # A half-written line left by a killed run (rundir.start normally removes it): never
+            # glue the next record to it.
+            self._file.write("\n")
 
     def log(self, record: dict[str, Any]) -> None:
         if self._file is not None:
