@@ -7,6 +7,7 @@ process group is started; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -15,7 +16,7 @@ from mnistdist import rundir
 from mnistdist.checkpoint import CheckpointError
 from mnistdist.config import ConfigError, load_config
 from mnistdist.data import DataError
-from mnistdist.distributed import launched_world_size, report_exception
+from mnistdist.distributed import is_main_process, launched_world_size, report_exception
 from mnistdist.signals import Preempted, TrainingStopped
 
 EXIT_USAGE = 2
@@ -65,8 +66,13 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     except (ConfigError, DataError, CheckpointError) as e:
         report_exception(e)
         return EXIT_USAGE
-    except Preempted as e:
-        report_exception(e, label="stopped")
+    except Preempted as e:  # every rank stopped at the same step: the main process says where
+        # The checkpoint is written and the ranks leave together; a launcher that SIGTERMs the
+        # rank still exiting (torchrun does, once another rank ended) must not turn it into -15.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        if is_main_process():
+            report_exception(e, label="stopped")
         return e.exit_code
     except TrainingStopped as e:
         report_exception(e)
@@ -137,7 +143,6 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "mnistdist evaluate
     import json
 
     from mnistdist import training
-    from mnistdist.distributed import is_main_process
 
     parser = _Parser(prog=prog, description="Evaluate saved weights on the 10,000 MNIST test images.")
     parser.add_argument("--model", type=Path, required=True,

@@ -1,17 +1,17 @@
 """``python -m mnistdist.launch ARGS`` = ``accelerate launch ARGS``, made safe for clusters.
 
-What it adds: SIGUSR1 reaches the workers; a free rendezvous port on one machine (two jobs
-never collide); a 10 s shutdown grace instead of 30 s; a one-line report of the first failed
-rank; no orphan processes; exit code 75 when the workers stopped on request.
+What it adds: SIGUSR1, SIGTERM and Ctrl-C reach the workers and the launcher then reports what
+they did (exit 75: stopped with a checkpoint; 130: stopped by Ctrl-C); a free rendezvous port
+on one machine (two jobs never collide); a 10 s shutdown grace instead of 30 s; a one-line
+report of the first failed rank; no orphan processes.
 
-``accelerate launch`` (torchrun's elastic agent underneath) forwards SIGTERM to its workers
-but not SIGUSR1: USR1's default action simply kills the launcher, and the workers never hear
-of it. Slurm's ``--signal=USR1@lead`` is the usual "time is nearly up" warning, so this wrapper
-runs accelerate's launcher in-process with a USR1 handler that passes the signal on to every
-worker (each finishes its step, the ranks agree, checkpoint, and exit with code 75).
-
-When the workers exited with 75 (preempted, checkpoint written) the wrapper exits 75 too,
-instead of the launcher's generic 1, so a batch script can tell "requeue me" from "failed".
+Why a wrapper (torchrun's elastic agent runs underneath): the agent does not forward SIGUSR1
+at all (USR1's default action kills the launcher and the workers never hear of it; Slurm's
+``--signal=USR1@lead`` is the usual "time is nearly up" warning), and on SIGTERM/SIGINT it
+tears the job down itself and exits 143/130 whatever the workers did. So the agent is told to
+leave SIGTERM and SIGINT alone (its ``signals_to_handle``), and this process passes all three
+signals on to every worker and keeps waiting: each worker finishes its step, the ranks agree,
+checkpoint, and exit 75 (130 after Ctrl-C), which is what this launcher then exits with.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from types import FrameType
 
 import psutil
 
-from mnistdist.signals import EXIT_PREEMPTED
+from mnistdist.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 WORKER_GRACE_S = 5.0  # see _watch_workers
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def _forward_to_workers(signum: int, frame: FrameType | None) -> None:
@@ -121,45 +122,47 @@ def _watch_workers(grace_s: float, poll_s: float = 0.5) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
-    from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    signal.signal(signal.SIGUSR1, _forward_to_workers)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, _forward_to_workers)
     # torchrun gives workers 30 s between SIGTERM and SIGKILL when it shuts a job down (a rank
-    # failed, or we were told to stop). Checkpointing this model takes well under a second,
-    # and a shorter grace bounds how long a job with a hung rank lingers.
+    # failed). Checkpointing this model takes well under a second, and a shorter grace bounds
+    # how long a job with a hung rank lingers.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "10")
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # The agent must not act on SIGTERM/SIGINT itself (we forward them and wait, see above).
+    args.signals_to_handle = "SIGHUP,SIGQUIT"
     if args.main_process_port is None and (args.num_machines or 1) == 1:
         # accelerate's default port (29500) would make two jobs on one machine collide.
         args.main_process_port = free_port()
     threading.Thread(target=_watch_workers, args=(WORKER_GRACE_S,), daemon=True, name="worker-watchdog").start()
     try:
         launch_command(args)
-    except SignalException as e:
-        # SIGTERM/SIGINT to the launcher: torchrun already passed it to the workers and waited
-        # for them (they checkpoint and exit 75). We were terminated, so say so, without a traceback.
-        _reap_children()
-        print(f"mnistdist.launch: received {signal.Signals(e.sigval).name}; the workers were told to "
-              "checkpoint and stop", file=sys.stderr, flush=True)
-        return 128 + int(e.sigval)
     except Exception as e:  # noqa: BLE001 - classify the workers' exit, then re-raise
         _reap_children()
         codes = _exit_codes(e)
-        # Once the first worker exits 75, the agent SIGTERMs the others; one caught in its
-        # tear-down shows as -15. The checkpoint was complete before any rank exited (saving
-        # is collective), so that still counts as a clean stop.
-        if EXIT_PREEMPTED in codes and set(codes) <= {EXIT_PREEMPTED, -signal.SIGTERM}:
-            print("mnistdist.launch: all workers stopped on request (exit 75); resume to continue",
-                  file=sys.stderr, flush=True)
+        # Once the first worker exits, the agent SIGTERMs the others; one caught in its
+        # tear-down shows as -15. The checkpoint was complete before any rank exited (saving is
+        # collective, and the ranks leave together), so that still counts as a clean stop.
+        stops = {EXIT_PREEMPTED, EXIT_INTERRUPTED}
+        if codes and set(codes) & stops and set(codes) <= stops | {-signal.SIGTERM}:
+            if EXIT_INTERRUPTED in codes:
+                print("mnistdist.launch: the workers stopped on Ctrl-C (exit 130); run again with the "
+                      "same --run-dir to resume from the newest checkpoint", file=sys.stderr, flush=True)
+                return EXIT_INTERRUPTED
+            print("mnistdist.launch: all workers stopped on request after writing a checkpoint (exit 75); "
+                  "run again with the same --run-dir to resume", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         first = _first_failure(e)
         if first:
-            print(f"mnistdist.launch: training failed; first rank to exit: {first} (see the ranks' errors above)", file=sys.stderr, flush=True)
+            print(f"mnistdist.launch: training failed; first rank to exit: {first} (see the ranks' errors above)",
+                  file=sys.stderr, flush=True)
             return 1
         raise
     finally:
-        # A late USR1 (e.g. a scheduler's warning) must not kill us while Python shuts down.
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        # A late signal (e.g. a scheduler's warning) must not kill us while Python shuts down.
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

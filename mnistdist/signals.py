@@ -1,10 +1,16 @@
-"""Why training stops early: stop requests (SIGTERM, SIGUSR1), the exceptions and exit codes
-that report it, and a test-only fault injector.
+"""Why training stops early: stop requests (SIGTERM, SIGUSR1, Ctrl-C), the exceptions and exit
+codes that report it, and a test-only fault injector.
 
 A signal handler only records the request; the training loop reads it at a step boundary and
 all ranks agree (one all-reduce) on the step at which they stop, checkpoint and exit with
-``EXIT_PREEMPTED``. Signals can reach ranks at different moments, so acting on a local flag
-alone would leave ranks at different steps and deadlock the next collective.
+``EXIT_PREEMPTED`` (or ``EXIT_INTERRUPTED`` after Ctrl-C). Signals can reach ranks at different
+moments, so acting on a local flag alone would leave ranks at different steps and deadlock the
+next collective.
+
+Ctrl-C reaches every process of the terminal's foreground group, and launchers pass it on
+again, so a rank sees one key press as several SIGINTs within milliseconds. SIGINTs within
+``SIGINT_REPEAT_S`` of the first count as that one press; a later one is a second press and
+exits at once (no checkpoint; the newest one stays valid).
 """
 
 from __future__ import annotations
@@ -12,13 +18,18 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, resume to continue
 EXIT_NONFINITE = 3  # a loss or gradient was NaN/Inf: stopped before the optimizer step
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGINT_REPEAT_S = 1.0
+ORPHAN_POLL_S = 0.5
+ORPHAN_GRACE_S = 30.0
 
 
 class TrainingStopped(RuntimeError):
@@ -33,6 +44,12 @@ class Preempted(TrainingStopped):
     exit_code = EXIT_PREEMPTED
 
 
+class Interrupted(Preempted):
+    """Stopped on Ctrl-C (SIGINT) after writing a checkpoint; resume to continue."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 class NonFiniteLoss(TrainingStopped):
     """A loss or gradient was NaN/Inf; stopped before that optimizer step was applied."""
 
@@ -44,19 +61,34 @@ class RankFailure(TrainingStopped):
 
 
 class StopSignals:
-    """Context manager: while active, SIGTERM/SIGUSR1 set ``received`` instead of killing us."""
+    """Context manager: while active, SIGTERM/SIGUSR1/SIGINT set ``received`` (the first one)
+    instead of killing us; a second Ctrl-C exits at once with ``EXIT_INTERRUPTED``."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._first_sigint: float | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is None:
+                self._first_sigint = now
+            elif now - self._first_sigint > SIGINT_REPEAT_S:
+                if os.environ.get("RANK", "0") == "0":
+                    os.write(2, b"interrupted again: exiting now without a checkpoint; "
+                                b"the newest checkpoint in the run directory stays valid\n")
+                os._exit(EXIT_INTERRUPTED)  # no cleanup, no traceback: the user asked twice
+        if self.received is None:
+            self.received = signum
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers need the main thread
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if "LOCAL_RANK" in os.environ:  # started by a launcher (torchrun, accelerate)
+                threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True,
+                                 name="mnistdist-parent-watch").start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -67,6 +99,18 @@ class StopSignals:
     @property
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "none"
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A worker whose launcher is gone (SIGKILLed, OOM-killed) must not train on unwatched:
+    once this process is re-parented, it asks itself to stop (SIGTERM: the ranks, which all lost
+    the same launcher, agree, checkpoint and exit 75) and exits for good if that has not
+    happened within ``ORPHAN_GRACE_S`` (e.g. a peer on another machine is gone too)."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE_S)
+    os._exit(1)
 
 
 class FaultInjector:

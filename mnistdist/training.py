@@ -12,6 +12,7 @@ match up. Side effects (files, W&B, prints, the progress bar) happen on the main
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from mnistdist.metrics import EvalCounts, LossMeter, per_sample_loss
 from mnistdist.model import MLP
 from mnistdist.rundir import RunDir
 from mnistdist.schedule import lr_at
-from mnistdist.signals import FaultInjector, NonFiniteLoss, Preempted, StopSignals
+from mnistdist.signals import FaultInjector, Interrupted, NonFiniteLoss, Preempted, StopSignals
 from mnistdist.step import EagerStep, GraphedStep
 from mnistdist.tracking import Tracker
 
@@ -53,14 +54,24 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") ->
     ``resume``: ``auto`` (newest valid checkpoint in the run directory, if any), ``never``, or
     the path of a checkpoint directory.
     """
-    dist = Dist(cfg.dist)
-    try:
-        return fit(cfg, dist, rundir.create(run_dir, dist), resume)
-    finally:
-        dist.close()
+    # Stop requests (SIGTERM, SIGUSR1, Ctrl-C) are recorded from the first moment to the last:
+    # one during start-up stops after the first step, one after training is ignored.
+    with StopSignals() as signals:
+        dist = Dist(cfg.dist)
+        try:
+            return fit(cfg, dist, rundir.create(run_dir, dist), resume, signals)
+        except (Preempted, NonFiniteLoss):
+            # Every rank stopped at the same step. Leave together, once rank 0 has finished W&B
+            # (bounded by tracking.finish_timeout_s): a rank that exits first makes torchrun
+            # SIGTERM the others.
+            dist.barrier()
+            raise
+        finally:
+            dist.close()
 
 
-def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto") -> dict[str, Any]:
+def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
+        signals: StopSignals | None = None) -> dict[str, Any]:
     """Train and evaluate; return the summary. Collective: every rank calls it."""
     t = cfg.train
 
@@ -91,7 +102,7 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto") -> dict[str,
     if dist.is_main:
         rundir.start(run, to_yaml(cfg), resumed_step=pos.step if snap else None)
 
-    signals = StopSignals()  # SIGTERM/SIGUSR1 set a flag; the ranks agree on it inside step()
+    signals = signals or StopSignals()  # a stop request sets a flag; the ranks agree on it in step()
     step = build_step(cfg, dist, model, optimizer, meter, batches, pos, signals)
     step = FaultInjector(dist.rank).wrap(step, pos.step)  # test hook; `step` itself when unset
     dist.print(
@@ -113,7 +124,7 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto") -> dict[str,
 
     counts: EvalCounts | None = None
     best_acc, train_time_s = 0.0, 0.0
-    with tracker, signals, dist.diagnose_failures(run.heartbeat, lambda: f"at step {pos.step}"):
+    with tracker, dist.diagnose_failures(run.heartbeat, lambda: f"at step {pos.step}"):
         # (A run stopped right after the last batch of an epoch still owes its evaluation.)
         while pos.step < last_step or pos.batch_in_epoch == steps_per_epoch:
             # -- train the rest of this epoch ---------------------------------------------
@@ -147,8 +158,9 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto") -> dict[str,
             if stop:
                 where = save_checkpoint()
                 why = signals.name if signals.received else "a stop signal on another rank"
-                raise Preempted(f"stopped by {why} after step {pos.step}; checkpoint written to {where}; "
-                                "run again with the same --run-dir to resume")
+                stopped = Interrupted if signals.received == signal.SIGINT else Preempted
+                raise stopped(f"stopped by {why} after step {pos.step}; checkpoint written to {where}; "
+                              "run again with the same --run-dir to resume")
 
             # -- evaluate, log, checkpoint --------------------------------------------------
             # Each rank's loss is a mean over an equal-sized batch, so the mean over ranks is
