@@ -10,6 +10,7 @@
         plots/               loss.png, accuracy.png, confusion.png
         wandb/, wandb_run_id the W&B run (files of wandb) and its id, kept across resumes
         .heartbeat/          per-rank liveness files of a multi-process run
+        .lock                held (flock) by the job using the directory; names its holder
 
 Every reader and writer of these files goes through the paths below, and every reader of
 metrics.jsonl through ``read_metrics``.
@@ -17,10 +18,14 @@ metrics.jsonl through ``read_metrics``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
+import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +44,7 @@ CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 WANDB_RUN_ID = "wandb_run_id"
 HEARTBEAT = ".heartbeat"
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,21 @@ class RunDir:
         return self.root / HEARTBEAT
 
 
-def create(requested: str | Path | None, dist: Dist) -> RunDir:
-    """The run directory: ``requested``, or ``runs/<time>-<random>`` chosen on rank 0 (clocks
-    and random state differ between processes, so each rank must not pick its own). Created
-    and probed for writing now, so a bad one fails before training, on every rank together."""
+@contextlib.contextmanager
+def claim(requested: str | Path | None, dist: Dist) -> Iterator[RunDir]:
+    """The run directory, held by this job while the ``with`` lasts.
+
+    ``requested``, or ``runs/<time>-<random>`` chosen on rank 0 (clocks and random state differ
+    between processes, so each rank must not pick its own). Created and probed for writing now,
+    and locked (an exclusive ``flock`` of ``RUN_DIR/.lock`` held by the main process): a second
+    job given the same directory is refused at start with one line naming the holder, instead
+    of both jobs writing checkpoints into it. The kernel drops the lock when the process ends,
+    however it ends (SIGKILL too). Every rank gets the same outcome.
+    """
+    lock_file = None
 
     def make() -> str:
+        nonlocal lock_file
         path = Path(requested) if requested is not None else Path(
             "runs", f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}")
         try:
@@ -93,11 +108,29 @@ def create(requested: str | Path | None, dist: Dist) -> RunDir:
             probe = path / f".write-test-{secrets.token_hex(4)}"
             probe.write_bytes(b"\0" * 65536)
             probe.unlink()
+            lock_file = open(path / LOCK, "a+")
         except OSError as e:
             raise ConfigError(f"--run-dir {path}: cannot write there ({e.strerror or e})") from None
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "another process"
+            lock_file.close()
+            raise ConfigError(f"--run-dir {path}: in use by another job ({holder}); wait for it to end, "
+                              "or choose another --run-dir") from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
+        lock_file.flush()
         return str(path)
 
-    return RunDir(Path(dist.on_main(make)))
+    run = RunDir(Path(dist.on_main(make)))
+    try:
+        yield run
+    finally:
+        if lock_file is not None:
+            lock_file.close()  # releases the lock
 
 
 def start(run: RunDir, config_yaml: str, resumed_step: int | None) -> None:

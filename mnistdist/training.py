@@ -59,7 +59,8 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") ->
     with StopSignals() as signals:
         dist = Dist(cfg.dist)
         try:
-            return fit(cfg, dist, rundir.create(run_dir, dist), resume, signals)
+            with rundir.claim(run_dir, dist) as run:
+                return fit(cfg, dist, run, resume, signals)
         except (Preempted, NonFiniteLoss):
             # Every rank stopped at the same step. Leave together, once rank 0 has finished W&B
             # (bounded by tracking.finish_timeout_s): a rank that exits first makes torchrun

@@ -45,3 +45,29 @@ def test_fault_injector_is_the_step_itself_when_unset():
 
     assert FaultInjector(rank=0, env="").wrap(step, steps_done=0) is step
     assert FaultInjector(rank=1, env="step=3,rank=0,action=TERM").wrap(step, steps_done=0) is step
+
+
+def test_a_run_directory_in_use_by_another_job_is_refused_naming_the_holder(tmp_path, data, one_process_env):  # noqa: F811
+    import subprocess
+    import sys
+
+    from mnistdist.config import ConfigError
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # Another job holds the directory (the lock a training job takes at start).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "f.write('pid 4242 on node7 since 2026-12-02 10:00:00'); f.flush(); print('held', flush=True); time.sleep(60)",
+         str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=r"in use by another job \(pid 4242 on node7 since 2026-12-02 10:00:00\)"):
+            training.run(load_config(None, overrides(data)), run_dir, resume="auto")
+        assert not (run_dir / "config.yaml").exists()  # refused before anything was written
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases its lock
+        holder.wait()
+    # ...and once the holder is gone, the directory is free again, and freed again after a run.
+    training.run(load_config(None, overrides(data, "train.max_steps=3")), run_dir, resume="auto")
+    training.run(load_config(None, overrides(data, "train.max_steps=5")), run_dir, resume="auto")
