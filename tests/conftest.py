@@ -63,7 +63,7 @@ def child_env(**extra: str) -> dict[str, str]:
     """The environment of a run a test starts: mnistdist.launch.child_env on real MNIST."""
     from mnistdist.launch import child_env as clean_env
 
-    return clean_env(MNISTDIST_DATA_ROOT=str(data_root()), **extra)
+    return clean_env(**{"MNISTDIST_DATA_ROOT": str(data_root()), **extra})
 
 
 def run_cmd(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None,
