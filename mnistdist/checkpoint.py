@@ -640,7 +640,7 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
         raise ConfigError(
             f"{path}: written by {snap.world_size} process(es) with train.global_batch_size "
             f"{snap.global_batch_size}; this run has {dist.world_size} with {global_batch_size}. "
-            "Resume with the same number of processes and global batch (or --resume never)"
+            "Resume with the same number of processes and global batch, or start a new run with another --run-dir"
         )
     return snap
 

@@ -45,6 +45,9 @@ def train_parser(prog: str = "train_dist.py") -> argparse.ArgumentParser:
     parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                         help="auto: continue from the newest valid checkpoint in --run-dir (default); "
                              "never: start fresh; PATH: a checkpoint directory")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a checkpoint although keys that change training (lr, loss, epochs, seed, ...) "
+                             "now have other values; the new values apply from the resumed step on")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (win over the file)")
     return parser
 
@@ -62,7 +65,7 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
         return EXIT_USAGE
     try:
         cfg = load_config(config_path, args.overrides, world_size=launched_world_size())
-        training.run(cfg, args.run_dir, resume=args.resume)
+        training.run(cfg, args.run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     except (ConfigError, DataError, CheckpointError) as e:
         report_exception(e)
         return EXIT_USAGE

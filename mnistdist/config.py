@@ -474,6 +474,30 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(message)
 
 
+# Keys that change the training trajectory: continuing a checkpoint with another value of any
+# of them is another experiment, refused unless asked for (``--allow-config-change``). Every
+# other key (tracking, logging, checkpoint cadence, devices, max_steps, which only stops
+# early) just applies on resume. train.epochs is here because it stretches the LR schedule.
+TRAJECTORY_KEYS = (
+    "model.final_relu", "model.dtype", "data.normalize_mean", "data.normalize_std",
+    "train.epochs", "train.global_batch_size", "train.lr", "train.momentum", "train.nesterov",
+    "train.weight_decay", "train.lr_schedule", "train.warmup_steps", "train.loss", "train.seed",
+)
+
+
+def trajectory_changes(saved: dict[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for each trajectory key where the config a checkpoint
+    was written with (``saved``, ``Config.to_dict()`` form) differs from ``cfg``."""
+    now = cfg.to_dict()
+    changes = []
+    for key in TRAJECTORY_KEYS:
+        section, name = key.split(".")
+        old, new = saved.get(section, {}).get(name), now[section][name]
+        if old is not None and old != new:
+            changes.append((key, old, new))
+    return changes
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (written to the run directory)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -178,6 +178,8 @@ class Tracker:
             return
         try:
             data = {k: v for k, v in record.items() if k != "step" and not isinstance(v, (list, dict))}
+            for key, (_, new) in (record.get("config_changes") or {}).items():  # a resume with --allow-config-change
+                data[f"config_change/{key}"] = new
             for c, acc in enumerate(record.get("per_class_acc") or []):
                 data[f"test_acc_class/{c}"] = acc
             if "confusion" in record:

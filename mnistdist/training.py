@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mnistdist import checkpoint, rundir
 from mnistdist.checkpoint import Snapshot
-from mnistdist.config import Config, to_yaml
+from mnistdist.config import Config, ConfigError, to_yaml, trajectory_changes
 from mnistdist.data import MnistTensors, TrainBatches, eval_shard, load_tensors, normalize, prepare_mnist
 from mnistdist.distributed import Dist, warn_main
 from mnistdist.metrics import EvalCounts, LossMeter, per_sample_loss
@@ -48,11 +48,13 @@ class Position:
     """Batches of ``epoch`` done; a resumed run continues with the next batch."""
 
 
-def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") -> dict[str, Any]:
+def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
+        allow_config_change: bool = False) -> dict[str, Any]:
     """Train according to ``cfg`` on however many processes were launched; return the summary.
 
     ``resume``: ``auto`` (newest valid checkpoint in the run directory, if any), ``never``, or
-    the path of a checkpoint directory.
+    the path of a checkpoint directory. A checkpoint written with other values of keys that
+    change the trajectory (``config.TRAJECTORY_KEYS``) is refused unless ``allow_config_change``.
     """
     # Stop requests (SIGTERM, SIGUSR1, Ctrl-C) are recorded from the first moment to the last:
     # one during start-up stops after the first step, one after training is ignored.
@@ -60,7 +62,7 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") ->
         dist = Dist(cfg.dist)
         try:
             with rundir.claim(run_dir, dist) as run:
-                return fit(cfg, dist, run, resume, signals)
+                return fit(cfg, dist, run, resume, signals, allow_config_change)
         except (Preempted, NonFiniteLoss):
             # Every rank stopped at the same step. Leave together, once rank 0 has finished W&B
             # (bounded by tracking.finish_timeout_s): a rank that exits first makes torchrun
@@ -72,7 +74,7 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") ->
 
 
 def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
-        signals: StopSignals | None = None) -> dict[str, Any]:
+        signals: StopSignals | None = None, allow_config_change: bool = False) -> dict[str, Any]:
     """Train and evaluate; return the summary. Collective: every rank calls it."""
     t = cfg.train
 
@@ -96,8 +98,14 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
     # Fresh, or continue where a checkpoint left off (the same checkpoint on every rank).
     pos, meter = Position(), LossMeter(dist.device)
     snap = checkpoint.resume(dist, run.root, resume, t.global_batch_size)
+    changes = trajectory_changes(snap.config, cfg) if snap is not None else []
+    if changes and not allow_config_change:  # the same verdict on every rank
+        raise ConfigError(f"{snap.path}: written with other values of keys that change training: "
+                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
+                          + "; continue with the new values with --allow-config-change, or use another --run-dir")
     if snap is not None:
         checkpoint.restore(snap, dist.unwrap(model), optimizer, dist.rank)
+        set_hyperparameters(optimizer, cfg)  # the config's values win over the checkpoint's
         pos = Position(snap.step, snap.epoch, snap.batch_in_epoch)
         meter.load_state_dict(snap.ranks[dist.rank]["loss"])
     if dist.is_main:
@@ -115,6 +123,10 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
 
     run_id = snap.tracking.get("wandb_run_id") if snap else None
     tracker = Tracker(cfg.tracking, run, cfg.to_dict(), enabled=dist.is_main, run_id=run_id)
+    if changes:
+        dist.print(f"continuing with changed config (--allow-config-change): "
+                   + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
+        tracker.log({"step": pos.step, "config_changes": {k: [old, new] for k, old, new in changes}})
 
     def save_checkpoint() -> Path:  # collective
         state = Snapshot(step=pos.step, epoch=pos.epoch, batch_in_epoch=pos.batch_in_epoch,
@@ -244,6 +256,13 @@ def write_results(run: RunDir, model: torch.nn.Module, summary: dict[str, Any], 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> MLP:
     """The MLP of ``cfg`` (final ReLU, dtype) on ``device``."""
     return MLP(final_relu=cfg.model.final_relu).to(device=device, dtype=getattr(torch, cfg.model.dtype))
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    """The config's SGD settings in every parameter group (``load_state_dict`` brings back the
+    checkpoint's; the learning rate is set before every step from the schedule)."""
+    for group in optimizer.param_groups:
+        group.update(momentum=cfg.train.momentum, nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

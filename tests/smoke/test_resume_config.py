@@ -1,0 +1,58 @@
+"""Resume never silently changes the experiment (in-process runs on tiny synthetic MNIST)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from mnistdist import checkpoint, training
+from mnistdist.config import ConfigError, load_config
+from mnistdist.rundir import read_metrics
+from tests.smoke.test_train_smoke import data, one_process_env, overrides  # noqa: F401 - fixtures
+
+
+@pytest.fixture
+def stopped_run(tmp_path, data, one_process_env):  # noqa: F811
+    """A run stopped at step 13 of 40 (train.max_steps), with its checkpoint."""
+    run_dir = tmp_path / "run"
+    training.run(load_config(None, overrides(data, "train.max_steps=13")), run_dir, resume="never")
+    return run_dir
+
+
+def resume(run_dir, data, *extra, allow=False):  # noqa: F811
+    return training.run(load_config(None, overrides(data, *extra)), run_dir, resume="auto", allow_config_change=allow)
+
+
+@pytest.mark.parametrize("change", ["train.lr=0.05", "train.loss=mse", "model.dtype=float64", "train.weight_decay=0",
+                                    "train.seed=3", "train.epochs=3", "data.normalize_std=0.5"])
+def test_a_change_of_the_trajectory_is_refused_naming_what_differs(stopped_run, data, change):  # noqa: F811
+    key = change.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"written with other values of keys that change training: {key} ") as refused:
+        resume(stopped_run, data, change)
+    assert "--allow-config-change" in str(refused.value) and "another --run-dir" in str(refused.value)
+    # Refused before anything was written: the run dir still describes the stopped run.
+    assert yaml.safe_load((stopped_run / "config.yaml").read_text())["train"]["max_steps"] == 13
+
+
+def test_keys_that_do_not_change_the_trajectory_just_apply(stopped_run, data):  # noqa: F811
+    summary = resume(stopped_run, data, "train.log_every_steps=5", "checkpoint.every_steps=7", "tracking.project=other")
+    assert summary["steps"] == 40
+    saved = yaml.safe_load((stopped_run / "config.yaml").read_text())
+    assert saved["train"]["log_every_steps"] == 5 and saved["tracking"]["project"] == "other"
+    assert not [r for r in read_metrics(stopped_run) if "config_changes" in r]
+
+
+def test_allowed_changes_really_apply_and_are_recorded(stopped_run, data):  # noqa: F811
+    summary = resume(stopped_run, data, "train.momentum=0.5", "train.weight_decay=0", "train.lr=0.05", allow=True)
+    assert summary["steps"] == 40
+    changes = [r for r in read_metrics(stopped_run) if "config_changes" in r]
+    assert changes == [{"step": 13, "config_changes": {"train.lr": [0.1, 0.05], "train.momentum": [0.9, 0.5],
+                                                       "train.weight_decay": [0.0005, 0.0]}}]
+    saved = yaml.safe_load((stopped_run / "config.yaml").read_text())
+    assert saved["train"]["momentum"] == 0.5 and saved["train"]["lr"] == 0.05
+    # The optimizer ran with the new values, not the checkpoint's.
+    state = json.loads((checkpoint.list_checkpoints(stopped_run)[0] / "state.json").read_text())
+    group = state["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.5, 0.0)
