@@ -636,17 +636,23 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
     if path is None:
         return None
     snap = chosen[0] if chosen else load_checkpoint(Path(path))
-    if snap.world_size != dist.world_size or snap.global_batch_size != global_batch_size:
+    # Another number of processes is fine: the training trajectory does not depend on it (see
+    # data.TrainBatches); another global batch would change every batch from here on.
+    if snap.global_batch_size != global_batch_size:
         raise ConfigError(
-            f"{path}: written by {snap.world_size} process(es) with train.global_batch_size "
-            f"{snap.global_batch_size}; this run has {dist.world_size} with {global_batch_size}. "
-            "Resume with the same number of processes and global batch, or start a new run with another --run-dir"
+            f"{path}: written with train.global_batch_size {snap.global_batch_size}; this run has "
+            f"{global_batch_size}, which would change every batch from here on. Resume with the same global "
+            "batch, or start a new run with another --run-dir"
         )
     return snap
 
 
 def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
     """Load the weights, the optimizer state and rank ``rank``'s RNG state of ``snap``.
+
+    On another number of processes than wrote it, a rank without a saved RNG state takes rank
+    0's: no random number decides anything in training (the sampler's shuffle is seeded from
+    ``train.seed`` and the epoch, the model has no dropout), so this does not change the run.
 
     A checkpoint of another model (other layer names or shapes, other parameter groups) is a
     CheckpointError naming the file, raised on every rank alike (they all restore the same
@@ -670,4 +676,4 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, KeyError...
             reason = " ".join(str(e).split())[:300] or type(e).__name__
             raise CheckpointError(f"{where / name}: does not fit this run's {what} ({reason})") from None
-    set_rng_state(snap.ranks[rank]["rng"])
+    set_rng_state(snap.ranks[rank if rank < snap.world_size else 0]["rng"])

@@ -111,15 +111,32 @@ class LossMeter:
     ``window_*``: since the last training line of metrics.jsonl; ``epoch_sum``: this epoch.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.window_sum = torch.zeros((), device=device)
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        # In the model's precision: a float64 run's logged losses are float64 sums too.
+        self.window_sum = torch.zeros((), device=device, dtype=dtype)
         self.window_steps = 0
-        self.epoch_sum = torch.zeros((), device=device)
+        self.epoch_sum = torch.zeros((), device=device, dtype=dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        # float32 -> Python float is exact, and back again.
+        # float32/float64 -> Python float is exact, and back again.
         return {"window_sum": float(self.window_sum), "window_steps": self.window_steps,
                 "epoch_sum": float(self.epoch_sum)}
+
+    @staticmethod
+    def for_rank(saved: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+        """Rank ``rank``'s loss sums to resume with, from every saved rank's ``state_dict()``.
+
+        What is logged is the sum over ranks divided by the number of ranks (each rank's loss
+        is a mean over an equal share of the global batch). On the world size that saved them,
+        each rank takes back its own sums (bitwise). On another one, the mean over the saved
+        ranks is re-split so the next line logs the same value: all of it on rank 0 (times the
+        new number of ranks), none on the others (adding zeros is exact)."""
+        if len(saved) == world_size:
+            return saved[rank]
+        scale = world_size / len(saved)
+        return {"window_steps": saved[0]["window_steps"],
+                **{key: scale * sum(s[key] for s in saved) if rank == 0 else 0.0
+                   for key in ("window_sum", "epoch_sum")}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.window_sum.fill_(state["window_sum"])

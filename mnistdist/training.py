@@ -96,18 +96,14 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
     model, optimizer = dist.prepare(model, build_optimizer(cfg, model))
 
     # Fresh, or continue where a checkpoint left off (the same checkpoint on every rank).
-    pos, meter = Position(), LossMeter(dist.device)
+    pos, meter = Position(), LossMeter(dist.device, getattr(torch, cfg.model.dtype))
     snap = checkpoint.resume(dist, run.root, resume, t.global_batch_size)
-    changes = trajectory_changes(snap.config, cfg) if snap is not None else []
-    if changes and not allow_config_change:  # the same verdict on every rank
-        raise ConfigError(f"{snap.path}: written with other values of keys that change training: "
-                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
-                          + "; continue with the new values with --allow-config-change, or use another --run-dir")
+    changes = config_changes(snap, cfg, allow_config_change)  # ConfigError unless allowed
     if snap is not None:
         checkpoint.restore(snap, dist.unwrap(model), optimizer, dist.rank)
         set_hyperparameters(optimizer, cfg)  # the config's values win over the checkpoint's
         pos = Position(snap.step, snap.epoch, snap.batch_in_epoch)
-        meter.load_state_dict(snap.ranks[dist.rank]["loss"])
+        meter.load_state_dict(LossMeter.for_rank([r["loss"] for r in snap.ranks], dist.rank, dist.world_size))
     if dist.is_main:
         rundir.start(run, to_yaml(cfg), resumed_step=pos.step if snap else None)
 
@@ -119,6 +115,7 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
         f"global batch {t.global_batch_size} = {dist.world_size} x {per_process_batch}; "
         f"{steps_per_epoch} steps/epoch; run dir {run.root}"
         + (f"; resumed from {snap.path} at step {pos.step}" if snap else "")
+        + (f" (written by {snap.world_size} process(es))" if snap and snap.world_size != dist.world_size else "")
     )
 
     run_id = snap.tracking.get("wandb_run_id") if snap else None
@@ -215,6 +212,17 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
             write_results(run, dist.unwrap(model), summary, counts, tracker, pos.step)
     dist.barrier()  # nobody exits (and tears down the group) while rank 0 still writes
     return summary
+
+
+def config_changes(snap: Snapshot | None, cfg: Config, allowed: bool) -> list[tuple[str, Any, Any]]:
+    """The trajectory keys whose values differ from the checkpoint's (the same on every rank):
+    a ConfigError listing them, unless ``allowed``."""
+    changes = trajectory_changes(snap.config, cfg) if snap is not None else []
+    if changes and not allowed:
+        raise ConfigError(f"{snap.path}: written with other values of keys that change training: "
+                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
+                          + "; continue with the new values with --allow-config-change, or use another --run-dir")
+    return changes
 
 
 def log_training(dist: Dist, tracker: Tracker, meter: LossMeter, pos: Position, lr: float,

@@ -116,12 +116,15 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(golden, tmp_path):
     assert bad.returncode != 0 and f"{copy / 'optimizer.safetensors'}: 10 bytes" in bad.stderr
 
 
-def test_world_size_change_is_refused(golden, tmp_path):
+def test_global_batch_change_is_refused(golden, tmp_path):
+    """Another number of processes resumes (tests/distributed/test_world_sizes.py); another
+    global batch would change every batch from the checkpoint on, so it is refused."""
     run_dir = tmp_path / "run"
     shutil.copytree(golden[0] / "checkpoints", run_dir / "checkpoints")
-    result = run_cmd(train_cmd(*ARGS, "--run-dir", str(run_dir)))
+    result = run_cmd(train_cmd(*ARGS, "train.global_batch_size=100", "--run-dir", str(run_dir)))
     assert result.returncode == 2
-    assert "written by 2 process(es) with train.global_batch_size 200; this run has 1 with 200" in result.stderr
+    assert "written with train.global_batch_size 200; this run has 100" in result.stderr
+    assert "another --run-dir" in result.stderr and "--resume never" not in result.stderr
     assert "Traceback" not in result.stderr
 
 

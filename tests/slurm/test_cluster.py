@@ -150,3 +150,44 @@ def test_time_limit_too_short_requeues_until_done(slurm_cluster, tmp_path):
     assert log.count("all workers stopped on request after writing a checkpoint (exit 75)") >= 2, log
     assert "DUE TO TIME LIMIT" not in log, log  # every run stopped itself before Slurm killed it
     assert_same_run(expected, outcome(run_dir))
+
+
+@pytest.mark.timeout(420)
+def test_a_two_node_job_is_continued_by_a_one_node_job(slurm_cluster, tmp_path):
+    """Preempted on 2 nodes (USR1, not requeued: MAX_REQUEUES=0), the same RUN_DIR finished by
+    a 1-node job: in float64 within 1e-12 of an uninterrupted 1-process run, in one W&B run."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import train_cmd
+
+    args = ["model.dtype=float64", *SHORT]
+    run_dir = tmp_path / "run"
+    first = slurm_cluster.submit("cpu.sbatch", tmp_path, "--nodes=2", RUN_DIR=str(run_dir), OVERRIDES=" ".join(args),
+                                 WANDB_MODE="offline", MAX_REQUEUES="0")
+    golden_dir = tmp_path / "golden"
+    golden = subprocess.Popen(train_cmd(*args, "--run-dir", str(golden_dir)), cwd=REPO, env=child_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first.wait_until(lambda i: i["JobState"] == "RUNNING" and any((run_dir / "checkpoints").glob("step-*"))
+                         or i["JobState"] in TERMINAL_STATES, timeout=240, what="running with a checkpoint")
+        run_id = (run_dir / "wandb_run_id").read_text().strip()
+        assert run_cmd(["scancel", "--signal=USR1", "--batch", str(first.job_id)], timeout=30).returncode == 0
+        info = first.wait_done(timeout=180)
+        assert info["ExitCode"] == "75:0" and info["Restarts"] == "0", first.describe()
+        second = slurm_cluster.submit("cpu.sbatch", tmp_path, "--nodes=1", RUN_DIR=str(run_dir),
+                                      OVERRIDES=" ".join(args), WANDB_MODE="offline")
+        assert_finished(second, second.wait_done(timeout=240))
+        assert golden.wait(timeout=300) == 0
+    finally:
+        golden.kill()
+    assert "(written by 2 process(es))" in second.log_text()
+    a, b = load_file(str(golden_dir / "model.safetensors")), load_file(str(run_dir / "model.safetensors"))
+    assert a["fc1.weight"].dtype.is_floating_point and str(a["fc1.weight"].dtype) == "torch.float64"
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"2 nodes -> 1 node: max |param difference| to one uninterrupted process {worst:.1e}")
+    assert worst <= 1e-12
+    steps = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 600
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all((s / f"run-{run_id}.wandb").is_file() for s in segments), segments

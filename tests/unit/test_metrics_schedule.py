@@ -65,3 +65,21 @@ def test_cosine_warmup():
 def test_unknown_schedule():
     with pytest.raises(ValueError):
         lr_at(0, 10, 0.1, "step")
+
+
+def test_loss_sums_resume_on_any_number_of_ranks():
+    from mnistdist.metrics import LossMeter
+
+    saved = [{"window_sum": 1.5, "window_steps": 3, "epoch_sum": 10.0},
+             {"window_sum": 2.5, "window_steps": 3, "epoch_sum": 14.0}]
+    # The same world size: each rank its own sums, untouched.
+    assert [LossMeter.for_rank(saved, r, 2) for r in range(2)] == saved
+    # Another one: what is logged (sum over ranks / number of ranks) is unchanged.
+    for world_size in (1, 3, 4, 6):
+        resplit = [LossMeter.for_rank(saved, r, world_size) for r in range(world_size)]
+        assert all(s["window_steps"] == 3 for s in resplit)
+        for key in ("window_sum", "epoch_sum"):
+            assert sum(s[key] for s in resplit) / world_size == sum(s[key] for s in saved) / 2
+    meter = LossMeter(torch.device("cpu"), torch.float64)
+    meter.load_state_dict(LossMeter.for_rank(saved, 0, 3))
+    assert meter.window_sum.dtype == torch.float64 and meter.state_dict()["window_sum"] == 6.0
