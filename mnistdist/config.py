@@ -112,7 +112,8 @@ class TrainConfig:
     (the seed's comparison of the two)."""
 
     seed: int = 0
-    """Seeds the initialisation and the DistributedSampler's shuffle; same on every rank."""
+    """Seeds the initialisation and the DistributedSampler's shuffle; same on every rank.
+    0..2**32-1 (numpy's range)."""
 
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = no limit); for smoke tests."""
@@ -163,7 +164,9 @@ class DistConfig:
 
     timeout_s: float = 300.0
     """Process-group timeout: a collective that waits longer than this fails instead of
-    hanging (for example when another rank died)."""
+    hanging (for example when another rank died). At most one week; above
+    ``tracking.finish_timeout_s`` (after a stop the ranks wait for the main process to finish
+    W&B)."""
 
 
 @dataclass
@@ -191,7 +194,8 @@ class TrackingConfig:
     """Longest wait for W&B to start; after it the run is logged offline instead."""
 
     finish_timeout_s: float = 60.0
-    """Longest wait for W&B to finish uploading at the end; the rest stays on disk for wandb sync."""
+    """Longest wait for W&B to finish uploading at the end; the rest stays on disk for wandb sync.
+    Below ``dist.timeout_s``: the other ranks wait that long at most for the main process."""
 
 
 @dataclass
@@ -460,6 +464,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"got {cfg.tracking.finish_timeout_s:g}",
         ),
         (cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last: must be >= 0; got {cfg.checkpoint.keep_last}"),
+        (
+            cfg.tracking.finish_timeout_s < cfg.dist.timeout_s,
+            f"tracking.finish_timeout_s: must be below dist.timeout_s ({cfg.dist.timeout_s:g}), which bounds how "
+            f"long the other ranks wait for the main process to finish W&B; got {cfg.tracking.finish_timeout_s:g}",
+        ),
     ]
     if world_size is not None:
         checks.append(
