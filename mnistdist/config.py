@@ -145,12 +145,21 @@ class CheckpointConfig:
 
 @dataclass
 class DistConfig:
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto`` uses CUDA when it is available, else CPU processes talking gloo."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """``auto``: the best device here, CUDA, then Apple's MPS, then the CPU (one line says
+    which). CPU processes talk gloo, GPUs NCCL."""
 
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """``bf16`` autocast for training (GPU); parameters and evaluation sums stay fp32/fp64.
-    Falls back to fp32 with one warning on a GPU without bf16."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """``bf16`` autocast for training; parameters and evaluation sums stay fp32/fp64. ``auto``
+    follows the launcher (``accelerate launch --mixed_precision``), else ``no``; an explicit
+    value wins over the launcher's, with one warning when they disagree. Falls back to fp32
+    with one warning on a GPU without bf16. On a CPU bf16 autocast runs, but slower than fp32."""
+
+    threads_per_process: int = 0
+    """CPU threads each process uses for its math (``torch.set_num_threads``). 0 follows the
+    launcher (``OMP_NUM_THREADS``, which torchrun and accelerate set to 1 per process when
+    several share a machine), else torch's default; an explicit value wins, with one warning
+    when it disagrees with the launcher's."""
 
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     """``torch.compile`` the forward pass and loss (and so their backward) with this mode;
@@ -172,8 +181,18 @@ class DistConfig:
 @dataclass
 class TrackingConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """``auto``: online when an API key is configured (WANDB_API_KEY or ~/.netrc), else offline.
-    The environment variable WANDB_MODE always wins. The key itself is never read from here."""
+    """W&B: ``auto`` is online when an API key is configured (WANDB_API_KEY or ~/.netrc), else
+    offline. The environment variable WANDB_MODE always wins. The key is never read from here."""
+
+    tensorboard: bool = True
+    """Also write TensorBoard event files to ``RUN_DIR/tensorboard/`` (the same values and
+    steps as metrics.jsonl), for clusters where W&B is blocked. W&B, TensorBoard, both or
+    neither: ``mode`` and this key are independent."""
+
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """How training shows progress on the main process: ``bar`` (a tqdm bar), ``lines`` (plain
+    lines every ``train.log_every_steps`` steps and at each epoch end: readable in Slurm logs and
+    files), ``off``. ``auto``: a bar on a terminal, lines otherwise. ``TQDM_DISABLE=1`` means off."""
 
     project: str = "mnistdist"
     """W&B project."""
@@ -436,6 +455,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.eval_per_process_batch_size: must be >= 1; got {t.eval_per_process_batch_size}",
         ),
         (d.num_workers >= 0, f"data.num_workers: must be >= 0; got {d.num_workers}"),
+        (0 <= cfg.dist.threads_per_process <= 1024,
+         f"dist.threads_per_process: must be in 0..1024 (0 = follow the launcher); got {cfg.dist.threads_per_process}"),
         (d.normalize_std > 0, f"data.normalize_std: must be > 0; got {d.normalize_std}"),
         (bool(d.root), "data.root: must not be empty"),
         (cfg.dist.timeout_s > 0, f"dist.timeout_s: must be > 0; got {cfg.dist.timeout_s}"),

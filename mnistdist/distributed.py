@@ -110,11 +110,56 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def resolve_device(cfg: DistConfig) -> bool:
-    """Return True when training runs on the CPU."""
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def resolve_device(cfg: DistConfig, world_size: int = 1) -> str:
+    """The device type to train on: ``dist.device``, or for ``auto`` the best one here (CUDA,
+    then Apple's MPS for a single process, then the CPU). ConfigError when an explicit choice
+    cannot work here."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("dist.device: cuda was requested but CUDA is not available here; use auto or cpu")
-    return cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device == "mps" and not mps_available():
+        raise ConfigError("dist.device: mps was requested but Apple's MPS is not available here; use auto or cpu")
+    if cfg.device == "mps" and world_size > 1:
+        raise ConfigError("dist.device: mps runs one process only (there is no multi-process MPS backend); "
+                          "launch one process, or use dist.device=cpu")
+    if cfg.device != "auto":
+        return cfg.device
+    if torch.cuda.is_available():
+        return "cuda"
+    if mps_available() and world_size == 1:
+        return "mps"
+    return "cpu"
+
+
+def resolve_mixed_precision(cfg: DistConfig) -> str:
+    """``dist.mixed_precision``, where ``auto`` follows the launcher (``accelerate launch
+    --mixed_precision`` sets ACCELERATE_MIXED_PRECISION), else ``no``. An explicit value wins;
+    when the launcher asked for something else than its default ``no``, one warning says so."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if cfg.mixed_precision == "auto":
+        if launcher in ("", "no", "bf16"):
+            return launcher or "no"
+        warn_main(f"the launcher asked for --mixed_precision {launcher}, which mnistdist does not support "
+                  "(bf16 or no); training in full precision")
+        return "no"
+    if launcher not in ("", "no") and launcher != cfg.mixed_precision:
+        warn_main(f"dist.mixed_precision={cfg.mixed_precision} wins over the launcher's --mixed_precision {launcher}")
+    return cfg.mixed_precision
+
+
+def apply_threads(cfg: DistConfig) -> None:
+    """``dist.threads_per_process``: 0 leaves torch with what the launcher set (OMP_NUM_THREADS);
+    an explicit value wins, with one warning when the launcher said otherwise."""
+    if cfg.threads_per_process == 0:
+        return
+    launcher = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if launcher.isdigit() and int(launcher) != cfg.threads_per_process:
+        warn_main(f"dist.threads_per_process={cfg.threads_per_process} wins over the launcher's "
+                  f"OMP_NUM_THREADS={launcher}")
+    torch.set_num_threads(cfg.threads_per_process)
 
 
 class Dist:
@@ -122,14 +167,16 @@ class Dist:
 
     def __init__(self, cfg: DistConfig) -> None:
         self.cfg = cfg
-        use_cpu = resolve_device(cfg)
+        device = resolve_device(cfg, launched_world_size())
+        self.mixed_precision = resolve_mixed_precision(cfg)
+        apply_threads(cfg)
         # Without cpu=True on a machine without CUDA, accelerate would make every worker its
         # own rank 0 (each one "world size 1"); the check below catches that too.
         # accelerate picks the backend itself (gloo on CPU, nccl on GPUs); we set the timeout.
         handler = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))
         self.accelerator = Accelerator(
-            cpu=use_cpu,
-            mixed_precision=cfg.mixed_precision,
+            cpu=device == "cpu",
+            mixed_precision=self.mixed_precision,
             kwargs_handlers=[handler],
         )
         expected = launched_world_size()

@@ -310,7 +310,7 @@ def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch
         return eager
     why_not = ("it needs CUDA" if dist.device.type != "cuda" else
                "it is single-GPU only" if dist.world_size > 1 else
-               "it does not combine with bf16 autocast" if cfg.dist.mixed_precision != "no" else
+               "it does not combine with bf16 autocast" if dist.mixed_precision != "no" else
                "dist.compile does the capturing already" if cfg.dist.compile != "off" else None)
     if why_not:
         warn_main(f"dist.cuda_graph: {why_not}; using the eager step")
