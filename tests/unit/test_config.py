@@ -400,7 +400,7 @@ def test_literal_values_yaml_reads_as_booleans_are_accepted_in_a_file(tmp_path):
     [
         # a boolean that spells no allowed value is still refused
         ("dist.compile=on", "dist.compile: must be one of off, default, reduce-overhead, max-autotune; got True"),
-        ("dist.mixed_precision=yes", "dist.mixed_precision: must be one of no, bf16; got True"),
+        ("dist.mixed_precision=yes", "dist.mixed_precision: must be one of auto, no, bf16; got True"),
         ("train.loss=false", "train.loss: must be one of cross_entropy, mse; got False"),
     ],
 )
