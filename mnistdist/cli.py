@@ -16,7 +16,7 @@ from mnistdist import rundir
 from mnistdist.checkpoint import CheckpointError
 from mnistdist.config import ConfigError, load_config
 from mnistdist.data import DataError
-from mnistdist.distributed import is_main_process, launched_world_size, report_exception
+from mnistdist.distributed import check_launch, is_main_process, launched_world_size, report_exception
 from mnistdist.signals import Preempted, TrainingStopped
 
 EXIT_USAGE = 2
@@ -64,6 +64,7 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
         report_exception(ConfigError(f"--resume {args.resume}: no such checkpoint directory"))
         return EXIT_USAGE
     try:
+        check_launch()
         cfg = load_config(config_path, args.overrides, world_size=launched_world_size())
         training.run(cfg, args.run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     except (ConfigError, DataError, CheckpointError) as e:
@@ -157,6 +158,7 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "mnistdist evaluate
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     try:
+        check_launch()
         model_file, cfg = _model_and_config(args.model, args.config, args.overrides)
         load_weights(cfg, model_file)  # a bad file is one line here, before any process group
         counts = training.evaluate_model_file(cfg, model_file)

@@ -105,6 +105,22 @@ def launched_world_size() -> int:
         return 1
 
 
+def check_launch() -> None:
+    """Stop with a ConfigError when a launcher started one process although more were asked for.
+
+    ``accelerate launch --num_processes N`` without ``--multi_gpu`` (no accelerate config, or
+    ``--cpu``) runs a single process on a machine without GPUs (accelerate issue 2741), which
+    would then train alone. Its trace: accelerate's variables and a rendezvous address
+    (MASTER_PORT, set because N > 1), but no WORLD_SIZE, which every multi-process launcher sets.
+    """
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env:
+        raise ConfigError(
+            "accelerate launch started 1 process although more were asked for (without --multi_gpu it "
+            "runs one on a machine without GPUs); use: accelerate launch --config_file "
+            "configs/accelerate/cpu.yaml --num_processes N train_dist.py (CPU), or --multi_gpu (GPUs)")
+
+
 def is_main_process() -> bool:
     """Rank 0 (or no launcher): for output after the process group is gone."""
     return os.environ.get("RANK", "0") == "0"

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from mnistdist.launch import free_port
 from mnistdist.rundir import read_metrics
 from tests.conftest import REPO, check, child_env, launch_cmd, run_cmd, train_cmd
 
@@ -137,3 +140,34 @@ def test_config_error_under_the_launcher_stops_before_training(tmp_path):
         assert f"[rank {rank}] error: train.global_batch_size: 201" in result.stderr
     assert "mnistdist/" not in result.stderr and "train_dist.py\", line" not in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_accelerate_commands_that_start_one_process_instead_of_two_are_refused(tmp_path):
+    """`accelerate launch --num_processes 2` (no accelerate config) and `--cpu --num_processes 2`
+    start ONE process on a machine without GPUs; it must not train alone."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    env = child_env(HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"))  # no user accelerate config
+    for flags in (["--num_processes", "2"], ["--cpu", "--num_processes", "2"]):
+        result = run_cmd([accelerate, "launch", *flags, str(REPO / "train_dist.py"), "--run-dir", str(tmp_path / "r")],
+                         env=env, timeout=120)
+        assert result.returncode != 0, result.stdout[-2000:]
+        assert "error: accelerate launch started 1 process although more were asked for" in result.stderr
+        assert "configs/accelerate/cpu.yaml" in result.stderr and "Traceback (most recent call last)" not in \
+            result.stderr.split("error: accelerate launch started")[0]
+        assert not (tmp_path / "r").exists()
+    # Plain `accelerate launch train_dist.py` stays a valid one-process run.
+    one = check(run_cmd([accelerate, "launch", str(REPO / "train_dist.py"), "train.max_steps=5",
+                         "--run-dir", str(tmp_path / "one")], env=env, timeout=300))
+    assert "training on 1 process(es)" in one.stdout
+
+
+def test_torchrun_is_a_first_class_launcher(tmp_path):
+    """torchrun --nproc_per_node 2 trains exactly like accelerate's 2-process launch."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    args = ["train.max_steps=20", "--run-dir"]
+    check(run_cmd([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / "train_dist.py"),
+                   *args, str(tmp_path / "torchrun")], timeout=300))
+    check(run_cmd(launch_cmd(2, *args, str(tmp_path / "accelerate")), timeout=300))
+    a, b = load_file(tmp_path / "torchrun" / "model.safetensors"), load_file(tmp_path / "accelerate" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "torchrun" / "summary.json").read_text())["world_size"] == 2
