@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from mnistdist import rundir
 from mnistdist.checkpoint import CheckpointError
-from mnistdist.config import ConfigError, load_config
+from mnistdist.config import ConfigError, load_config, to_yaml
 from mnistdist.data import DataError
 from mnistdist.distributed import check_launch, is_main_process, launched_world_size, report_exception
 from mnistdist.signals import Preempted, TrainingStopped
@@ -32,11 +32,30 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _config_sections() -> str:
+    """One line per config section, from the dataclasses' docstrings."""
+    import dataclasses
+    import typing
+
+    from mnistdist.config import Config
+
+    hints = typing.get_type_hints(Config)
+    lines = []
+    for f in dataclasses.fields(Config):
+        keys = ", ".join(x.name for x in dataclasses.fields(hints[f.name]))
+        lines.append(f"  {f.name:<11} {keys}")
+    return "\n".join(lines)
+
+
 def train_parser(prog: str = "train_dist.py") -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
-        description="Train the MNIST MLP on 1..N processes (launch with `accelerate launch` for N > 1).",
-        epilog="Overrides are section.key=value, e.g. train.lr=0.05 train.epochs=3 data.pipeline=torchvision.",
+        description="Train the MNIST MLP on 1..N processes: `python train_dist.py` for one; "
+                    "`python -m mnistdist.launch` / `accelerate launch` / `torchrun` for N.",
+        epilog="Overrides are section.key=value after the flags (values are YAML), e.g.\n"
+               "  train.lr=0.05 train.epochs=3 dist.device=cpu\nConfig sections and their keys:\n" + _config_sections()
+               + "\nEvery key is documented in mnistdist/config.py; --print-config shows the resolved values.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML config (default: configs/default.yaml)")
@@ -48,7 +67,10 @@ def train_parser(prog: str = "train_dist.py") -> argparse.ArgumentParser:
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a checkpoint although keys that change training (lr, loss, epochs, seed, ...) "
                              "now have other values; the new values apply from the resumed step on")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (win over the file)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + environment + overrides) as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. train.lr=0.05 (win over the environment and the file)")
     return parser
 
 
@@ -66,6 +88,10 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     try:
         check_launch()
         cfg = load_config(config_path, args.overrides, world_size=launched_world_size())
+        if args.print_config:
+            if is_main_process():
+                print(to_yaml(cfg), end="")
+            return 0
         training.run(cfg, args.run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     except (ConfigError, DataError, CheckpointError) as e:
         report_exception(e)
@@ -306,17 +332,22 @@ def _confusion_by_evaluating(run_dir: Path, skip: bool) -> list[list[int]] | Non
 def main(argv: list[str] | None = None) -> int:
     """``mnistdist <command> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "train": lambda rest: train_main(rest, prog="mnistdist train"),
-        "evaluate": evaluate_main,
-        "predict": predict_main,
-        "plot": plot_main,
+    commands = {  # name: (entry point, what it does)
+        "train": (lambda rest: train_main(rest, prog="mnistdist train"), "train the MLP (same as train_dist.py)"),
+        "evaluate": (evaluate_main, "exact test loss, accuracy and confusion matrix of saved weights"),
+        "predict": (predict_main, "classify your own PNG/JPEG digit images with saved weights"),
+        "plot": (plot_main, "loss, accuracy and confusion-matrix PNGs of a run directory"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        stream = sys.stdout if asked else sys.stderr
+        if argv and not asked:
+            print(f"error: unknown command {argv[0]!r}", file=stream)
         print(f"usage: mnistdist {{{','.join(commands)}}} ... (each takes --help)", file=stream)
-        return 0 if stream is sys.stdout else EXIT_USAGE
-    return commands[argv[0]](argv[1:])
+        for name, (_, what) in commands.items():
+            print(f"  {name:<9} {what}", file=stream)
+        return 0 if asked else EXIT_USAGE
+    return commands[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":
