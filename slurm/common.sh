@@ -135,11 +135,19 @@ ms_build_command() {
     read -r -a overrides <<<"$OVERRIDES"
     read -r -a launch_args <<<"$LAUNCH_ARGS"
     if [[ $DEVICE == cpu ]]; then overrides=(dist.device=cpu "${overrides[@]}"); fi
-    launch=(
-        --config_file "$LAUNCH_CONFIG" --multi_gpu
-        --num_machines "$NODES" --num_processes "$NUM_PROCESSES"
-        --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
-        --rdzv_backend static --same_network
+    if (( NUM_PROCESSES == 1 )); then
+        # One process in all: accelerate refuses --multi_gpu (and a MULTI_GPU config file) for
+        # a single process, and there is no rendezvous to hold; its simple launcher runs it.
+        launch=(--num_machines 1 --num_processes 1)
+    else
+        launch=(
+            --config_file "$LAUNCH_CONFIG" --multi_gpu
+            --num_machines "$NODES" --num_processes "$NUM_PROCESSES"
+            --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
+            --rdzv_backend static --same_network
+        )
+    fi
+    launch+=(
         --num_cpu_threads_per_process "$THREADS_PER_PROC"
         --mixed_precision no --dynamo_backend no
         "${launch_args[@]}"

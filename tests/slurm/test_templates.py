@@ -152,6 +152,18 @@ def test_command_line_and_per_node_machine_rank(tmp_path):
     assert not any("requeue" in c for c in calls(tmp_path))
 
 
+def test_a_one_process_job_is_launched_without_multi_gpu(tmp_path):
+    """accelerate refuses --multi_gpu (and the MULTI_GPU config file) for one process in all,
+    so a 1-node, 1-process job (cpu.sbatch --nodes=1) takes accelerate's simple launcher."""
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo", SLURM_JOB_NUM_NODES="1",
+                    SLURM_JOB_NODELIST="nodeA")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    task = (tmp_path / "task0.out").read_text()
+    assert "-m mnistdist.launch --machine_rank 0 --num_machines 1 --num_processes 1 " in task
+    assert "--multi_gpu" not in task and "--config_file" not in task
+
+
 def test_gpu_template_processes_per_node(tmp_path):
     proc = fake_job(tmp_path, "multi_node.sbatch", "run", PYTHON="/bin/echo", GPUS_PER_NODE="4")
     out, _ = proc.communicate(timeout=60)
