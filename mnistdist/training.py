@@ -6,7 +6,7 @@
 
 Every rank runs the same steps in the same order, so the collectives inside them (DDP's
 gradient all-reduce, the stop agreement, the loss and evaluation sums, checkpoint saves) always
-match up. Side effects (files, W&B, prints, the progress bar) happen on the main process only.
+match up. Side effects (files, W&B, prints, progress output) happen on the main process only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from mnistdist import checkpoint, rundir
 from mnistdist.checkpoint import Snapshot
@@ -29,6 +28,7 @@ from mnistdist.data import MnistTensors, TrainBatches, eval_shard, load_tensors,
 from mnistdist.distributed import Dist, warn_main
 from mnistdist.metrics import EvalCounts, LossMeter, per_sample_loss
 from mnistdist.model import MLP
+from mnistdist.progress import Progress
 from mnistdist.rundir import RunDir
 from mnistdist.schedule import lr_at
 from mnistdist.signals import FaultInjector, Interrupted, NonFiniteLoss, Preempted, StopSignals
@@ -134,14 +134,13 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
 
     counts: EvalCounts | None = None
     best_acc, train_time_s = 0.0, 0.0
-    with tracker, dist.diagnose_failures(run.heartbeat, lambda: f"at step {pos.step}"):
+    progress = Progress(cfg.tracking.progress, dist.is_main, t.epochs, last_step)  # bar, lines or off
+    with tracker, progress, dist.diagnose_failures(run.heartbeat, lambda: f"at step {pos.step}"):
         # (A run stopped right after the last batch of an epoch still owes its evaluation.)
         while pos.step < last_step or pos.batch_in_epoch == steps_per_epoch:
             # -- train the rest of this epoch ---------------------------------------------
             epoch_start, steps_before, window_start = time.perf_counter(), pos.step, time.perf_counter()
-            progress = tqdm(total=min(steps_per_epoch - pos.batch_in_epoch, last_step - pos.step),
-                            desc=f"epoch {pos.epoch + 1}/{t.epochs}", leave=False, disable=not dist.is_main,
-                            mininterval=1.0, dynamic_ncols=True)
+            progress.start_epoch(pos.epoch, steps=min(steps_per_epoch - pos.batch_in_epoch, last_step - pos.step))
             stop = False
             for x, y in batches.epoch(pos.epoch, start_batch=pos.batch_in_epoch):
                 if pos.step >= last_step:
@@ -151,18 +150,16 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
                 pos.step += 1
                 pos.batch_in_epoch += 1
                 meter.window_steps += 1
-                progress.update()
+                progress.step()
                 end_of_epoch = pos.batch_in_epoch == steps_per_epoch or pos.step == last_step
                 if pos.step % t.log_every_steps == 0 or end_of_epoch:
-                    loss = log_training(dist, tracker, meter, pos, lr, t.global_batch_size, window_start)
-                    progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    progress.log(log_training(dist, tracker, meter, pos, lr, t.global_batch_size, window_start))
                     window_start = time.perf_counter()
                 if stop:
                     break
                 every = cfg.checkpoint.every_steps
                 if every and pos.step % every == 0 and not end_of_epoch:  # epoch ends save anyway
                     save_checkpoint()
-            progress.close()
             epoch_time_s = time.perf_counter() - epoch_start
             train_time_s += epoch_time_s
             if stop:
@@ -184,11 +181,7 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
                          "train_loss_epoch": train_loss, "epoch_time_s": epoch_time_s,
                          "samples_per_s": samples_per_s, "per_class_acc": counts.per_class_accuracy(),
                          "confusion": counts.confusion.tolist()})
-            if dist.is_main:
-                tqdm.write(f"epoch {pos.epoch + 1}/{t.epochs}  train_loss {train_loss:.4f}  "
-                           f"test_loss {counts.mean_loss:.4f}  test_acc {100 * counts.accuracy:.2f}% "
-                           f"({counts.correct}/{counts.total})  {samples_per_s:,.0f} samples/s  "
-                           f"{epoch_time_s:.1f} s")
+            progress.epoch_end(pos.epoch, train_loss, counts, samples_per_s, epoch_time_s)  # the summary line
             if pos.batch_in_epoch == steps_per_epoch:
                 pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
                 meter.epoch_sum.zero_()
@@ -226,19 +219,20 @@ def config_changes(snap: Snapshot | None, cfg: Config, allowed: bool) -> list[tu
 
 
 def log_training(dist: Dist, tracker: Tracker, meter: LossMeter, pos: Position, lr: float,
-                 global_batch_size: int, window_start: float) -> float:
+                 global_batch_size: int, window_start: float) -> dict[str, Any]:
     """Log the mean training loss since the last line (all-reduced: a sync point that every
-    rank reaches at the same step) and start a new window. Returns the loss."""
+    rank reaches at the same step) and start a new window. Returns the logged record."""
     steps = meter.window_steps
     loss = (dist.all_reduce_sum(meter.window_sum) / (dist.world_size * steps)).item()
     if not math.isfinite(loss):  # the same value on every rank: all stop together
         raise NonFiniteLoss(f"non-finite training loss in steps {pos.step - steps + 1}-{pos.step} "
                             "(the gradients were finite); lower train.lr or check the data")
-    tracker.log({"epoch": pos.epoch + 1, "step": pos.step, "train_loss": loss, "lr": lr,
-                 "samples_per_s": global_batch_size * steps / (time.perf_counter() - window_start)})
+    record = {"epoch": pos.epoch + 1, "step": pos.step, "train_loss": loss, "lr": lr,
+              "samples_per_s": global_batch_size * steps / (time.perf_counter() - window_start)}
+    tracker.log(record)
     meter.window_sum.zero_()
     meter.window_steps = 0
-    return loss
+    return record
 
 
 def write_results(run: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
