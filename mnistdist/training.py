@@ -114,9 +114,10 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
         f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}; "
         f"global batch {t.global_batch_size} = {dist.world_size} x {per_process_batch}; "
         f"{steps_per_epoch} steps/epoch; run dir {run.root}"
-        + (f"; resumed from {snap.path} at step {pos.step}" if snap else "")
-        + (f" (written by {snap.world_size} process(es))" if snap and snap.world_size != dist.world_size else "")
     )
+    if snap is not None:  # a line of its own: paths can be long, and log lines stay short
+        dist.print(f"resumed from {snap.path} at step {pos.step}"
+                   + (f" (written by {snap.world_size} process(es))" if snap.world_size != dist.world_size else ""))
 
     run_id = snap.tracking.get("wandb_run_id") if snap else None
     tracker = Tracker(cfg.tracking, run, cfg.to_dict(), enabled=dist.is_main, run_id=run_id)
