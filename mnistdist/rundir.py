@@ -9,6 +9,7 @@
         checkpoints/         step-XXXXXXXX/ directories (layout: mnistdist.checkpoint)
         plots/               loss.png, accuracy.png, confusion.png
         wandb/, wandb_run_id the W&B run (files of wandb) and its id, kept across resumes
+        tensorboard/         TensorBoard event files (tensorboard.old-N/: an earlier start's, kept aside)
         .heartbeat/          per-rank liveness files of a multi-process run
         .lock                held (flock) by the job using the directory; names its holder
 
@@ -80,6 +81,10 @@ class RunDir:
     @property
     def wandb_run_id(self) -> Path:
         return self.root / WANDB_RUN_ID
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
     @property
     def heartbeat(self) -> Path:

@@ -1,7 +1,18 @@
-"""What a run records: metrics.jsonl and Weights & Biases. Main process only.
+"""What a run records: metrics.jsonl, TensorBoard and Weights & Biases. Main process only.
 
-``Tracker.log`` writes each record to metrics.jsonl and, with the same global step, to W&B,
-so the two always hold the same numbers. W&B can never hold the job hostage:
+``Tracker.log`` writes each record to metrics.jsonl and, with the same global step, to
+TensorBoard (``tracking.tensorboard``) and W&B (``tracking.mode``), so all three hold the same
+numbers. Either, both or neither of TensorBoard and W&B: the two keys are independent.
+
+TensorBoard (``TensorBoardLog``): event files in ``RUN_DIR/tensorboard/`` through
+``torch.utils.tensorboard.SummaryWriter``; tags: ``tensorboard_scalars``. Each step once, as
+TensorBoard reads them, across restarts: a resumed run opens its writer with ``purge_step`` =
+resumed step + 1 (TensorBoard then discards what the killed attempt wrote from that step on), and
+a fresh start sets an earlier directory aside as ``tensorboard.old-N``, as metrics.jsonl is set
+aside. Written after metrics.jsonl and flushed with every record; a failure after start-up is
+reported once (``tensorboard: ...``) and TensorBoard is off for the rest of the run.
+
+W&B can never hold the job hostage:
 
 * mode ``auto`` is online when an API key is configured, else offline; ``WANDB_MODE`` wins;
 * start-up is bounded (``tracking.init_timeout_s``); if W&B cannot be reached, the run is
@@ -15,6 +26,18 @@ so the two always hold the same numbers. W&B can never hold the job hostage:
 
 The API key is never read from the config or the command line: wandb reads it from
 ``WANDB_API_KEY`` or ``~/.netrc`` itself, and we never log the environment.
+
+Why not accelerate's tracker API (``Accelerator(log_with=...)``, ``init_trackers``, ``log``,
+``end_training``)? Of the guarantees above it keeps one run per job (its trackers live on the
+main process), the run id across requeues (``init_kwargs={"wandb": {"id": ..., "resume":
+"allow"}}``) and a bounded ``wandb.init`` (the same ``wandb.Settings``), but not the rest:
+``init_trackers`` lets a failed ``wandb.init`` raise, with no offline fallback (a retry rebuilds
+every tracker); ``accelerator.log`` calls the trackers in turn, unguarded, so one W&B error would
+skip TensorBoard for that record, and W&B cannot be dropped alone; ``end_training`` waits for
+``run.finish`` without a bound. (Its TensorBoard tracker also writes the config with
+``add_hparams`` into an extra sub-run.) Guarding each call would leave our code plus
+accelerate's. So our W&B code stays, and TensorBoard sits beside it on the primitive that
+accelerate's TensorBoard tracker wraps too: torch's ``SummaryWriter``.
 """
 
 from __future__ import annotations
@@ -27,6 +50,8 @@ import secrets
 import string
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,7 +59,7 @@ from urllib.parse import urlparse
 from tqdm.auto import tqdm
 
 from mnistdist.config import TrackingConfig
-from mnistdist.rundir import RunDir
+from mnistdist.rundir import RunDir, fsync_dir, read_metrics
 
 
 def _jsonable(value: Any) -> Any:
@@ -76,6 +101,166 @@ class MetricsLog:
             self._file = None
 
 
+def _describe(e: BaseException) -> str:
+    """``Type: message`` on one line (W&B errors can span several), at most ~200 characters."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of one metrics.jsonl record, all at its ``step``: every number in
+    it (but the step) as ``train/<key>`` for a training line, ``eval/<key>`` for an evaluation,
+    and the per-class accuracies as ``test_acc_class/<class>``. (Both kinds of line have an
+    ``epoch`` and a ``samples_per_s``, sometimes at the same step: hence the two prefixes.)"""
+    prefix = "train/" if "train_loss" in record else "eval/" if "test_acc" in record else ""
+    scalars = {f"{prefix}{key}": float(value) for key, value in record.items()
+               if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    for c, acc in enumerate(record.get("per_class_acc") or []):
+        if isinstance(acc, (int, float)):
+            scalars[f"test_acc_class/{c}"] = float(acc)
+    return scalars
+
+
+def set_tensorboard_aside(run: RunDir) -> Path | None:
+    """A fresh start in a run directory whose ``tensorboard/`` holds files (an earlier start
+    that left no checkpoint): rename it to ``tensorboard.old-N`` (the first N free) and say so,
+    so the new run's event files hold one history. Returns the new name; None when there was
+    nothing to keep."""
+    path = run.tensorboard
+    try:
+        if not any(path.iterdir()):
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    n = 1
+    while (aside := path.with_name(f"{path.name}.old-{n}")).exists():
+        n += 1
+    os.rename(path, aside)
+    fsync_dir(path.parent)
+    print(f"warning: {path} holds the event files of an earlier start; kept them as {aside.name}, "
+          "starting new ones", file=sys.stderr, flush=True)
+    return aside
+
+
+def _wait_to_sort_last(directory: Path, longest_s: float = 2.5) -> None:
+    """TensorBoard reads a directory's event files in name order, and a name starts with the
+    second it was created (``events.out.tfevents.<seconds>.<host>.<pid>.<n>``). A resumed run's
+    purge marker discards only what was read before it, so its file must sort after the earlier
+    attempts' files: when one of them was created in this very second (a quick restart), wait
+    for the next second (at most ``longest_s``)."""
+    try:
+        names = [p.name.split(".") for p in directory.iterdir() if p.name.startswith("events.out.tfevents.")]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    stamps = [int(parts[3]) for parts in names if len(parts) > 3 and parts[3].isdigit()]
+    if not stamps:
+        return
+    deadline = time.time() + longest_s
+    while int(time.time()) <= max(stamps) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+class TensorBoardLog:
+    """``RUN_DIR/tensorboard/``: each record's numbers as scalars (``tensorboard_scalars``) at its
+    step, the config as text, the final plots as images. Never raises: a failure is reported
+    once through ``say`` and TensorBoard is off for the rest of the run.
+
+    ``resumed_step``: the step this run resumed from (None: a fresh start). Resumed, the writer
+    gets ``purge_step=resumed_step + 1``: TensorBoard then discards the events of the earlier,
+    killed attempt from that step on (they are logged again), so each step holds one value.
+    """
+
+    def __init__(self, run: RunDir, resumed_step: int | None, config: dict[str, Any],
+                 say: Callable[[str], None]) -> None:
+        self.path = run.tensorboard
+        self.metrics_path = run.metrics
+        self.resumed_step = resumed_step
+        self._say = say
+        self._writer: Any = None
+        try:
+            if resumed_step is None:
+                set_tensorboard_aside(run)
+            else:
+                _wait_to_sort_last(self.path)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.path), purge_step=None if resumed_step is None else resumed_step + 1)
+            if resumed_step is None:
+                import yaml
+
+                text = yaml.safe_dump(config, sort_keys=False)
+                self._writer.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()), 0)
+            self._writer.flush()
+        except Exception as e:  # noqa: BLE001 - TensorBoard must never stop training
+            self._say(f"disabled for this run: could not start ({_describe(e)})")
+            self._close_quietly()
+
+    def _drop(self, what: str, e: Exception) -> None:
+        self._say(f"{what} failed ({_describe(e)}); TensorBoard is off for the rest of this run, "
+                  f"{self.metrics_path} has every record")
+        self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - already reported
+                pass
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        try:
+            step = record["step"]
+            for tag, value in tensorboard_scalars(record).items():
+                self._writer.add_scalar(tag, value, step)
+            changes = record.get("config_changes") or {}
+            if changes:  # a resume with --allow-config-change
+                self._writer.add_text("config_changes", "\n\n".join(
+                    f"`{key}`: `{old!r}` -> `{new!r}`" for key, (old, new) in changes.items()), step)
+            self._writer.flush()  # on disk with the metrics.jsonl line: a kill loses neither
+        except Exception as e:  # noqa: BLE001 - TensorBoard must never stop training
+            self._drop(f"logging step {record.get('step')}", e)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        if self._writer is None or not images:
+            return
+        if self.resumed_step is not None and step <= self.resumed_step:
+            return  # a finished run run again: the attempt that trained to this step logged them
+        try:
+            import numpy as np
+            from PIL import Image
+
+            for tag, path in images.items():
+                with Image.open(path) as image:
+                    self._writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self._writer.flush()
+        except Exception as e:  # noqa: BLE001
+            self._drop("logging the plots", e)
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except Exception as e:  # noqa: BLE001
+            self._say(f"closing the event files failed ({_describe(e)}); {self.metrics_path} has every record")
+
+
+def _last_logged_step(run: RunDir) -> int | None:
+    """The last step in metrics.jsonl (which ``rundir.start`` has cut at the resumed checkpoint),
+    or None when it holds no record (a fresh start)."""
+    steps = [r["step"] for r in read_metrics(run.root)
+             if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
+    return max(steps) if steps else None
+
+
 # --------------------------------------------------------------------------------------
 # W&B
 
@@ -104,13 +289,24 @@ def resolve_mode(cfg: TrackingConfig) -> str:
 
 
 class Tracker:
-    """metrics.jsonl + W&B for one run; every method is a no-op off the main process."""
+    """metrics.jsonl + TensorBoard + W&B for one run; every method is a no-op off the main process.
+
+    ``resumed_step``: the step of the checkpoint this run resumed from. None: the last step in
+    metrics.jsonl, which ``rundir.start`` has already cut at that checkpoint (no record: a fresh
+    start); TensorBoard mirrors metrics.jsonl, so either way it ends up with the same history.
+    """
 
     def __init__(self, cfg: TrackingConfig, run: RunDir, config: dict[str, Any], enabled: bool,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, resumed_step: int | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run.root
         self.run = run
+        self.tensorboard: TensorBoardLog | None = None
+        if enabled and cfg.tensorboard:
+            if resumed_step is None:
+                resumed_step = _last_logged_step(run)
+            self.tensorboard = TensorBoardLog(run, resumed_step, config,
+                                              say=lambda message: self._say(message, "tensorboard"))
         self.metrics = MetricsLog(run.metrics, enabled)
         self.mode = resolve_mode(cfg) if enabled else "disabled"
         self.run_id = run_id
@@ -120,16 +316,12 @@ class Tracker:
         if self.mode != "disabled":
             self._start(config)
 
-    def _say(self, message: str) -> None:
+    def _say(self, message: str, who: str = "wandb") -> None:
         # Through tqdm: on a line of its own even while the progress bar is drawn.
-        tqdm.write(f"wandb: {message}", file=sys.stderr)
+        tqdm.write(f"{who}: {message}", file=sys.stderr)
         sys.stderr.flush()
 
-    @staticmethod
-    def _describe(e: BaseException) -> str:
-        """``Type: message`` on one line (W&B errors can span several), at most ~200 characters."""
-        text = " ".join(str(e).split())
-        return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+    _describe = staticmethod(_describe)
 
     def _drop(self, what: str, e: Exception) -> None:
         """A W&B call failed after start-up: say so once and log to metrics.jsonl only from now on."""
@@ -172,8 +364,10 @@ class Tracker:
                 self._run = None
 
     def log(self, record: dict[str, Any]) -> None:
-        """One record (with its global ``step``) to metrics.jsonl and W&B."""
+        """One record (with its global ``step``) to metrics.jsonl, TensorBoard and W&B."""
         self.metrics.log(record)
+        if self.tensorboard is not None:
+            self.tensorboard.log(record)
         if self._run is None:
             return
         try:
@@ -192,6 +386,8 @@ class Tracker:
             self._drop(f"logging step {record.get('step')}", e)
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.log_images(images, step)
         if self._run is None or not images:
             return
         try:
@@ -223,6 +419,8 @@ class Tracker:
         its one warning was given when it failed.
         """
         self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         quiet = self._run is None
         run, self._run, self._dropped = self._run or self._dropped, None, None
         if run is None:
