@@ -244,22 +244,26 @@ def truncate_metrics(run: RunDir, last_step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def set_metrics_aside(run: RunDir) -> Path | None:
-    """A fresh start in a run directory that already holds metrics.jsonl (a run killed before
-    its first checkpoint, run again): rename it to ``metrics.jsonl.old-N`` (the first N free)
-    and say so, so the new run writes a history of its own instead of appending to the old one
-    (which would repeat steps). Returns the new name; None when there was nothing to keep."""
-    path = run.metrics
+def set_aside(path: Path, what: str) -> Path | None:
+    """A fresh start in a run directory that holds ``path`` from an earlier start (a run killed
+    before its first checkpoint, run again): rename it to ``NAME.old-N`` (the first N free) and
+    say so, so the new run writes a history of its own instead of adding to the old one (which
+    would repeat steps). Returns the new name; None when there was nothing (empty) to keep."""
     try:
-        if path.stat().st_size == 0:
+        if (not any(path.iterdir())) if path.is_dir() else path.stat().st_size == 0:
             return None
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     n = 1
     while (aside := path.with_name(f"{path.name}.old-{n}")).exists():
         n += 1
     os.rename(path, aside)
     fsync_dir(path.parent)
-    print(f"warning: {path} is from an earlier start that left no checkpoint to resume from; "
-          f"kept it as {aside.name}, starting a new history", file=sys.stderr, flush=True)
+    print(f"warning: {path} holds the {what} of an earlier start that left no checkpoint to resume from; "
+          f"kept it as {aside.name}, starting anew", file=sys.stderr, flush=True)
     return aside
+
+
+def set_metrics_aside(run: RunDir) -> Path | None:
+    """``set_aside`` for metrics.jsonl."""
+    return set_aside(run.metrics, "metrics")

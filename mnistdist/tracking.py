@@ -59,7 +59,7 @@ from urllib.parse import urlparse
 from tqdm.auto import tqdm
 
 from mnistdist.config import TrackingConfig
-from mnistdist.rundir import RunDir, fsync_dir, read_metrics
+from mnistdist.rundir import RunDir, read_metrics, set_aside
 
 
 def _jsonable(value: Any) -> Any:
@@ -126,24 +126,8 @@ def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 def set_tensorboard_aside(run: RunDir) -> Path | None:
-    """A fresh start in a run directory whose ``tensorboard/`` holds files (an earlier start
-    that left no checkpoint): rename it to ``tensorboard.old-N`` (the first N free) and say so,
-    so the new run's event files hold one history. Returns the new name; None when there was
-    nothing to keep."""
-    path = run.tensorboard
-    try:
-        if not any(path.iterdir()):
-            return None
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    n = 1
-    while (aside := path.with_name(f"{path.name}.old-{n}")).exists():
-        n += 1
-    os.rename(path, aside)
-    fsync_dir(path.parent)
-    print(f"warning: {path} holds the event files of an earlier start; kept them as {aside.name}, "
-          "starting new ones", file=sys.stderr, flush=True)
-    return aside
+    """``rundir.set_aside`` for the event files: a fresh start keeps an earlier start's aside."""
+    return set_aside(run.tensorboard, "TensorBoard event files")
 
 
 def _wait_to_sort_last(directory: Path, longest_s: float = 2.5) -> None:

@@ -120,7 +120,8 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
                    + (f" (written by {snap.world_size} process(es))" if snap.world_size != dist.world_size else ""))
 
     run_id = snap.tracking.get("wandb_run_id") if snap else None
-    tracker = Tracker(cfg.tracking, run, cfg.to_dict(), enabled=dist.is_main, run_id=run_id)
+    tracker = Tracker(cfg.tracking, run, cfg.to_dict(), enabled=dist.is_main, run_id=run_id,
+                      resumed_step=pos.step if snap else None)
     if changes:
         dist.print(f"continuing with changed config (--allow-config-change): "
                    + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))

@@ -16,13 +16,13 @@ half-written line, text appended to metrics.jsonl afterwards.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from mnistdist import training
 from mnistdist.config import load_config
+from tests.smoke.test_train_smoke import one_process_env  # noqa: F401 - fixture
 from tests.synthetic_mnist import write_synthetic_mnist
 
 STEPS_PER_EPOCH, EPOCHS = 10, 2  # 1000 synthetic images in batches of 100
@@ -35,19 +35,6 @@ def half_line(kind: str, step: int) -> str:
     line = json.dumps({"epoch": 1 + (step - 1) // STEPS_PER_EPOCH, "step": step, "train_loss": 0.5, "lr": 0.1,
                        "samples_per_s": 1.0})
     return line[: len(line) // 2] if kind == "cut" else line
-
-
-@pytest.fixture(scope="module")
-def env():
-    """The environment of ``python train_dist.py``: no launcher variables, W&B off."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT"):
-            mp.delenv(name, raising=False)
-        for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
-            mp.delenv(name)
-        mp.setenv("WANDB_MODE", "disabled")
-        yield mp
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +71,7 @@ def checkpoints(run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def golden(env, data, tmp_path_factory) -> dict[str, list[tuple]]:
+def golden(one_process_env, data, tmp_path_factory) -> dict[str, list[tuple]]:
     run_dir = tmp_path_factory.mktemp("golden") / "run"
     train(data, run_dir)
     h = history(run_dir)
@@ -100,7 +87,7 @@ def assert_one_clean_history(run_dir: Path, golden: dict[str, list[tuple]]) -> N
     assert h == golden
 
 
-def test_rerun_after_a_kill_before_the_first_checkpoint_starts_a_new_history(env, data, golden, tmp_path, capsys):
+def test_rerun_after_a_kill_before_the_first_checkpoint_starts_a_new_history(one_process_env, data, golden, tmp_path, capsys):
     run_dir = tmp_path / "run"
     train(data, run_dir, fault_after=4)
     assert not checkpoints(run_dir)  # nothing to resume from
@@ -115,7 +102,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_starts_a_new_history(env
     assert "metrics.jsonl.old-1" in capsys.readouterr().err
 
 
-def test_half_written_last_line_before_the_first_checkpoint(env, data, golden, tmp_path):
+def test_half_written_last_line_before_the_first_checkpoint(one_process_env, data, golden, tmp_path):
     half = "no-newline"  # a whole record but its newline: it parses, and today the rerun's first record is glued to it
     run_dir = tmp_path / "run"
     train(data, run_dir, fault_after=4)
@@ -129,7 +116,7 @@ def test_half_written_last_line_before_the_first_checkpoint(env, data, golden, t
 
 
 @pytest.mark.parametrize("half", HALF_LINES)
-def test_half_written_last_line_is_dropped_on_resume_with_a_warning(env, data, golden, tmp_path, capsys, half):
+def test_half_written_last_line_is_dropped_on_resume_with_a_warning(one_process_env, data, golden, tmp_path, capsys, half):
     run_dir = tmp_path / "run"
     train(data, run_dir, fault_after=STEPS_PER_EPOCH + 4)  # killed 4 steps after the epoch-end checkpoint
     assert checkpoints(run_dir) == [f"step-{STEPS_PER_EPOCH:08d}"]
@@ -146,7 +133,7 @@ def test_half_written_last_line_is_dropped_on_resume_with_a_warning(env, data, g
     assert not list(run_dir.glob("metrics.jsonl.old-*"))  # a resume continues the same history
 
 
-def test_every_kind_of_interruption_in_a_row(env, data, golden, tmp_path):
+def test_every_kind_of_interruption_in_a_row(one_process_env, data, golden, tmp_path):
     """Killed before the first checkpoint; rerun, killed after one; a half-written line; resumed;
     killed again mid-epoch; resumed to the end: still one history, equal to the uninterrupted one."""
     run_dir = tmp_path / "run"
