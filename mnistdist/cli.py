@@ -213,8 +213,11 @@ def predict_main(argv: list[str] | None = None, prog: str = "mnistdist predict")
     parser = _Parser(
         prog=prog,
         description="Classify images of handwritten digits (PNG/JPEG, any size). Each image is converted "
-                    "the way MNIST was made: grayscale, the digit's bounding box scaled into 20x20 keeping "
-                    "its aspect ratio, centred by centre of mass in 28x28, white digit on black.",
+                    "the way MNIST was made: grayscale, uneven lighting subtracted, the digit picked by Otsu's "
+                    "threshold, its bounding box scaled into 20x20 keeping its aspect ratio, centred by centre "
+                    "of mass in 28x28, white digit on black. An image whose digit looks implausible (filling "
+                    "the image, tiny, lost in noise) or whose most probable class has under 50% gets one "
+                    "'warning:' line on stderr, 'warnings' in --json and '!' in the table.",
     )
     parser.add_argument("--model", type=Path, required=True,
                         help="model.safetensors written by training, or a checkpoint directory holding one")
@@ -242,7 +245,8 @@ def predict_main(argv: list[str] | None = None, prog: str = "mnistdist predict")
     try:
         model_file, cfg = _model_and_config(args.model, args.config)
         paths = predict.expand_inputs(args.images)
-        digits = predict.load_digits(paths, polarity)
+        conversions = predict.convert_files(paths, polarity)
+        digits = predict.stack_images(conversions)
         model = load_weights(cfg, model_file)
         if args.save_converted is not None:
             _save_converted(args.save_converted, paths, digits)
@@ -250,12 +254,14 @@ def predict_main(argv: list[str] | None = None, prog: str = "mnistdist predict")
         report_exception(e)
         return EXIT_USAGE
     probabilities = predict.predict_probabilities(model, digits, cfg.data.normalize_mean, cfg.data.normalize_std)
-    predictions = predict.top_k(probabilities, paths, args.top_k)
+    predictions = predict.top_k(probabilities, paths, args.top_k, [c.warnings for c in conversions])
     if args.json:
         print(json.dumps({"model": str(model_file), "polarity": polarity,
                           "predictions": [p.as_record() for p in predictions]}))
     else:
         print(predict.format_table(predictions))
+    for line in predict.warning_lines(predictions):  # a doubtful digit or answer: one line per image
+        print(line, file=sys.stderr)
     return 0
 
 
