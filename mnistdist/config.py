@@ -124,9 +124,11 @@ class TrainConfig:
     eval_per_process_batch_size: int = 2000
     """Test images per forward pass on each process during evaluation."""
 
-    stop_check_every_steps: int = 1
-    """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1): one tiny
-    all-reduce, so every rank stops after the same step. NaN/Inf gradients are caught before
+    stop_check_every_steps: int = 10
+    """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1/Ctrl-C): one tiny
+    all-reduce, so every rank stops after the same step. Every 10 steps (a fraction of a
+    second) because each agreement costs ~0.9 ms with 2 gloo processes on a CPU, ~13% of a step
+    (docs/benchmarks.md); 1 stops after the very next step. NaN/Inf gradients are caught before
     every update regardless (each rank checks its own copy: they are identical after the
     all-reduce). With ``dist.cuda_graph`` the check runs on the GPU, which skips a non-finite
     update at once, but the run stops only at the next agreement; larger values save a

@@ -93,6 +93,15 @@ def launch_cmd(num_processes: int, *args: str, module: bool = False, script: Pat
     return [*head, str(script or REPO / "train_dist.py"), *args]
 
 
+def agreed_stop(step: int) -> int:
+    """The step after which the ranks stop when a stop signal arrives after ``step``: the next
+    agreement (every ``train.stop_check_every_steps`` steps, the default here)."""
+    from mnistdist.config import TrainConfig
+
+    every = TrainConfig().stop_check_every_steps
+    return -(-(step + 1) // every) * every
+
+
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
     return result

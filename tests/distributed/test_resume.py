@@ -18,7 +18,7 @@ import torch
 from mnistdist import checkpoint
 from mnistdist.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 from mnistdist.rundir import read_metrics
-from tests.conftest import REPO, assert_same_run, check, child_env, launch_cmd, outcome, run_cmd, train_cmd
+from tests.conftest import REPO, agreed_stop, assert_same_run, check, child_env, launch_cmd, outcome, run_cmd, train_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -58,7 +58,7 @@ def test_interrupted_then_resumed_equals_golden(golden, tmp_path, case):
     if sig == "TERM":
         # Every rank finished the same step, checkpointed, and exited 75.
         assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
-        stopped_at = step + 1
+        stopped_at = agreed_stop(step)
         assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{stopped_at:08d}"
         assert first.stderr.count("stopped by") == 1 and f"after step {stopped_at}" in first.stderr  # main only
     else:
@@ -91,7 +91,7 @@ def test_one_process_sigterm_and_resume(tmp_path):
     check(run_cmd(train_cmd(*args, "--run-dir", str(tmp_path / "golden"))))
     run_dir = tmp_path / "run"
     first = run_cmd(train_cmd(*args, "--run-dir", str(run_dir)), env=child_env(MNISTDIST_FAULT="step=120,action=TERM"))
-    assert first.returncode == EXIT_PREEMPTED and "stopped by SIGTERM after step 121" in first.stderr
+    assert first.returncode == EXIT_PREEMPTED and f"stopped by SIGTERM after step {agreed_stop(120)}" in first.stderr
     check(run_cmd(train_cmd(*args, "--run-dir", str(run_dir))))
     assert_same_run(outcome(tmp_path / "golden"), outcome(run_dir))
 

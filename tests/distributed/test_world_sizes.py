@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from mnistdist import checkpoint
 from mnistdist.rundir import read_metrics
 from mnistdist.signals import EXIT_PREEMPTED
-from tests.conftest import REPO, check, child_env, launch_cmd, run_cmd, train_cmd
+from tests.conftest import REPO, agreed_stop, check, child_env, launch_cmd, run_cmd, train_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -94,7 +94,7 @@ def test_resume_on_another_number_of_processes_is_exact(runs, tmp_path, cut):
         first = run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), env=env, timeout=600)
         if cut == "TERM":
             assert first.returncode == EXIT_PREEMPTED or f"exitcode: {EXIT_PREEMPTED}" in first.stderr, first.stderr[-3000:]
-            assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{step + 1:08d}"
+            assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{agreed_stop(step):08d}"
         else:
             assert first.returncode != 0 and not (run_dir / "model.safetensors").exists()
     last = check(run_cmd(cmd(1, *args, "--run-dir", str(run_dir)), timeout=600))

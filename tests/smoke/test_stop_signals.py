@@ -20,9 +20,9 @@ def test_ctrl_c_mid_training_stops_after_that_step_with_a_checkpoint(tmp_path, d
     with pytest.raises(Interrupted) as stopped:
         training.run(load_config(None, overrides(data)), tmp_path / "run", resume="never")
     assert stopped.value.exit_code == EXIT_INTERRUPTED
-    # The request is agreed at the next step boundary: stopped after step 8, checkpoint at 8.
-    assert "stopped by SIGINT after step 8" in str(stopped.value)
-    assert checkpoint.list_checkpoints(tmp_path / "run")[0].name == "step-00000008"
+    # The request is agreed at the next agreement (every 10 steps): stopped after step 10.
+    assert "stopped by SIGINT after step 10" in str(stopped.value)
+    assert checkpoint.list_checkpoints(tmp_path / "run")[0].name == "step-00000010"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
