@@ -11,6 +11,7 @@ match up. Side effects (files, W&B, prints, progress output) happen on the main 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -120,7 +121,11 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
                    + (f" (written by {snap.world_size} process(es))" if snap.world_size != dist.world_size else ""))
 
     run_id = snap.tracking.get("wandb_run_id") if snap else None
-    tracker = Tracker(cfg.tracking, run, cfg.to_dict(), enabled=dist.is_main, run_id=run_id,
+    # After a stop the other ranks wait at a barrier (bounded by dist.timeout_s) while the main
+    # process finishes W&B: its wait must end well before theirs.
+    tracking = dataclasses.replace(cfg.tracking,
+                                   finish_timeout_s=min(cfg.tracking.finish_timeout_s, 0.8 * cfg.dist.timeout_s))
+    tracker = Tracker(tracking, run, cfg.to_dict(), enabled=dist.is_main, run_id=run_id,
                       resumed_step=pos.step if snap else None)
     if changes:
         dist.print(f"continuing with changed config (--allow-config-change): "
