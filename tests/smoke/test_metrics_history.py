@@ -42,11 +42,11 @@ def data(tmp_path_factory) -> Path:
     return write_synthetic_mnist(tmp_path_factory.mktemp("data"), num_train=1000, num_test=200)
 
 
-def train(data: Path, run_dir: Path, fault_after: int | None = None) -> dict | None:
+def train(data: Path, run_dir: Path, *extra: str, fault_after: int | None = None) -> dict | None:
     """One run in ``run_dir`` (resume auto); with ``fault_after`` it is killed after that step."""
     cfg = load_config(None, [f"data.root={data}", "data.download=false", "dist.device=cpu",
                              "tracking.mode=disabled", f"train.epochs={EPOCHS}", "train.global_batch_size=100",
-                             "train.log_every_steps=1"])
+                             "train.log_every_steps=1", *extra])
     if fault_after is None:
         return training.run(cfg, run_dir, resume="auto")
     with pytest.MonkeyPatch.context() as mp:

@@ -31,6 +31,7 @@ from mnistdist import training
 from mnistdist.config import TrackingConfig, load_config
 from mnistdist.rundir import RunDir
 from mnistdist.tracking import Tracker
+from tests.smoke.test_metrics_history import train  # the same tiny runs (10 steps x 2 epochs)
 from tests.synthetic_mnist import write_synthetic_mnist
 
 pytest.importorskip("tensorboard")
@@ -57,20 +58,6 @@ def env():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_synthetic_mnist(tmp_path_factory.mktemp("data"), num_train=1000, num_test=200)
-
-
-def train(data: Path, run_dir: Path, *extra: str, fault_after: int | None = None) -> dict | None:
-    """One run in ``run_dir`` (resume auto); with ``fault_after`` training raises after that step."""
-    cfg = load_config(None, [f"data.root={data}", "data.download=false", "dist.device=cpu",
-                             "tracking.mode=disabled", f"train.epochs={EPOCHS}", "train.global_batch_size=100",
-                             "train.log_every_steps=1", *extra])
-    if fault_after is None:
-        return training.run(cfg, run_dir, resume="auto")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MNISTDIST_FAULT", f"step={fault_after},action=raise")
-        with pytest.raises(RuntimeError, match=f"injected fault after step {fault_after}"):
-            training.run(cfg, run_dir, resume="auto")
-    return None
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
