@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mnistdist import training
-from mnistdist.config import TrackingConfig, load_config
+from mnistdist.config import TrackingConfig
 from mnistdist.rundir import RunDir
 from mnistdist.tracking import Tracker
 from tests.smoke.test_metrics_history import train  # the same tiny runs (10 steps x 2 epochs)
