@@ -74,8 +74,8 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
             dist.close()
 
 
-def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
-        signals: StopSignals | None = None, allow_config_change: bool = False) -> dict[str, Any]:
+def fit(cfg: Config, dist: Dist, run: RunDir, resume: str, signals: StopSignals,
+        allow_config_change: bool = False) -> dict[str, Any]:
     """Train and evaluate; return the summary. Collective: every rank calls it."""
     t = cfg.train
 
@@ -108,7 +108,6 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str = "auto",
     if dist.is_main:
         rundir.start(run, to_yaml(cfg), resumed_step=pos.step if snap else None)
 
-    signals = signals or StopSignals()  # a stop request sets a flag; the ranks agree on it in step()
     step = build_step(cfg, dist, model, optimizer, meter, batches, pos, signals)
     step = FaultInjector(dist.rank).wrap(step, pos.step)  # test hook; `step` itself when unset
     dist.print(
