@@ -14,14 +14,12 @@ from typing import NoReturn
 
 from mnistdist import rundir
 from mnistdist.checkpoint import CheckpointError
-from mnistdist.config import ConfigError, load_config, to_yaml
+from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, to_yaml
 from mnistdist.data import DataError
 from mnistdist.distributed import check_launch, is_main_process, launched_world_size, report_exception
 from mnistdist.signals import Preempted, TrainingStopped
 
 EXIT_USAGE = 2
-# configs/ next to the package in a source checkout (the supported way to install).
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
 class _Parser(argparse.ArgumentParser):

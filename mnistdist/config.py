@@ -25,6 +25,9 @@ from typing import Any, Literal
 import yaml
 
 DATA_ROOT_ENV = "MNISTDIST_DATA_ROOT"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+"""The config used when none is named: configs/ next to the package in a source checkout
+(the supported way to install)."""
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 """Upper bound of every ``*timeout_s`` (one week). torch's TCPStore and gloo count timeouts in
