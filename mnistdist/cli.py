@@ -7,6 +7,7 @@ process group is started; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def train_parser(prog: str = "train_dist.py") -> argparse.ArgumentParser:
         description="Train the MNIST MLP on 1..N processes: `python train_dist.py` for one; "
                     "`python -m mnistdist.launch` / `accelerate launch` / `torchrun` for N.",
         epilog="Overrides are section.key=value after the flags (values are YAML), e.g.\n"
-               "  train.lr=0.05 train.epochs=3 dist.device=cpu\nConfig sections and their keys:\n" + _config_sections()
+               "  train.lr=0.05 train.epochs=3 dist.device=cpu\n"
+               "--section.key=value is the same (the form `wandb agent` uses).\nConfig sections and their keys:\n" + _config_sections()
                + "\nEvery key is documented in mnistdist/config.py; --print-config shows the resolved values.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -72,10 +74,34 @@ def train_parser(prog: str = "train_dist.py") -> argparse.ArgumentParser:
     return parser
 
 
+_DASHED_OVERRIDE = re.compile(r"--([A-Za-z_]\w*\.[A-Za-z_]\w*)(=.*)?", re.DOTALL)
+
+
+def undash_overrides(argv: list[str]) -> list[str]:
+    """``--train.lr=0.05`` -> ``train.lr=0.05``: the form ``wandb agent`` passes a sweep's
+    parameters in (its ``${args}``). ``--train.lr 0.05`` (no ``=``) is refused: the value
+    could not be told from the next argument."""
+    out = []
+    for arg in argv:
+        match = _DASHED_OVERRIDE.fullmatch(arg)
+        if match is None:
+            out.append(arg)
+        elif match.group(2) is None:
+            raise ConfigError(f"{arg}: give a value with '=', e.g. {arg}=VALUE (or {arg[2:]}=VALUE)")
+        else:
+            out.append(arg[2:])
+    return out
+
+
 def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> int:
     """Parse, load the config, train, clean up. Returns the process exit code."""
     from mnistdist import training  # heavy imports after argument errors are handled
 
+    try:
+        argv = undash_overrides(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        report_exception(e)
+        return EXIT_USAGE
     args = train_parser(prog).parse_intermixed_args(argv)  # overrides may come before or after flags
     config_path = args.config
     if config_path is None and DEFAULT_CONFIG.is_file():
@@ -333,6 +359,99 @@ def _confusion_by_evaluating(run_dir: Path, skip: bool) -> list[list[int]] | Non
     return None
 
 
+def sweep_main(argv: list[str] | None = None, prog: str = "mnistdist sweep") -> int:
+    """List, run one element of, or run all of a sweep file (see mnistdist/sweep.py)."""
+    from mnistdist import sweep
+
+    parser = _Parser(prog=prog, description="Run a sweep: a YAML file that expands to many runs (variants x grid "
+                                            "x seeds; format in mnistdist/sweep.py and docs/sweeps.md).")
+    parser.add_argument("file", type=Path, metavar="SWEEP_FILE", help="e.g. configs/sweeps/lessons.yaml")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="the sweep directory, one run directory per run (default: runs/sweeps/<name>)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="print the runs, their status and how to submit them")
+    what.add_argument("--run", type=int, metavar="INDEX",
+                      help="train run INDEX (what a Slurm array task calls; works under a launcher); "
+                           "a finished run is skipped, an interrupted one resumes")
+    what.add_argument("--local", action="store_true",
+                      help="train every run here, one after another, skipping finished ones and resuming "
+                           "interrupted ones")
+    what.add_argument("--print-run-dir", type=int, metavar="INDEX", help="print the run directory of run INDEX")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="with --local: processes per run (python -m mnistdist.launch; default 1)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="with --run/--local: overrides for every run, after the sweep's own "
+                             "(for how it runs here, e.g. dist.device=cpu; they do not change run names)")
+    args = parser.parse_intermixed_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1; got {args.processes}")
+    try:
+        loaded = sweep.load_sweep(args.file, args.out, args.overrides)
+        if args.list:
+            print(sweep.describe(loaded))
+            return 0
+        if args.print_run_dir is not None:
+            print(loaded.element(args.print_run_dir).run_dir)
+            return 0
+        if args.local:
+            return sweep.run_local(loaded, args.processes, args.overrides)
+        element = loaded.element(args.run)
+    except ConfigError as e:
+        report_exception(e)
+        return EXIT_USAGE
+    if element.finished:  # checked by every rank before any process group: all skip together
+        if is_main_process():
+            print(f"sweep {loaded.name}: run {element.index} ({element.name}) finished before "
+                  f"({element.run_dir / rundir.SUMMARY}); skipped", flush=True)
+        return 0
+    if is_main_process():
+        sweep.write_manifest(loaded)
+    return train_main(element.train_args(), prog=f"{prog} --run {element.index}")
+
+
+def compare_main(argv: list[str] | None = None, prog: str = "mnistdist compare") -> int:
+    """Table (and CSV, JSON, PNG) of finished runs, grouped by what varies apart from the seed."""
+    import json
+
+    from mnistdist import compare
+
+    parser = _Parser(prog=prog, description="Compare finished runs: final and best test accuracy (mean ± std over "
+                                            "seeds, and range), train time and steps, grouped by what varies "
+                                            "apart from the seed.")
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                        help="sweep directories, run directories, or directories of run directories")
+    parser.add_argument("--csv", type=Path, default=None, metavar="PATH", help="also write the table as CSV")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                        help="the PNG plot (default: compare.png in the first DIR)")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
+    args = parser.parse_args(argv)
+    try:
+        runs, notes = compare.collect(args.dirs)
+        groups = compare.group(runs)
+        written = []
+        if args.csv is not None:
+            rundir.write_text_atomic(args.csv, compare.to_csv(groups))
+            written.append(args.csv)
+        if not args.no_plot:
+            written.append(compare.plot(groups, args.plot or args.dirs[0] / "compare.png"))
+    except ConfigError as e:
+        report_exception(e)
+        return EXIT_USAGE
+    except OSError as e:
+        report_exception(ConfigError(f"cannot write {e.filename or 'output'}: {e.strerror or e}"))
+        return EXIT_USAGE
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"groups": [g.as_record() for g in groups], "left_out": notes}))
+    else:
+        print(compare.format_table(groups))
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``mnistdist <command> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -341,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": (evaluate_main, "exact test loss, accuracy and confusion matrix of saved weights"),
         "predict": (predict_main, "classify your own PNG/JPEG digit images with saved weights"),
         "plot": (plot_main, "loss, accuracy and confusion-matrix PNGs of a run directory"),
+        "sweep": (sweep_main, "list or run the runs of a sweep file (here, or as a Slurm job array)"),
+        "compare": (compare_main, "table and plot of finished runs: accuracy over seeds per variant"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         asked = bool(argv) and argv[0] in ("-h", "--help")

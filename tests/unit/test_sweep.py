@@ -1,0 +1,207 @@
+"""Sweep files: expansion, names, precedence, every bad file as one line before anything runs,
+and ``mnistdist sweep --list/--print-run-dir/--run`` (in this process, on synthetic MNIST)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnistdist import cli, sweep
+from mnistdist.config import ConfigError, load_config
+from tests.conftest import REPO
+
+
+def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+GRID = """
+name: demo
+config: {config}
+overrides: {{train.epochs: 2, train.lr: 0.2}}
+variants:
+  plain: {{}}
+  mse: {{overrides: {{train.loss: mse, train.lr: 0.5}}}}
+grid:
+  train.global_batch_size: [100, 200]
+  model.final_relu: [false, true]
+seeds: [3, 7]
+"""
+
+
+@pytest.fixture
+def demo(tmp_path) -> sweep.Sweep:
+    path = write(tmp_path, GRID.format(config=REPO / "configs" / "seed.yaml"))
+    return sweep.load_sweep(path, tmp_path / "out")
+
+
+def test_expands_variants_x_grid_x_seeds_in_file_order_with_stable_names(demo, tmp_path):
+    assert len(demo.elements) == 2 * 2 * 2 * 2
+    names = [e.name for e in demo.elements]
+    assert names[:4] == ["plain-train.global_batch_size=100-model.final_relu=false-seed3",
+                         "plain-train.global_batch_size=100-model.final_relu=false-seed7",
+                         "plain-train.global_batch_size=100-model.final_relu=true-seed3",
+                         "plain-train.global_batch_size=100-model.final_relu=true-seed7"]
+    assert names[-1] == "mse-train.global_batch_size=200-model.final_relu=true-seed7"
+    assert [e.index for e in demo.elements] == list(range(16))
+    assert all(e.run_dir == (tmp_path / "out" / e.name).absolute() for e in demo.elements)
+    assert demo.elements[5].params == {"variant": "plain", "train.global_batch_size": 200, "model.final_relu": False}
+    assert demo.elements[5].seed == 7
+    # Loading again gives the same runs (a job-array task and --list must agree).
+    again = sweep.load_sweep(demo.file, tmp_path / "out")
+    assert [(e.name, e.overrides) for e in again.elements] == [(e.name, e.overrides) for e in demo.elements]
+
+
+def test_later_settings_win_and_each_run_resolves_to_its_own_config(demo):
+    e = demo.elements[-1]  # mse, batch 200, final ReLU, seed 7
+    cfg = load_config(e.config, e.overrides)
+    assert cfg.train.loss == "mse" and cfg.train.lr == 0.5  # the variant beats the sweep's overrides
+    assert cfg.train.epochs == 2 and cfg.train.global_batch_size == 200 and cfg.model.final_relu is True
+    assert cfg.train.seed == 7
+    assert cfg.train.momentum == 0.0  # from configs/seed.yaml, the sweep's config
+    assert cfg.tracking.group == "demo"  # one W&B group per sweep
+    assert cfg.tracking.tags == ["sweep:demo", "variant:mse", "train.global_batch_size=200",
+                                 "model.final_relu=true", "seed:7"]
+    plain = load_config(demo.elements[0].config, demo.elements[0].overrides)
+    assert plain.train.loss == "cross_entropy" and plain.train.lr == 0.2
+
+
+def test_extra_overrides_come_last_and_do_not_rename_runs(tmp_path):
+    path = write(tmp_path, "seeds: [0, 1]\noverrides: {train.epochs: 3}\n")
+    s = sweep.load_sweep(path, tmp_path / "out", ["train.epochs=1", "dist.device=cpu"])
+    assert [e.name for e in s.elements] == ["seed0", "seed1"]
+    cfg = load_config(s.elements[1].config, s.elements[1].overrides)
+    assert cfg.train.epochs == 1 and cfg.dist.device == "cpu" and cfg.train.seed == 1
+    assert s.elements[0].config == REPO / "configs" / "default.yaml"  # no config: the default, as train_dist.py
+
+
+def test_override_text_reads_back_to_the_value():
+    for value in [0.05, 1e-5, 3, True, False, "mse", "cosine", "1e-3", "yes", "", "a b", ["x", "y,z"], "0.10"]:
+        text = sweep.override_text("k.v", value)
+        assert yaml.safe_load(text.split("=", 1)[1]) == value, (value, text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- 1\n- 2\n", "must be a mapping with keys"),
+    ("nmae: x\n", "unknown key 'nmae'; a sweep file has name, config"),
+    ("name: 'a b'\n", "name: letters, digits"),
+    ("config: nothere.yaml\n", "config: 'nothere.yaml' not found"),
+    ("overrides: {lr: 0.1}\n", "overrides: 'lr': keys look like section.key"),
+    ("overrides: {train.lr: -1}\n", "run 0 (run): train.lr: must be > 0; got -1"),
+    ("overrides: {train.lrr: 1}\n", "run 0 (run): train.lrr: unknown key"),
+    ("variants: {}\n", "variants: empty"),
+    ("variants: {a: {cofig: x}}\n", "variants: a: unknown key 'cofig'; a variant has config, overrides"),
+    ("variants: {'a/b': {}}\n", "variants: a/b: variant names use"),
+    ("variants: {a: {config: missing.yaml}}\n", "variants: a: config: 'missing.yaml' not found"),
+    ("grid: {train.lr: 0.1}\n", "grid: train.lr: must be a non-empty list of values; got 0.1"),
+    ("grid: {train.lr: []}\n", "grid: train.lr: must be a non-empty list"),
+    ("grid: {train.lr: [0.1, 0.1]}\n", "grid: train.lr: a value is listed twice"),
+    ("grid: {train.lr: [0.1, 'fast']}\n", "run 1 (train.lr=fast): train.lr: must be a number"),
+    ("grid: {train.seed: [1, 2]}\nseeds: [0]\n", "train.seed and seeds both set the seed"),
+    ("seeds: 5\n", "seeds: must be a non-empty list of integers; got 5"),
+    ("seeds: [1, true]\n", "seeds: must be a non-empty list of integers"),
+    ("seeds: [1, 1]\n", "seeds: a seed is listed twice"),
+    ("seeds: [-1]\n", "run 0 (seed-1): train.seed: must be in 0..4294967295"),
+    ("grid: {train.lr: [0.1, 0.2], train.momentum: [0.1, 0.2]}\nseeds: [0, 1]\n"
+     "variants: {" + ", ".join(f"v{i}: {{}}" for i in range(1300)) + "}\n", "expands to 10400 runs; at most 10000"),
+    ("grid: {tracking.project: ['a/b', 'a~b']}\n", "would share the directory name 'tracking.project=a~b'"),
+    ("seeds: [0\n", "not valid YAML at line"),
+])
+def test_a_bad_sweep_file_is_one_line_naming_it(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        sweep.load_sweep(path)
+    assert message in str(e.value) and str(e.value).startswith(str(path)), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_sweep_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="sweep file not found"):
+        sweep.load_sweep(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_loads(path):
+    s = sweep.load_sweep(path)
+    assert s.elements and len({e.name for e in s.elements}) == len(s.elements)
+
+
+def test_lessons_sweep_is_the_four_configs_times_five_seeds():
+    s = sweep.load_sweep(REPO / "configs" / "sweeps" / "lessons.yaml")
+    assert [e.name for e in s.elements[::5]] == ["seed-seed0", "seed_no_final_relu-seed0", "mse-seed0", "default-seed0"]
+    assert [e.seed for e in s.elements] == [0, 1, 2, 3, 4] * 4
+    for e in s.elements[::5]:
+        variant = e.params["variant"]
+        expected = load_config(REPO / "configs" / f"{variant}.yaml", [f"train.seed={e.seed}"]).to_dict()
+        got = load_config(e.config, e.overrides).to_dict()
+        for section in ("model", "data", "train", "dist", "checkpoint"):
+            assert got[section] == expected[section], (variant, section)
+
+
+def test_cli_list_and_print_run_dir(demo, capsys):
+    assert cli.main(["sweep", str(demo.file), "--out", str(demo.root), "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"sweep demo: 16 runs (0 finished) in {demo.root}"
+    assert out[1].split()[:3] == ["0", demo.elements[0].name, "-"]
+    assert "sbatch --array=0-15%4" in out[-1] and f"SWEEP={demo.file}" in out[-1]
+    assert cli.main(["sweep", str(demo.file), "--out", str(demo.root), "--print-run-dir", "15"]) == 0
+    assert capsys.readouterr().out.strip() == str(demo.elements[15].run_dir)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--print-run-dir", "16"], "no run 16: the sweep has 16 runs (0-15)"),
+    (["--run", "-1"], "no run -1"),
+    (["--list", "train.lrr=1"], "train.lrr: unknown key"),
+])
+def test_cli_errors_are_one_line_exit_2(demo, capsys, args, message):
+    assert cli.main(["sweep", str(demo.file), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+
+
+def test_cli_needs_one_action(demo, capsys):
+    assert pytest.raises(SystemExit, cli.main, ["sweep", str(demo.file)]).value.code == 2
+    assert "one of the arguments --list --run --local --print-run-dir is required" in capsys.readouterr().err
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def test_run_trains_one_element_and_skips_it_once_finished(tmp_path, synthetic_mnist, one_process, capsys):
+    path = write(tmp_path, f"""
+overrides: {{data.root: {synthetic_mnist}, data.download: false, dist.device: cpu, tracking.mode: disabled,
+            tracking.tensorboard: false, tracking.progress: off, train.epochs: 1, train.global_batch_size: 50}}
+grid: {{train.lr: [0.05, 0.1]}}
+""")
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(path), "--out", str(out), "--run", "1"]) == 0
+    s = sweep.load_sweep(path, out)
+    assert [e.finished for e in s.elements] == [False, True]
+    summary = json.loads((s.elements[1].run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20
+    saved = yaml.safe_load((s.elements[1].run_dir / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 0.1 and saved["tracking"]["group"] == "s"
+    manifest = sweep.read_manifest(out)
+    assert manifest["name"] == "s" and [r["run_dir"] for r in manifest["runs"]] == ["train.lr=0.05", "train.lr=0.1"]
+    assert manifest["runs"][1]["params"] == {"train.lr": 0.1}
+    capsys.readouterr()
+    model = s.elements[1].run_dir / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    assert cli.main(["sweep", str(path), "--out", str(out), "--run", "1"]) == 0
+    assert "run 1 (train.lr=0.1) finished before" in capsys.readouterr().out
+    assert model.stat().st_mtime_ns == before
+    assert cli.main(["sweep", str(path), "--out", str(out), "--list"]) == 0
+    assert "(1 finished)" in capsys.readouterr().out
