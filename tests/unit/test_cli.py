@@ -48,3 +48,39 @@ def test_mnistdist_help_describes_each_command(capsys):
         assert len(line.split()) > 3  # a description, not just the name
     assert cli.main(["bogus"]) == 2
     assert "error: unknown command 'bogus'" in capsys.readouterr().err
+
+
+def test_the_command_line_wandb_agent_builds_is_understood(capsys, monkeypatch):
+    """`wandb agent` runs `program` with the sweep's parameters as --name=value (its ${args});
+    with parameter names section.key that is our override syntax with two dashes. The
+    arguments are built here by wandb's own code for the agent's command line."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    for name in ("WORLD_SIZE", "MASTER_PORT", "ACCELERATE_MIXED_PRECISION", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    params = {"train.lr": 0.05, "train.loss": "mse", "model.final_relu": False, "train.global_batch_size": 100,
+              "train.weight_decay": 1e-05}
+    agent_args = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args"]
+    assert agent_args[0] == "--train.lr=0.05"
+    assert cli.train_main(["--config", SEED, *agent_args, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in params.items():
+        section, name = key.split(".")
+        assert printed[section][name] == value, key
+    assert printed == load_config(SEED, [f"{k}={v}" for k, v in params.items()]).to_dict()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train.lr", "0.05"], "error: --train.lr: give a value with '=', e.g. --train.lr=VALUE (or train.lr=VALUE)"),
+    (["--train.lrr=0.05"], "error: train.lrr: unknown key; train has epochs"),
+])
+def test_dashed_overrides_errors_are_one_line(capsys, args, message):
+    assert cli.train_main(["--print-config", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err, err
+
+
+def test_undash_leaves_flags_and_paths_alone():
+    argv = ["--run-dir=/a/b.c", "--config", "x.yaml", "--train.lr=0.1", "train.epochs=2", "--resume=never"]
+    assert cli.undash_overrides(argv) == ["--run-dir=/a/b.c", "--config", "x.yaml", "train.lr=0.1", "train.epochs=2",
+                                          "--resume=never"]
