@@ -25,6 +25,12 @@ of all rounds are pooled: median, min and max. (a) costs 8-15 s per epoch on 2 C
 runs ``--epochs-a`` epochs (default 2: one warm-up, one measured). Ratios are of medians:
 b/a = epoch time of a / epoch time of b (speed-up), c/b = epoch time of c / epoch time of b.
 
+``--startup`` measures start-up alone instead (issue 17): each of ``--reps`` rounds times a bare
+``python -c "import torch"``, the same with a torch optimizer built (torch.optim imports
+torch._dynamo: the floor of any training with it), and one-step training runs of 1 and 2
+processes, each to its first step; ``--checkout NAME=DIR`` adds another checkout's runs to the
+same rounds (the code before a change, side by side).
+
 Other processes on the machine distort everything (on 2 cores a 2-thread run slows down many
 times over). Every run records how many CPUs other processes kept busy meanwhile (/proc/stat
 minus our own CPU time); the report warns when that exceeded BUSY_CPUS, and ``--retry-busy N``
@@ -357,9 +363,10 @@ def machine_info(device: str) -> dict[str, Any]:
 
 
 def build_command(variant: Variant, config: Path, run_dir: Path, epochs: int, device: str,
-                  extra_overrides: list[str]) -> list[str]:
-    """The command line of one run: ``train_dist.py`` directly, or under ``accelerate launch``."""
-    args = [str(TRAIN_SCRIPT), "--config", str(config), "--run-dir", str(run_dir),
+                  extra_overrides: list[str], train_script: Path = TRAIN_SCRIPT) -> list[str]:
+    """The command line of one run: ``train_dist.py`` directly, or under ``accelerate launch``
+    (``train_script``: another checkout's, to compare versions in one run)."""
+    args = [str(train_script), "--config", str(config), "--run-dir", str(run_dir),
             *variant.overrides, *extra_overrides, f"train.epochs={epochs}", f"dist.device={device}"]
     if variant.nproc == 1:
         return [sys.executable, *args]
@@ -561,6 +568,114 @@ def run_bench(variants: list[Variant], *, config: Path, reps: int, epochs: int, 
     }
 
 
+# --------------------------------------------------------------------------------------
+# Start-up: time to the first step, against a bare ``import torch``
+
+BARE = "bare"
+"""``python -c "import torch"``: what every training process pays."""
+# Every torch.optim optimizer imports torch._dynamo when it is built (Optimizer.__init__ ->
+# torch._disable_dynamo) and again in step()/zero_grad(): 1.5-2 s more on 2 CPU cores that no
+# training with a torch optimizer avoids. This row shows that floor.
+FLOOR = "bare+optimizer"
+REFERENCE_CODE = {
+    BARE: "import torch",
+    FLOOR: "import torch; torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)",
+}
+"""Timed to a line they print when done (``REFERENCE_DONE``), like a training run to its
+first step: the interpreter's exit (torch._dynamo's exit handlers) is not start-up."""
+REFERENCE_DONE = "reference done"
+STARTUP_NPROCS = (1, 2)
+
+
+def startup_command(nproc: int, checkout: Path, config: Path, run_dir: Path, device: str) -> list[str]:
+    """A one-step training run of ``checkout`` on ``nproc`` processes (2: through the launcher)."""
+    variant = Variant(f"train@{nproc}", "", nproc, ["train.max_steps=1"])
+    return build_command(variant, config, run_dir, 1, device, [], train_script=checkout / "train_dist.py")
+
+
+def time_until(cmd: list[str], cwd: Path, ready: str | None, timeout_s: float, log_path: Path) -> float:
+    """Seconds from starting ``cmd`` to its first output line containing ``ready`` (None: to its
+    exit). The command still runs to its end; a non-zero exit raises RuntimeError."""
+    elapsed = None
+    start = time.perf_counter()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        killer = threading.Timer(timeout_s, proc.kill)
+        killer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if elapsed is None and ready is not None and ready in line:
+                    elapsed = time.perf_counter() - start
+                out.write(line)
+            returncode = proc.wait()
+        finally:
+            killer.cancel()
+    if ready is None:
+        elapsed = time.perf_counter() - start
+    if returncode != 0 or elapsed is None:
+        raise RuntimeError(f"exit {returncode}{'' if elapsed else f', no {ready!r} line'}: {shlex.join(cmd)}\n"
+                           + log_path.read_text()[-3000:])
+    return elapsed
+
+
+def run_startup(checkouts: dict[str, Path], *, reps: int, config: Path, device: str, workdir: Path,
+                timeout_s: float, log: Any = print) -> dict[str, Any]:
+    """Each round: the reference commands (the bare import, the import with an optimizer),
+    then for every checkout one 1-process and one 2-process run; start-up is command start to
+    the main rank's "training on" line (just before the first step). Returns medians per row
+    and, per round, the difference to that round's bare import (rounds minutes apart drift;
+    the difference within a round is steadier)."""
+    started = datetime.now(timezone.utc)
+    rows: dict[str, list[float]] = {key: [] for key in REFERENCE_CODE}
+    rows.update({f"{name} {n}p": [] for name in checkouts for n in STARTUP_NPROCS})
+    over_bare: dict[str, list[float]] = {key: [] for key in rows if key != BARE}
+    for rep in range(reps):
+        line = []
+        for key, code in REFERENCE_CODE.items():
+            log_path = workdir / f"{key.replace('+', '-')}-rep{rep}.log"
+            cmd = [sys.executable, "-c", f"{code}; print({REFERENCE_DONE!r}, flush=True)"]
+            t = time_until(cmd, REPO, REFERENCE_DONE, timeout_s, log_path)
+            rows[key].append(t)
+            line.append(f"{key} {t:.2f}")
+        bare = rows[BARE][-1]
+        if FLOOR in over_bare:
+            over_bare[FLOOR].append(rows[FLOOR][-1] - bare)
+        for name, checkout in checkouts.items():
+            for n in STARTUP_NPROCS:
+                key, tag = f"{name} {n}p", f"{name}-{n}p-rep{rep}"
+                cmd = startup_command(n, checkout, config, workdir / tag, device)
+                t = time_until(cmd, checkout, READY_LINE, timeout_s, workdir / f"{tag}.log")
+                rows[key].append(t)
+                over_bare[key].append(t - bare)
+                line.append(f"{key} {t:.2f}")
+        log(f"[round {rep + 1}/{reps}] start-up s: " + ", ".join(line))
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "command": "python -m mnistdist.bench " + shlex.join(sys.argv[1:]),
+        "device": device,
+        "reps": reps,
+        "checkouts": {name: str(path) for name, path in checkouts.items()},
+        "machine": machine_info(device),
+        "startup_s": {key: stats(values) for key, values in rows.items()},
+        "over_bare_s": {key: stats(values) for key, values in over_bare.items()},
+        "startup_s_all_rounds": rows,
+    }
+
+
+def format_startup(report: dict[str, Any]) -> str:
+    """One line per row: start-up median [min-max] and its excess over the bare import."""
+    lines = [f"{'what':<20}  {'start-up s: median [min-max]':<28}  minus bare import, per round: median [min-max]"]
+    for key, s in report["startup_s"].items():
+        extra = report["over_bare_s"].get(key)
+        lines.append(f"{key:<20}  {_spread(s):<28}  {_spread(extra) if extra else '-'}")
+    lines.append(f"{report['reps']} rounds; each runs every row once, in turn; start-up = command start to the "
+                 f"main rank's \"{READY_LINE.strip()}\" line; {BARE}, {FLOOR}: to a line printed after `python -c` "
+                 + " and ".join(f"\"{code}\"" for code in REFERENCE_CODE.values()))
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m mnistdist.bench",
@@ -590,7 +705,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-wait", type=float, default=600.0, metavar="S",
                    help="with --retry-busy: wait at most S seconds for an idle machine before a run (default 600)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before one run is killed (default 1800)")
+    p.add_argument("--startup", action="store_true",
+                   help="measure start-up instead: time to the first step of 1 and 2 processes against a bare "
+                        "`python -c \"import torch\"`, --reps rounds (the variant options are ignored)")
+    p.add_argument("--checkout", action="append", default=[], metavar="NAME=DIR",
+                   help="with --startup: also time the train_dist.py of another checkout, e.g. the code "
+                        "before a change (`git archive HEAD | tar -x -C DIR`), in the same rounds (repeatable)")
     args = p.parse_args(argv)
+    args.checkouts = {"current": REPO}
+    for text in args.checkout:
+        name, sep, path = text.partition("=")
+        if not sep or not name or name in args.checkouts or not (Path(path) / "train_dist.py").is_file():
+            p.error(f"--checkout {text!r}: expected a new NAME=DIR where DIR holds train_dist.py")
+        args.checkouts[name] = Path(path).resolve()
     if args.retry_busy < 0:
         p.error("--retry-busy must be >= 0")
     for name in ("reps", "epochs", "epochs_a"):
@@ -617,6 +744,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.startup:
+        return startup_main(args)
     builtins = builtin_variants(epochs_a=args.epochs_a)
     variants = [builtins[w] for w in args.which_list] + args.extra_variants
     if args.keep is not None:
@@ -640,6 +769,26 @@ def main(argv: list[str] | None = None) -> int:
         if workdir_ctx is not None:
             workdir_ctx.cleanup()
     print(format_table(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(to_json(report))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def startup_main(args: argparse.Namespace) -> int:
+    """``--startup``: the start-up table (and ``--json``)."""
+    with tempfile.TemporaryDirectory(prefix="mnistdist-startup-") as tmp:
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            report = run_startup(args.checkouts, reps=args.reps, config=args.config.resolve(), device=args.device,
+                                 workdir=workdir, timeout_s=args.timeout,
+                                 log=lambda line: print(line, file=sys.stderr, flush=True))
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    print(format_startup(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(to_json(report))

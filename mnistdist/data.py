@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -163,13 +164,26 @@ class MnistTensors:
         return MnistTensors(*(t.to(device) for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)))
 
 
-def load_tensors(root: str | os.PathLike) -> MnistTensors:
-    """Read the verified raw files into tensors (torchvision's IDX reader)."""
-    import torchvision
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file of unsigned bytes (checked by ``check_mnist_files``) as a uint8 tensor of the
+    header's shape: [N, 28, 28] for images, [N] for labels."""
+    with open(path, "rb") as f:
+        ndim = f.read(4)[3]  # magic = 0x00 0x00 <type 0x08: unsigned byte> <number of dimensions>
+        shape = [int.from_bytes(f.read(4), "big") for _ in range(ndim)]
+        values = np.fromfile(f, dtype=np.uint8)  # one copy, straight from the file (~12 ms for 47 MB)
+    return torch.from_numpy(values).reshape(shape)
 
-    train = torchvision.datasets.MNIST(str(root), train=True, download=False)
-    test = torchvision.datasets.MNIST(str(root), train=False, download=False)
-    return MnistTensors(train.data, train.targets, test.data, test.targets)
+
+def load_tensors(root: str | os.PathLike) -> MnistTensors:
+    """Read the verified raw files into tensors: the same tensors as torchvision's ``MNIST``
+    (``.data`` uint8, ``.targets`` int64; tested). Measured on 2 CPU cores: 0.05 s instead of
+    0.18 s for torchvision's reader, and no ``import torchvision`` before the first step (0.15 s
+    once torch._dynamo is loaded, as torch.optim does anyway; 1.5-2.5 s alone)."""
+    raw = raw_dir(root)
+    return MnistTensors(
+        read_idx(raw / "train-images-idx3-ubyte"), read_idx(raw / "train-labels-idx1-ubyte").long(),
+        read_idx(raw / "t10k-images-idx3-ubyte"), read_idx(raw / "t10k-labels-idx1-ubyte").long(),
+    )
 
 
 def normalize(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:

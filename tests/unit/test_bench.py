@@ -231,3 +231,47 @@ def test_smoke_run_writes_table_and_json(tmp_path):
     assert b["others_cpus"]["n"] in (0, 1)
     assert 0 < b["test_acc"] <= 1
     assert report["ratios"]["speedup_b_over_a"] is None
+
+
+def test_startup_rounds_run_every_row_in_turn_and_subtract_that_rounds_bare_import(monkeypatch, tmp_path):
+    calls = []
+    fake = iter([2.0, 3.5, 3.6, 7.0, 4.0, 9.0,   # round 1: bare, floor, current 1p/2p, old 1p/2p
+                 2.2, 3.7, 3.4, 6.8, 4.4, 8.0])  # round 2
+
+    def time_until(cmd, cwd, ready, timeout_s, log_path):
+        calls.append((cmd, cwd, ready))
+        return next(fake)
+
+    monkeypatch.setattr(bench, "time_until", time_until)
+    monkeypatch.setattr(bench, "machine_info", lambda device: {})
+    old = tmp_path / "old"
+    report = bench.run_startup({"current": bench.REPO, "old": old}, reps=2, config=Path("c.yaml"), device="cpu",
+                               workdir=tmp_path, timeout_s=10, log=lambda line: None)
+    assert report["startup_s_all_rounds"]["current 1p"] == [3.6, 3.4]
+    assert report["over_bare_s"]["old 2p"]["median"] == pytest.approx((7.0 + 5.8) / 2)
+    assert report["over_bare_s"][bench.FLOOR]["median"] == pytest.approx(1.5)
+    assert calls[0][0][-1].startswith("import torch;") and calls[0][2] == bench.REFERENCE_DONE
+    old_two = calls[5][0]
+    assert calls[5][1] == old and str(old / "train_dist.py") in old_two and "--num_processes" in old_two
+    assert "train.max_steps=1" in old_two and calls[5][2] == bench.READY_LINE
+    text = bench.format_startup(report)
+    assert "current 1p" in text and "old 2p" in text and "bare+optimizer" in text
+
+
+def test_time_until_a_line_and_failures(tmp_path):
+    code = "import time; time.sleep(0.2); print('ready now', flush=True); time.sleep(0.3)"
+    t = bench.time_until([sys.executable, "-c", code], REPO, "ready", 60, tmp_path / "log")
+    assert 0.2 <= t and "ready now" in (tmp_path / "log").read_text()
+    with pytest.raises(RuntimeError, match="no 'ready' line"):
+        bench.time_until([sys.executable, "-c", "print('x')"], REPO, "ready", 60, tmp_path / "log")
+    with pytest.raises(RuntimeError, match="exit 3"):
+        bench.time_until([sys.executable, "-c", "raise SystemExit(3)"], REPO, None, 60, tmp_path / "log")
+
+
+def test_parse_args_startup_checkouts(tmp_path):
+    (tmp_path / "train_dist.py").write_text("")
+    args = bench.parse_args(["--startup", "--checkout", f"old={tmp_path}"])
+    assert args.startup and args.checkouts == {"current": bench.REPO, "old": tmp_path.resolve()}
+    for bad in (["--checkout", "old"], ["--checkout", f"current={tmp_path}"], ["--checkout", f"x={tmp_path / 'nope'}"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--startup", *bad])
