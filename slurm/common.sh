@@ -39,6 +39,11 @@
 #                   personal ~/.cache/huggingface/accelerate config out of the job)
 #   LAUNCH_ARGS     extra `accelerate launch` arguments (default: none)
 #   MAX_REQUEUES    stop requeueing after this many restarts (default: 20)
+#   SWEEP           a sweep file (slurm/sweep.sbatch): this job (an array task) trains run
+#                   $SLURM_ARRAY_TASK_ID of it with `mnistdist sweep SWEEP --run INDEX`, which
+#                   sets the config, overrides and run directory (CONFIG and RUN_DIR are unused;
+#                   OVERRIDES still apply, after the sweep's)
+#   SWEEP_DIR       the sweep directory (default: runs/sweeps/<sweep name>)
 #
 # The numeric knobs (NODES, GPUS_PER_NODE, PROCS_PER_NODE, THREADS_PER_PROC, MASTER_PORT,
 # MAX_REQUEUES) and the Slurm variables used in arithmetic (SLURM_JOB_ID, SLURM_CPUS_PER_TASK,
@@ -113,6 +118,25 @@ ms_configure() {
     NUM_PROCESSES=$(( NODES * PROCS_PER_NODE ))
     CONFIG=${CONFIG:-configs/default.yaml}
     OVERRIDES=${OVERRIDES:-}
+    SWEEP=${SWEEP:-}
+    SWEEP_DIR=${SWEEP_DIR:-}
+    MS_SWEEP=()
+    if [[ -n $SWEEP ]]; then
+        [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] || ms_die "SWEEP=$SWEEP but this is not an array job: submit with sbatch --array=0-N (mnistdist sweep $SWEEP --list says N)"
+        ms_check_number SLURM_ARRAY_TASK_ID 0
+        MS_SWEEP=(sweep "$SWEEP")
+        if [[ -n $SWEEP_DIR ]]; then MS_SWEEP+=(--out "$SWEEP_DIR"); fi
+        # This also checks the whole sweep file: a bad one stops the task with its one line.
+        local err
+        err=$(mktemp)
+        if ! RUN_DIR=$("$PYTHON" -m mnistdist.cli "${MS_SWEEP[@]}" --print-run-dir "$SLURM_ARRAY_TASK_ID" 2>"$err"); then
+            local why
+            why=$(tail -n 1 "$err")
+            rm -f "$err"
+            ms_die "SWEEP=$SWEEP: ${why#error: }"
+        fi
+        rm -f "$err"
+    fi
     RUN_DIR=${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}
     RUN_DIR=$(realpath -m "$RUN_DIR")
     RESUME=${RESUME:-auto}
@@ -126,15 +150,20 @@ ms_configure() {
     MAX_REQUEUES=${MAX_REQUEUES:-20}
     ms_check_number MAX_REQUEUES 0
     if [[ -n ${SLURM_RESTART_COUNT:-} ]]; then ms_check_number SLURM_RESTART_COUNT 0; fi
-    [[ -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
+    [[ -n $SWEEP || -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
 }
 
 # The srun step: one task per node; each task execs the launcher with its own machine rank.
 ms_build_command() {
-    local -a overrides=() launch_args=() launch=()
+    local -a overrides=() launch_args=() launch=() program=()
     read -r -a overrides <<<"$OVERRIDES"
     read -r -a launch_args <<<"$LAUNCH_ARGS"
     if [[ $DEVICE == cpu ]]; then overrides=(dist.device=cpu "${overrides[@]}"); fi
+    if [[ -n $SWEEP ]]; then
+        program=(-m mnistdist.cli "${MS_SWEEP[@]}" --run "$SLURM_ARRAY_TASK_ID" "${overrides[@]}")
+    else
+        program=(train_dist.py --config "$CONFIG" --run-dir "$RUN_DIR" --resume "$RESUME" "${overrides[@]}")
+    fi
     if (( NUM_PROCESSES == 1 )); then
         # One process in all: accelerate refuses --multi_gpu (and a MULTI_GPU config file) for
         # a single process, and there is no rendezvous to hold; its simple launcher runs it.
@@ -161,8 +190,7 @@ ms_build_command() {
         srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=0
         bash -c 'echo "[mnistdist-slurm] task on ${SLURMD_NODENAME:-$(hostname -s)}: machine rank $SLURM_NODEID"
                  exec "$0" -m mnistdist.launch --machine_rank "$SLURM_NODEID" "$@"'
-        "$PYTHON" "${launch[@]}"
-        train_dist.py --config "$CONFIG" --run-dir "$RUN_DIR" --resume "$RESUME" "${overrides[@]}"
+        "$PYTHON" "${launch[@]}" "${program[@]}"
     )
 }
 
@@ -252,6 +280,7 @@ ms_requeue() {
 mnistdist_slurm_main() {
     ms_configure
     ms_build_command
+    if [[ -n $SWEEP ]]; then ms_log "array task ${SLURM_ARRAY_JOB_ID:-?}_$SLURM_ARRAY_TASK_ID: run $SLURM_ARRAY_TASK_ID of $SWEEP"; fi
     ms_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $NODES node(s) x $PROCS_PER_NODE process(es), DEVICE=$DEVICE, head $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
     ms_log "running: $(printf '%q ' "${MS_COMMAND[@]}")"
     trap ms_on_usr1 USR1

@@ -50,7 +50,7 @@ def missing_slurm() -> list[str]:
 class Job:
     """A submitted batch job and where its log goes."""
 
-    job_id: int
+    job_id: int | str  # an array task: "ARRAYID_INDEX"
     log: Path
 
     def info(self) -> dict[str, str]:

@@ -338,3 +338,42 @@ def test_plain_numbers_still_work(tmp_path):
     task = (tmp_path / "task0.out").read_text()
     assert "--num_processes 6 " in task and "--main_process_port 29500 " in task
     assert "--num_cpu_threads_per_process 2 " in task
+
+
+def sweep_file(tmp_path: Path, text: str = "grid: {train.lr: [0.05, 0.1]}\nseeds: [0, 1]\n", name: str = "s") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_sweep_task_trains_its_run_through_the_launcher(tmp_path):
+    path = sweep_file(tmp_path)
+    # (The fake step exits 3 at once: only its command line matters here.)
+    proc = fake_job(tmp_path, "sweep.sbatch", "fail", SWEEP=str(path), SWEEP_DIR=str(tmp_path / "sw"),
+                    SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_JOB_ID="4240", SLURM_JOB_NUM_NODES="1",
+                    SLURM_JOB_NODELIST="nodeA", OVERRIDES="train.epochs=1")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    program = args[args.index("-m", args.index("--dynamo_backend")):]
+    # no GPUs here: DEVICE defaults to cpu
+    assert program == ["-m", "mnistdist.cli", "sweep", str(path), "--out", str(tmp_path / "sw"), "--run", "2",
+                       "dist.device=cpu", "train.epochs=1"], args
+    assert f"array task 4240_2: run 2 of {path}" in out
+    assert f"run dir {tmp_path / 'sw' / 'train.lr=0.1-seed0'}" in out  # the run's own directory
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "SWEEP is not set: sbatch --array=0-N"),
+    ({"SWEEP": "SWEEPFILE"}, "but this is not an array job"),
+    ({"SWEEP": "SWEEPFILE", "SLURM_ARRAY_TASK_ID": "4"}, "no run 4: the sweep has 4 runs (0-3)"),
+    ({"SWEEP": "BADFILE", "SLURM_ARRAY_TASK_ID": "0"}, "unknown key 'seed'"),
+])
+def test_sweep_task_errors_are_one_line_exit_2(tmp_path, env, message):
+    files = {"SWEEPFILE": sweep_file(tmp_path), "BADFILE": sweep_file(tmp_path, "seed: [1]\n", name="bad")}
+    env = {k: str(files.get(v, v)) for k, v in env.items()}
+    proc = fake_job(tmp_path, "sweep.sbatch", "run", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="nodeA", **env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and message in out, out
+    assert len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "srun.args").exists()
