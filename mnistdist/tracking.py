@@ -321,6 +321,10 @@ class Tracker:
         if self.run_id is None and id_file.is_file():
             self.run_id = id_file.read_text().strip() or None
         if self.run_id is None:
+            # `wandb agent` starts each run of a W&B sweep with the id it expects in
+            # WANDB_RUN_ID (a run directory's own id, above, still wins: a resumed run).
+            self.run_id = os.environ.get("WANDB_RUN_ID", "").strip() or None
+        if self.run_id is None:
             # W&B run ids are short lowercase alphanumerics; chosen here so we can store it first.
             self.run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(self.run_id + "\n")

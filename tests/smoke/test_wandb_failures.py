@@ -128,3 +128,28 @@ def test_a_failing_wandb_call_is_reported_once_and_training_finishes(fake_wandb,
     assert run.calls_after_failure == 0  # dropped for the rest of the run
     if fail == "log":
         assert run.logged == list(range(1, fail_after + 1))
+
+
+def test_a_wandb_agent_run_uses_the_agents_run_id_then_keeps_its_own(fake_wandb, synthetic_mnist, tmp_path,
+                                                                    monkeypatch):
+    """`wandb agent` sets WANDB_RUN_ID for the run it starts; the sweep only sees a run with
+    that id. A run directory that already has an id (a resumed run) keeps its own."""
+    import wandb
+
+    fake_wandb("none")
+    ids: list[str] = []
+    real_init = wandb.init
+
+    def init(**kwargs: Any) -> FakeRun:
+        ids.append(kwargs["id"])
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_RUN_ID", "agent123")
+    run_dir = tmp_path / "run"
+    training.run(load_config(None, overrides(synthetic_mnist)), run_dir, resume="auto")
+    assert ids == ["agent123"] and (run_dir / "wandb_run_id").read_text().strip() == "agent123"
+    monkeypatch.setenv("WANDB_RUN_ID", "other456")
+    training.run(load_config(None, [*overrides(synthetic_mnist), "train.epochs=2"]), run_dir, resume="auto",
+                 allow_config_change=True)
+    assert ids == ["agent123", "agent123"]
