@@ -75,3 +75,14 @@ def test_local_sweep_stops_on_ctrl_c_resumes_exactly_and_skips_finished_runs(tmp
         assert g["final_test_acc"]["std"] == pytest.approx(statistics.stdev(accs))
         assert g["seeds"] == [0, 1] and g["steps"]["values"] == [150, 150]
     assert (out / "compare.png").is_file()
+
+
+def test_local_sweep_with_two_processes_per_run(tmp_path, synthetic_mnist):
+    path = tmp_path / "two.yaml"
+    path.write_text(f"overrides: {{data.root: {synthetic_mnist}, data.download: false, dist.device: cpu, "
+                    "train.epochs: 1, train.global_batch_size: 50}\ngrid: {train.lr: [0.05, 0.1]}\n")
+    out = tmp_path / "out"
+    result = check(run_cmd(sweep_cmd(path, "--out", str(out), "--local", "--processes", "2"), timeout=300))
+    assert result.stdout.count("training on 2 process(es), cpu, backend gloo") == 2, result.stdout
+    summaries = [json.loads((e.run_dir / "summary.json").read_text()) for e in sweep.load_sweep(path, out).elements]
+    assert [s["world_size"] for s in summaries] == [2, 2] and [s["steps"] for s in summaries] == [20, 20]
