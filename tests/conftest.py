@@ -48,6 +48,23 @@ def synthetic_mnist(tmp_path: Path) -> Path:
     return write_synthetic_mnist(tmp_path / "data")
 
 
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT")
+
+
+def as_one_process(mp: pytest.MonkeyPatch, wandb_mode: str | None = "disabled") -> pytest.MonkeyPatch:
+    """Give this process the environment of ``python train_dist.py`` typed by hand, for runs of
+    the real training loop in the test process: no launcher variables, no accelerate or W&B
+    settings; then ``WANDB_MODE=wandb_mode`` unless it is None (W&B follows the config)."""
+    for name in LAUNCHER_VARIABLES:
+        mp.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
+        mp.delenv(name)
+    if wandb_mode is not None:
+        mp.setenv("WANDB_MODE", wandb_mode)
+    return mp
+
+
 def data_root() -> Path:
     """Real MNIST: $MNISTDIST_DATA_ROOT, else ../shared/data next to the checkout."""
     if _running is not None and _running.get_closest_marker("slow") is None:

@@ -9,7 +9,6 @@ in batches of 100 (10 steps per epoch), 2 epochs, a training line every 3 steps.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from mnistdist import training
 from mnistdist.config import load_config
 from mnistdist.launch import child_env
-from tests.conftest import REPO
+from tests.conftest import LAUNCHER_VARIABLES, REPO, as_one_process
 from tests.synthetic_mnist import write_synthetic_mnist
 
 EPOCHS, STEPS_PER_EPOCH, LOG_EVERY = 2, 10, 3
@@ -33,8 +32,6 @@ EPOCH_LINE = re.compile(rf"epoch (\d+)/{EPOCHS}  train_loss \d+\.\d{{4}}  test_l
                         r"test_acc \d+\.\d\d% \(\d+/200\)  [\d,]+ samples/s  \d+\.\d s")
 # The steps with a training line: every LOG_EVERY-th and each epoch's last.
 LOGGED_STEPS = sorted({s for s in range(1, LAST_STEP + 1) if s % LOG_EVERY == 0 or s % STEPS_PER_EPOCH == 0})
-LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT", "TQDM_DISABLE")
 
 
 def overrides(data_root: Path, progress: str) -> list[str]:
@@ -51,12 +48,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture
 def env(monkeypatch):
     """The environment of ``python train_dist.py``: no launcher, W&B off, TQDM_DISABLE unset."""
-    for name in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    return monkeypatch
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    return as_one_process(monkeypatch)
 
 
 def train(data: Path, run_dir: Path, progress: str, capsys) -> tuple[str, str]:
@@ -153,7 +146,7 @@ def test_auto_on_a_terminal_is_a_bar_unless_TQDM_DISABLE(env, data, tmp_path, ca
 def test_train_dist_into_a_pipe_writes_a_readable_log(data, tmp_path):
     """``python train_dist.py > log 2>&1``, as under Slurm: the default (auto) gives lines."""
     env = child_env()
-    for name in LAUNCHER_VARIABLES:
+    for name in (*LAUNCHER_VARIABLES, "TQDM_DISABLE"):
         env.pop(name, None)
     args = overrides(data, "auto")[:-1]  # tracking.progress left at its default
     result = subprocess.run([sys.executable, str(REPO / "train_dist.py"), "--run-dir", str(tmp_path / "run"), *args],

@@ -18,7 +18,6 @@ per epoch, 2 epochs).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +29,7 @@ import pytest
 from mnistdist.config import TrackingConfig
 from mnistdist.rundir import RunDir
 from mnistdist.tracking import Tracker
+from tests.conftest import as_one_process
 from tests.smoke.test_metrics_history import train  # the same tiny runs (10 steps x 2 epochs)
 from tests.synthetic_mnist import write_synthetic_mnist
 
@@ -46,12 +46,7 @@ PLOTS = {"plots/loss", "plots/accuracy", "plots/confusion"}
 def env():
     """The environment of ``python train_dist.py``: no launcher variables, no W&B settings."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT"):
-            mp.delenv(name, raising=False)
-        for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
-            mp.delenv(name)
-        yield mp
+        yield as_one_process(mp, wandb_mode=None)
 
 
 @pytest.fixture(scope="module")

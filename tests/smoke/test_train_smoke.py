@@ -8,7 +8,6 @@ A few seconds per run, so this is part of ``make test-fast``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 
 from mnistdist import training
 from mnistdist.config import load_config
+from tests.conftest import as_one_process
 from tests.synthetic_mnist import write_synthetic_mnist
 
 STEPS_PER_EPOCH, EPOCHS = 20, 2
@@ -33,13 +33,7 @@ def overrides(data_root: Path, *extra: str) -> list[str]:
 def one_process_env():
     """The environment of ``python train_dist.py``: no launcher variables, W&B off."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT"):
-            mp.delenv(name, raising=False)
-        for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
-            mp.delenv(name)
-        mp.setenv("WANDB_MODE", "disabled")
-        yield mp
+        yield as_one_process(mp)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ The real training loop runs in this process on tiny synthetic MNIST with ``track
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 
 from mnistdist import training
 from mnistdist.config import load_config
+from tests.conftest import as_one_process
 
 STEPS_PER_EPOCH, EPOCHS = 10, 1  # 1000 synthetic images in batches of 100
 
@@ -67,11 +67,7 @@ def fake_wandb(monkeypatch):
     """A factory: ``fake_wandb(fail, fail_after)`` patches wandb and returns the runs it makes."""
     import wandb
 
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT"):
-        monkeypatch.delenv(name, raising=False)
-    for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
-        monkeypatch.delenv(name)
+    as_one_process(monkeypatch, wandb_mode=None)
 
     def patch(fail: str, fail_after: int = 0) -> list[FakeRun]:
         runs: list[FakeRun] = []

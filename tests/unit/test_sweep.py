@@ -4,7 +4,6 @@ and ``mnistdist sweep --list/--print-run-dir/--run`` (in this process, on synthe
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import yaml
 
 from mnistdist import cli, sweep
 from mnistdist.config import ConfigError, load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, as_one_process
 
 
 def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
@@ -173,12 +172,7 @@ def test_cli_needs_one_action(demo, capsys):
 
 @pytest.fixture
 def one_process(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT"):
-        monkeypatch.delenv(name, raising=False)
-    for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    as_one_process(monkeypatch)
 
 
 def test_run_trains_one_element_and_skips_it_once_finished(tmp_path, synthetic_mnist, one_process, capsys):
