@@ -5,14 +5,21 @@
 #
 #   bash scripts/gpu_check.sh DATA_ROOT OUT_DIR
 #
-# Runs, on the seed config: (a) the per-sample torchvision pipeline, (b) the tensor pipeline
-# eager, and the compiled/graph-captured step (dist.compile=reduce-overhead), each for 10
-# measured epochs after 1 warm-up epoch (a: 1 measured epoch, it is slow), plus a bf16 run;
-# then the CPU-independent unit tests on this machine. Results: OUT_DIR/gpu_bench.json and logs.
+# Runs, in this order, keeping every output under OUT_DIR:
+# 1. the `gpu` tests (tests/gpu/: one-GPU training eager and as a CUDA graph, bf16, exact
+#    evaluation, exact resume, NaN stop, eager vs graph equality, the device-side batch and
+#    schedule blocks): OUT_DIR/gpu_tests.log and gpu_tests.xml;
+# 2. the benchmark on the seed config: (a) the per-sample torchvision pipeline, (b) the tensor
+#    pipeline eager, and the compiled/graph-captured step (dist.compile=reduce-overhead), each
+#    for 10 measured epochs after 1 warm-up epoch (a: 1 measured epoch, it is slow), plus a
+#    bf16 run: OUT_DIR/gpu_bench.json and bench.log;
+# 3. a default-config run evaluated on the CPU, and the CUDA-graph step against the eager step
+#    through the command line (same run, exact resume after SIGTERM, NaN stop): graph_check.txt.
 #
 # DEVICE=cpu runs the same checks on the CPU with fewer epochs (EPOCHS, default 3): where no
 # GPU is lent, this shows the script works and that each GPU option falls back with one
-# warning; its timings say nothing about a GPU.
+# warning (the gpu tests run on the CPU too, MNISTDIST_GPU_TESTS_DEVICE=cpu); its timings say
+# nothing about a GPU.
 set -uo pipefail
 data=${1:?data root}
 out=${2:?output dir}
@@ -32,6 +39,11 @@ else
   { nproc; grep -m1 "model name" /proc/cpuinfo; } | tee "$out/gpu.txt"
 fi
 python3 -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu.txt"
+# 1. The gpu tests (they need pytest: pip install -e '.[test]').
+MNISTDIST_GPU_TESTS_DEVICE="$device" python3 -m pytest tests/gpu -m gpu -v -rs -p no:cacheprovider \
+  --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log"
+echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$out/gpu_tests.log"
+# 2. The benchmark.
 python3 -m mnistdist.bench --device "$device" --which a,b --reps 1 --epochs "$epochs" --epochs-a 2 --warmup-epochs 1 \
   --variant "compiled:dist.compile=reduce-overhead,train.stop_check_every_steps=50" \
   --variant "graph:dist.cuda_graph=true" \
