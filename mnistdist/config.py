@@ -169,7 +169,9 @@ class DistConfig:
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     """``torch.compile`` the forward pass and loss (and so their backward) with this mode;
     ``reduce-overhead`` also captures them as CUDA graphs, which removes most kernel-launch
-    overhead of this tiny model. GPU only: on CPU it falls back to eager with one warning."""
+    overhead of this tiny model. GPU only: on CPU it falls back to eager with one warning
+    (inductor's C++ backend was measured no faster on 2 cores, 1.0x, after 3-27 s of compiling;
+    docs/benchmarks.md)."""
 
     cuda_graph: bool = False
     """Capture the whole training step (forward, backward, update, loss sums) once as a CUDA
