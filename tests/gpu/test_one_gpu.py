@@ -25,6 +25,7 @@ from mnistdist.data import TrainBatches, gather_normalized, load_tensors, normal
 from mnistdist.model import MLP
 from mnistdist.schedule import DeviceSchedule, lr_at
 from mnistdist.signals import NonFiniteLoss
+from tests.conftest import as_one_process
 from tests.synthetic_mnist import write_synthetic_mnist
 
 DEVICE = os.environ.get("MNISTDIST_GPU_TESTS_DEVICE", "cuda")
@@ -48,13 +49,7 @@ def overrides(data_root: Path, *extra: str) -> list[str]:
 def one_process_env():
     """The environment of ``python train_dist.py``: no launcher variables, W&B off."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT"):
-            mp.delenv(name, raising=False)
-        for name in [n for n in os.environ if n.startswith(("ACCELERATE_", "WANDB_"))]:
-            mp.delenv(name)
-        mp.setenv("WANDB_MODE", "disabled")
-        yield mp
+        yield as_one_process(mp)
 
 
 @pytest.fixture(scope="module")
