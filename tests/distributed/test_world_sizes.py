@@ -1,12 +1,16 @@
 """N processes train exactly like one, at any N that divides the global batch and the
 training set (not only powers of two), and a checkpoint resumes on another number of
-processes. Real launcher, gloo, real MNIST, configs/default.yaml with a global batch of 600
-(divisible by 1, 2, 3, 4 and 6: 100 steps per epoch).
+processes. Real launcher, gloo.
 
 Exactness is checked in float64, where reordering the additions of the gradient average costs
 ~1e-16 per step and a wrong shard or scale shows as 1e-8 or more (a float32 loss did: 1.1e-8 at
-3 processes after one step). float32 training amplifies rounding chaotically (two 1-process
-runs that differ only in their thread count end an epoch ~0.05 apart in some weights), so there
+3 processes after one step). Those runs use the tiny synthetic MNIST (tests/synthetic_mnist.py,
+in MNIST's own file format): 1,200 training images in global batches of 120 (divisible by 1,
+2, 3, 4 and 6: 10 steps per epoch), so a run costs little more than its start-up. Every step's
+logged loss (all-reduced over the ranks) is compared, so a deviation shows at the step where
+it starts, and the final parameters. float32 training amplifies rounding chaotically (two
+1-process runs that differ only in their thread count end an epoch ~0.05 apart in some
+weights), so there, on real MNIST (configs/default.yaml, global batch 600: 100 steps per epoch),
 only the test accuracy is compared.
 """
 
@@ -22,11 +26,14 @@ from mnistdist import checkpoint
 from mnistdist.rundir import read_metrics
 from mnistdist.signals import EXIT_PREEMPTED
 from tests.conftest import REPO, agreed_stop, check, child_env, launch_cmd, run_cmd, train_cmd
+from tests.synthetic_mnist import write_synthetic_mnist
 
 pytestmark = pytest.mark.distributed
 
 CONFIG = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=600"]
-F64 = [*CONFIG, "model.dtype=float64"]
+F64 = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=120", "model.dtype=float64",
+       "train.log_every_steps=1"]
+STEPS_PER_EPOCH = 1200 // 120
 SIZES = [2, 3, 4, 6]
 
 
@@ -43,28 +50,44 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def losses(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir) if "train_loss" in r]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """float64 after 1 step and after 1 epoch, float32 after 1 epoch, at 1, 2, 3, 4, 6 processes."""
+def synthetic(tmp_path_factory):
+    """The environment of a run on 1,200 synthetic training images (200 test images)."""
+    root = write_synthetic_mnist(tmp_path_factory.mktemp("data"), num_train=1200, num_test=200)
+    return child_env(MNISTDIST_DATA_ROOT=str(root))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, synthetic):
+    """float64 for 2 epochs (synthetic) and float32 for 1 epoch (real MNIST), at 1, 2, 3, 4, 6
+    processes."""
     base = tmp_path_factory.mktemp("sizes")
     out = {}
     for n in [1, *SIZES]:
-        for name, args in (("step", [*F64, "train.max_steps=1"]), ("epoch", [*F64, "train.epochs=1"]),
-                           ("f32", [*CONFIG, "train.epochs=1"])):
+        for name, args, env in (("f64", [*F64, "train.epochs=2"], synthetic), ("f32", [*CONFIG, "train.epochs=1"], None)):
             run_dir = base / f"{name}-{n}"
-            check(run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), timeout=600))
+            check(run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), env=env, timeout=600))
             out[name, n] = run_dir
     return out
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("when", ["step", "epoch"])
-def test_float64_n_processes_equal_one_process(runs, n, when):
-    one, many = params(runs[when, 1]), params(runs[when, n])
+def test_float64_n_processes_equal_one_process(runs, n):
+    """Every step's loss and the final parameters, 2 epochs (20 steps, a reshuffle between)."""
+    one, many = params(runs["f64", 1]), params(runs["f64", n])
     assert one["fc1.weight"].dtype == torch.float64
+    steps_one, steps_many = losses(runs["f64", 1]), losses(runs["f64", n])
+    assert [s for s, _ in steps_one] == [s for s, _ in steps_many] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    worst_loss = max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(steps_one, steps_many))
     worst = max_difference(one, many)
-    print(f"{n} processes, after one {when}: max |param difference| {worst:.1e}")
-    assert worst <= 1e-12, f"{n} processes differ from one by {worst:.1e} after one {when}"
+    print(f"{n} processes, 2 epochs: max relative loss difference {worst_loss:.1e}, "
+          f"max |param difference| {worst:.1e}")
+    assert worst_loss <= 1e-12, f"{n} processes: a step's loss differs from one process's by {worst_loss:.1e}"
+    assert worst <= 1e-12, f"{n} processes differ from one by {worst:.1e} after 2 epochs"
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -81,31 +104,30 @@ def test_float32_n_processes_reach_the_accuracy_of_one(runs, n):
 
 
 @pytest.mark.parametrize("cut", ["TERM", "KILL"])
-def test_resume_on_another_number_of_processes_is_exact(runs, tmp_path, cut):
-    """3 epochs (300 steps): 2 processes until a cut mid-epoch 2, then 3 processes until a cut
-    in epoch 3, then 1 process to the end: within 1e-12 of an uninterrupted 1-process run, and
-    metrics.jsonl holds every step once."""
-    args = [*F64, "train.epochs=3", "train.log_every_steps=1", "checkpoint.every_steps=25"]
+def test_resume_on_another_number_of_processes_is_exact(synthetic, tmp_path, cut):
+    """4 epochs (40 steps, synthetic): 2 processes until a cut mid-epoch 2, then 3 processes
+    until a cut in epoch 3, then 1 process to the end: within 1e-12 of an uninterrupted
+    1-process run, and metrics.jsonl holds every step once."""
+    args = [*F64, "train.epochs=4", "checkpoint.every_steps=5"]
     golden = tmp_path / "golden"
-    check(run_cmd(cmd(1, *args, "--run-dir", str(golden)), timeout=600))
+    check(run_cmd(cmd(1, *args, "--run-dir", str(golden)), env=synthetic, timeout=600))
     run_dir = tmp_path / "run"
-    for n, step in ((2, 150), (3, 220)):
-        env = child_env(MNISTDIST_FAULT=f"step={step},rank=1,action={cut}")
+    for n, step in ((2, 15), (3, 27)):
+        env = {**synthetic, "MNISTDIST_FAULT": f"step={step},rank=1,action={cut}"}
         first = run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), env=env, timeout=600)
         if cut == "TERM":
             assert first.returncode == EXIT_PREEMPTED or f"exitcode: {EXIT_PREEMPTED}" in first.stderr, first.stderr[-3000:]
             assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{agreed_stop(step):08d}"
         else:
             assert first.returncode != 0 and not (run_dir / "model.safetensors").exists()
-    last = check(run_cmd(cmd(1, *args, "--run-dir", str(run_dir)), timeout=600))
+    last = check(run_cmd(cmd(1, *args, "--run-dir", str(run_dir)), env=synthetic, timeout=600))
     assert "(written by 3 process(es))" in last.stdout
     worst = max_difference(params(golden), params(run_dir))
     print(f"2 -> 3 -> 1 processes ({cut}): max |param difference| to one uninterrupted process {worst:.1e}")
     assert worst <= 1e-12
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 301))
-    assert [r["step"] for r in records if "test_acc" in r] == [100, 200, 300]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 4 * STEPS_PER_EPOCH + 1))
+    assert [r["step"] for r in records if "test_acc" in r] == [STEPS_PER_EPOCH * e for e in (1, 2, 3, 4)]
     # The logged losses continue too (re-split across ranks: equal up to float64 rounding).
-    golden_losses = [r["train_loss"] for r in read_metrics(golden) if "train_loss" in r]
-    losses = [r["train_loss"] for r in records if "train_loss" in r]
-    assert max(abs(a - b) for a, b in zip(golden_losses, losses)) <= 1e-9
+    worst_loss = max(abs(a - b) for (_, a), (_, b) in zip(losses(golden), losses(run_dir)))
+    assert worst_loss <= 1e-9
