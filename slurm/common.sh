@@ -136,6 +136,10 @@ ms_configure() {
             ms_die "SWEEP=$SWEEP: ${why#error: }"
         fi
         rm -f "$err"
+        if [[ -f $RUN_DIR/summary.json ]]; then  # (`sweep --run` would say the same, after starting a launcher)
+            ms_log "sweep $SWEEP: run $SLURM_ARRAY_TASK_ID (${RUN_DIR##*/}) finished before ($RUN_DIR/summary.json); skipped"
+            exit 0
+        fi
     fi
     RUN_DIR=${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}
     RUN_DIR=$(realpath -m "$RUN_DIR")

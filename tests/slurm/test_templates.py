@@ -377,3 +377,16 @@ def test_sweep_task_errors_are_one_line_exit_2(tmp_path, env, message):
     assert proc.returncode == 2 and message in out, out
     assert len(out.strip().splitlines()) == 1, out
     assert not (tmp_path / "srun.args").exists()
+
+
+def test_sweep_task_of_a_finished_run_exits_0_without_a_step(tmp_path):
+    path = sweep_file(tmp_path)
+    run_dir = tmp_path / "sw" / "train.lr=0.05-seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text("{}\n")
+    proc = fake_job(tmp_path, "sweep.sbatch", "fail", SWEEP=str(path), SWEEP_DIR=str(tmp_path / "sw"),
+                    SLURM_ARRAY_TASK_ID="1", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="nodeA")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"run 1 (train.lr=0.05-seed1) finished before ({run_dir}/summary.json); skipped" in out
+    assert not (tmp_path / "srun.args").exists()
