@@ -1,5 +1,11 @@
 """Multi-process CPU runs through the real launcher (accelerate launch, gloo), compared with
-one process: sharding, exact evaluation, world-size invariance and an end-to-end run."""
+one process: sharding, exact evaluation, world-size invariance and an end-to-end run.
+
+Only the end-to-end run (and the evaluation of its model) reads real MNIST. Where the data is
+not the point (sharding, invariance, launchers, pipelines) the runs use the tiny synthetic
+MNIST in the real IDX format (tests/synthetic_mnist.py): 1,200 training images in global
+batches of 120 (10 steps per epoch at 1, 2 or 3 processes) and 200 test images, so such a run
+costs little more than its start-up."""
 
 from __future__ import annotations
 
@@ -15,22 +21,43 @@ from safetensors.torch import load_file
 from mnistdist.launch import free_port
 from mnistdist.rundir import read_metrics
 from tests.conftest import REPO, check, child_env, launch_cmd, run_cmd, train_cmd
+from tests.synthetic_mnist import write_synthetic_mnist
 
 pytestmark = pytest.mark.distributed
 
+NUM_TRAIN = 1200
+SYNTHETIC = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=120"]
+
 
 @pytest.fixture(scope="module")
-def one_epoch_runs(tmp_path_factory):
-    """1 epoch of configs/default.yaml: on 2 gloo processes (float32), and in float64 on 1 and
-    on 2 processes (for the invariance check, see below)."""
+def synthetic(tmp_path_factory) -> dict[str, str]:
+    """The environment of a run on the synthetic data (1,200 training, 200 test images)."""
+    root = write_synthetic_mnist(tmp_path_factory.mktemp("data"), num_train=NUM_TRAIN, num_test=200)
+    return child_env(MNISTDIST_DATA_ROOT=str(root))
+
+
+@pytest.fixture(scope="module")
+def one_epoch_runs(tmp_path_factory, synthetic):
+    """1 epoch of configs/default.yaml on real MNIST on 2 gloo processes (float32); and on the
+    synthetic data in float64 on 1 and on 2 processes (for the invariance check, see below)."""
     base = tmp_path_factory.mktemp("runs")
     args = ["--config", str(REPO / "configs" / "default.yaml"), "train.epochs=1"]
+    f64 = [*SYNTHETIC, "train.epochs=1", "model.dtype=float64"]
     runs = {}
-    for name, cmd in (("p2", launch_cmd(2, *args)),
-                      ("p1_f64", train_cmd(*args, "model.dtype=float64")),
-                      ("p2_f64", launch_cmd(2, *args, "model.dtype=float64"))):
-        runs[name] = (base / name, check(run_cmd([*cmd, "--run-dir", str(base / name)])))
+    for name, cmd, env in (("p2", launch_cmd(2, *args), None),
+                           ("p1_f64", train_cmd(*f64), synthetic),
+                           ("p2_f64", launch_cmd(2, *f64), synthetic)):
+        runs[name] = (base / name, check(run_cmd([*cmd, "--run-dir", str(base / name)], env=env)))
     return runs
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, synthetic):
+    """accelerate launch, 2 processes, the tensor pipeline, 20 steps (2 epochs) on the
+    synthetic data: the reference for the pipeline and the torchrun comparisons."""
+    run_dir = tmp_path_factory.mktemp("accelerate") / "run"
+    check(run_cmd(launch_cmd(2, *SYNTHETIC, "train.max_steps=20", "--run-dir", str(run_dir)), env=synthetic))
+    return run_dir
 
 
 def test_two_processes_really_ran(one_epoch_runs):
@@ -65,15 +92,18 @@ def test_run_directory_contents(one_epoch_runs):
 
 
 def test_world_size_invariance_after_one_epoch(one_epoch_runs):
-    """Same seed and global batch: 1 process and 2 processes end with the same parameters.
+    """Same seed and global batch: 1 process and 2 processes end with the same parameters
+    (synthetic data, 10 steps; tests/distributed/test_world_sizes.py checks 2, 3, 4 and 6
+    processes step by step, this the check that the weights really moved).
 
     The sampler's batch i on 2 ranks is, together, the 1-process batch i, and DDP averages the
     two half-batch mean gradients into the full-batch mean; only the order of float additions
     differs. Training amplifies such rounding differences: in float32 this default config
-    (lr 0.1, Nesterov, weight decay) ends an epoch ~0.05 apart even between two 1-process runs
-    that differ only in their thread count (measured). So the math is checked in float64,
-    where the rounding is ~1e-16 and the parameters agree to ~1e-15; a wrong shard or a wrong
-    gradient average would show up as a difference of order 1e-2.
+    (lr 0.1, Nesterov, weight decay) ends an epoch of real MNIST ~0.05 apart even between two
+    1-process runs that differ only in their thread count (measured). So the math is checked in float64,
+    where the rounding is ~1e-16 and the parameters agree to ~1e-15 (3e-16 measured); a wrong
+    shard or a wrong gradient average would show up as a difference of order 1e-2 or more (half
+    the gradient: 0.3 measured on this data).
     """
     a = load_file(str(one_epoch_runs["p1_f64"][0] / "model.safetensors"))
     b = load_file(str(one_epoch_runs["p2_f64"][0] / "model.safetensors"))
@@ -89,17 +119,18 @@ def test_world_size_invariance_after_one_epoch(one_epoch_runs):
 
 
 @pytest.mark.parametrize("num_processes", [2, 3])
-def test_sampler_shards_the_training_set(tmp_path, num_processes):
+def test_sampler_shards_the_training_set(tmp_path, synthetic, num_processes):
     out = tmp_path / "seen.json"
-    check(run_cmd(launch_cmd(num_processes, str(out), script=REPO / "tests" / "distributed" / "sharding_probe.py")))
+    probe = launch_cmd(num_processes, str(out), script=REPO / "tests" / "distributed" / "sharding_probe.py")
+    check(run_cmd(probe, env=synthetic))
     data = json.loads(out.read_text())
     assert data["world_size"] == num_processes
     seen = data["seen"]
-    per_rank = math.ceil(60000 / num_processes)
+    per_rank = math.ceil(NUM_TRAIN / num_processes)
     for ids in seen:
-        assert len(ids) == per_rank  # not 60000/N^2: the loader was not sharded a second time
+        assert len(ids) == per_rank  # not NUM_TRAIN/N^2: the loader was not sharded a second time
         assert len(set(ids)) == len(ids)
-    assert set().union(*map(set, seen)) == set(range(60000))
+    assert set().union(*map(set, seen)) == set(range(NUM_TRAIN))
 
 
 def test_exact_evaluation_at_1_2_3_processes(one_epoch_runs):
@@ -122,14 +153,15 @@ def test_exact_evaluation_at_1_2_3_processes(one_epoch_runs):
     assert math.isclose(results[1]["test_loss"], last_eval["test_loss"], rel_tol=1e-6)
 
 
-def test_both_pipelines_train_identically_on_two_processes(tmp_path):
-    params = {}
-    for pipeline in ("tensor", "torchvision"):
-        run_dir = tmp_path / pipeline
-        check(run_cmd(launch_cmd(2, "train.max_steps=20", f"data.pipeline={pipeline}", "--run-dir", str(run_dir))))
-        params[pipeline] = load_file(str(run_dir / "model.safetensors"))
-    for k in params["tensor"]:
-        assert torch.equal(params["tensor"][k], params["torchvision"][k]), k
+def test_both_pipelines_train_identically_on_two_processes(two_process_run, synthetic, tmp_path):
+    run_dir = tmp_path / "torchvision"
+    check(run_cmd(launch_cmd(2, *SYNTHETIC, "train.max_steps=20", "data.pipeline=torchvision",
+                             "--run-dir", str(run_dir)), env=synthetic))
+    tensor, torchvision = load_file(two_process_run / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert "pipeline: tensor" in (two_process_run / "config.yaml").read_text()
+    assert "pipeline: torchvision" in (run_dir / "config.yaml").read_text()
+    for k in tensor:
+        assert torch.equal(tensor[k], torchvision[k]), k
 
 
 def test_config_error_under_the_launcher_stops_before_training(tmp_path):
@@ -142,11 +174,11 @@ def test_config_error_under_the_launcher_stops_before_training(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_accelerate_commands_that_start_one_process_instead_of_two_are_refused(tmp_path):
+def test_accelerate_commands_that_start_one_process_instead_of_two_are_refused(synthetic, tmp_path):
     """`accelerate launch --num_processes 2` (no accelerate config) and `--cpu --num_processes 2`
     start ONE process on a machine without GPUs; it must not train alone."""
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    env = child_env(HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"))  # no user accelerate config
+    env = {**synthetic, "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
     for flags in (["--num_processes", "2"], ["--cpu", "--num_processes", "2"]):
         result = run_cmd([accelerate, "launch", *flags, str(REPO / "train_dist.py"), "--run-dir", str(tmp_path / "r")],
                          env=env, timeout=120)
@@ -161,13 +193,11 @@ def test_accelerate_commands_that_start_one_process_instead_of_two_are_refused(t
     assert "training on 1 process(es)" in one.stdout
 
 
-def test_torchrun_is_a_first_class_launcher(tmp_path):
+def test_torchrun_is_a_first_class_launcher(two_process_run, synthetic, tmp_path):
     """torchrun --nproc_per_node 2 trains exactly like accelerate's 2-process launch."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    args = ["train.max_steps=20", "--run-dir"]
     check(run_cmd([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / "train_dist.py"),
-                   *args, str(tmp_path / "torchrun")], timeout=300))
-    check(run_cmd(launch_cmd(2, *args, str(tmp_path / "accelerate")), timeout=300))
-    a, b = load_file(tmp_path / "torchrun" / "model.safetensors"), load_file(tmp_path / "accelerate" / "model.safetensors")
+                   *SYNTHETIC, "train.max_steps=20", "--run-dir", str(tmp_path / "torchrun")], env=synthetic, timeout=300))
+    a, b = load_file(tmp_path / "torchrun" / "model.safetensors"), load_file(two_process_run / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "torchrun" / "summary.json").read_text())["world_size"] == 2

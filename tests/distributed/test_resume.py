@@ -2,6 +2,15 @@
 
 Interruptions are injected at exact steps with MNISTDIST_FAULT (see mnistdist/signals.py),
 which sends the real signal to one rank; one case sends SIGUSR1 from outside to the launcher.
+
+The runs train on the tiny synthetic MNIST in the real IDX format (tests/synthetic_mnist.py):
+what is proven here is the exactness of resume, not accuracy, and a run then costs little more
+than its start-up. 1,200 training images in global batches of 40 give 30 steps per epoch, 60 in
+the 2 epochs; checkpoints every 20 steps (and at each epoch end), and the ranks agree on a stop
+every 10 steps (``train.stop_check_every_steps``, the default), so an agreed stop after a
+signal is mid-epoch at step 50, at the epoch boundary at step 30. lr 0.02 keeps every logged
+training loss well above 0 (~0.01 at step 60) so that a skipped or repeated batch changes the
+losses and the parameters, not only the step counter.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -19,10 +30,24 @@ from mnistdist import checkpoint
 from mnistdist.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 from mnistdist.rundir import read_metrics
 from tests.conftest import REPO, agreed_stop, assert_same_run, check, child_env, launch_cmd, outcome, run_cmd, train_cmd
+from tests.synthetic_mnist import write_synthetic_mnist
 
 pytestmark = pytest.mark.distributed
 
-ARGS = ["train.epochs=2", "train.log_every_steps=1", "checkpoint.every_steps=100"]
+STEPS_PER_EPOCH = 1200 // 40
+ARGS = ["train.epochs=2", "train.global_batch_size=40", "train.lr=0.02", "train.log_every_steps=1",
+        "checkpoint.every_steps=20"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A data root with 1,200 synthetic training and 200 test images."""
+    return write_synthetic_mnist(tmp_path_factory.mktemp("data"), num_train=1200, num_test=200)
+
+
+def env(data: Path, **extra: str) -> dict[str, str]:
+    """child_env() on the synthetic data instead of real MNIST."""
+    return child_env(MNISTDIST_DATA_ROOT=str(data), **extra)
 
 
 def wrapper_cmd(cmd: list[str]) -> list[str]:
@@ -32,29 +57,30 @@ def wrapper_cmd(cmd: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def golden(tmp_path_factory):
+def golden(tmp_path_factory, data):
     run_dir = tmp_path_factory.mktemp("golden") / "run"
-    check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))))
+    check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
     result = outcome(run_dir)
-    assert len(result["losses"]) == 600 and len(result["evals"]) == 2
+    assert len(result["losses"]) == 2 * STEPS_PER_EPOCH and len(result["evals"]) == 2
+    assert min(loss for _, loss in result["losses"]) > 1e-3  # no vanishing gradients to hide a wrong batch
     return run_dir, result
 
 
 CASES = {
     # name: (rank, step, signal) -- the fault fires after that step on that rank
-    "sigkill-mid-epoch": (0, 150, "KILL"),
-    "sigterm-mid-epoch": (1, 250, "TERM"),
-    "sigkill-epoch-boundary": (1, 300, "KILL"),
-    "sigterm-epoch-boundary": (0, 299, "TERM"),  # agreed at step 300, the epoch's last
+    "sigkill-mid-epoch": (0, 25, "KILL"),  # resumes from step 20, in epoch 1
+    "sigterm-mid-epoch": (1, 45, "TERM"),  # agreed at step 50 (no scheduled checkpoint), in epoch 2
+    "sigkill-epoch-boundary": (1, 30, "KILL"),  # epoch 1's last step, before its evaluation; resumes from 20
+    "sigterm-epoch-boundary": (0, 29, "TERM"),  # agreed at step 30, the epoch's last: the resume owes its evaluation
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_interrupted_then_resumed_equals_golden(golden, tmp_path, case):
+def test_interrupted_then_resumed_equals_golden(data, golden, tmp_path, case):
     rank, step, sig = CASES[case]
     run_dir = tmp_path / "run"
-    env = child_env(MNISTDIST_FAULT=f"step={step},rank={rank},action={sig}")
-    first = run_cmd(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))), env=env)
+    fault = env(data, MNISTDIST_FAULT=f"step={step},rank={rank},action={sig}")
+    first = run_cmd(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))), env=fault)
     if sig == "TERM":
         # Every rank finished the same step, checkpointed, and exited 75.
         assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
@@ -64,74 +90,109 @@ def test_interrupted_then_resumed_equals_golden(golden, tmp_path, case):
     else:
         assert first.returncode not in (0, EXIT_PREEMPTED), first.stderr[-3000:]
         assert not (run_dir / "model.safetensors").exists()
-    resumed = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))))
+        assert checkpoint.list_checkpoints(run_dir)[0].name == "step-00000020"  # steps 21.. are redone
+        logged = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+        assert logged[-1] >= step - 1  # logged past the checkpoint: the resume must drop those lines
+    resumed = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
     assert "resumed from" in resumed.stdout
     assert_same_run(golden[1], outcome(run_dir))
 
 
-def test_external_sigusr1_to_the_launcher(golden, tmp_path):
-    """SIGUSR1 sent to `python -m mnistdist.launch` reaches the workers (accelerate alone would die)."""
+def pending_signals(pid: int) -> int:
+    """The signals pending for a process (thread and process-wide), as a bit mask."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+
+
+def stopped_children(pid: int) -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_STOPPED:
+                out.append(child)
+        except psutil.Error:
+            pass  # gone meanwhile
+    return out
+
+
+def test_external_sigusr1_to_the_launcher(data, golden, tmp_path):
+    """SIGUSR1 sent to `python -m mnistdist.launch` reaches the workers (accelerate alone would die).
+
+    No race with the end of this short run: rank 0 stops itself (SIGSTOP) after step 5, the
+    test sends SIGUSR1 to the launcher, waits until the launcher has passed it on to that
+    worker (pending there), and lets the worker continue; the ranks then agree to stop at 10."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))), cwd=REPO,
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "step-00000100").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before the first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=120)
+                            env=env(data, MNISTDIST_FAULT="step=5,rank=0,action=STOP"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        stopped: list[psutil.Process] = []
+        while not stopped:
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before rank 0 stopped"
+            time.sleep(0.05)
+            stopped = stopped_children(proc.pid)
+        worker = stopped[0]
+        proc.send_signal(signal.SIGUSR1)
+        while not pending_signals(worker.pid) & (1 << (signal.SIGUSR1 - 1)):
+            assert time.monotonic() < deadline, "the launcher did not pass SIGUSR1 on to the workers"
+            time.sleep(0.02)
+        worker.send_signal(signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
-    assert "stopped by SIGUSR1" in stderr
-    check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))))
+    assert f"stopped by SIGUSR1 after step {agreed_stop(5)}" in stderr
+    check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
     assert_same_run(golden[1], outcome(run_dir))
 
 
-def test_one_process_sigterm_and_resume(tmp_path):
-    args = ["train.epochs=1", "train.log_every_steps=1", "checkpoint.every_steps=100"]
-    check(run_cmd(train_cmd(*args, "--run-dir", str(tmp_path / "golden"))))
+def test_one_process_sigterm_and_resume(data, tmp_path):
+    check(run_cmd(train_cmd(*ARGS, "--run-dir", str(tmp_path / "golden")), env=env(data)))
     run_dir = tmp_path / "run"
-    first = run_cmd(train_cmd(*args, "--run-dir", str(run_dir)), env=child_env(MNISTDIST_FAULT="step=120,action=TERM"))
-    assert first.returncode == EXIT_PREEMPTED and f"stopped by SIGTERM after step {agreed_stop(120)}" in first.stderr
-    check(run_cmd(train_cmd(*args, "--run-dir", str(run_dir))))
+    first = run_cmd(train_cmd(*ARGS, "--run-dir", str(run_dir)), env=env(data, MNISTDIST_FAULT="step=45,action=TERM"))
+    assert first.returncode == EXIT_PREEMPTED and f"stopped by SIGTERM after step {agreed_stop(45)}" in first.stderr
+    check(run_cmd(train_cmd(*ARGS, "--run-dir", str(run_dir)), env=env(data)))
     assert_same_run(outcome(tmp_path / "golden"), outcome(run_dir))
 
 
-def test_damaged_newest_checkpoint_falls_back_to_previous(golden, tmp_path):
+def test_damaged_newest_checkpoint_falls_back_to_previous(data, golden, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(golden[0] / "checkpoints", run_dir / "checkpoints")
     shutil.copy(golden[0] / "metrics.jsonl", run_dir / "metrics.jsonl")
     newest, previous = checkpoint.list_checkpoints(run_dir)[:2]
-    assert (newest.name, previous.name) == ("step-00000600", "step-00000500")
+    assert (newest.name, previous.name) == ("step-00000060", "step-00000040")
     model = newest / "model.safetensors"
     model.write_bytes(model.read_bytes()[:1000])  # truncated
-    result = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))))
+    result = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
     assert f"skipping damaged checkpoint: {model}" in result.stdout + result.stderr
     assert f"resumed from {previous}" in result.stdout
     assert_same_run(golden[1], outcome(run_dir))
     # Asked for explicitly, the damaged one is refused with the file named.
     copy = tmp_path / "damaged"
-    shutil.copytree(golden[0] / "checkpoints" / "step-00000600", copy)
+    shutil.copytree(golden[0] / "checkpoints" / "step-00000060", copy)
     (copy / "optimizer.safetensors").write_bytes(b"\0" * 10)
-    bad = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(tmp_path / "other"), "--resume", str(copy)))
+    bad = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(tmp_path / "other"), "--resume", str(copy)), env=env(data))
     assert bad.returncode != 0 and f"{copy / 'optimizer.safetensors'}: 10 bytes" in bad.stderr
 
 
-def test_global_batch_change_is_refused(golden, tmp_path):
+def test_global_batch_change_is_refused(data, golden, tmp_path):
     """Another number of processes resumes (tests/distributed/test_world_sizes.py); another
     global batch would change every batch from the checkpoint on, so it is refused."""
     run_dir = tmp_path / "run"
     shutil.copytree(golden[0] / "checkpoints", run_dir / "checkpoints")
-    result = run_cmd(train_cmd(*ARGS, "train.global_batch_size=100", "--run-dir", str(run_dir)))
+    result = run_cmd(train_cmd(*ARGS, "train.global_batch_size=20", "--run-dir", str(run_dir)), env=env(data))
     assert result.returncode == 2
-    assert "written with train.global_batch_size 200; this run has 100" in result.stderr
+    assert "written with train.global_batch_size 40; this run has 20" in result.stderr
     assert "another --run-dir" in result.stderr and "--resume never" not in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_nan_on_one_rank_stops_all_ranks_at_that_step(tmp_path):
+def test_nan_on_one_rank_stops_all_ranks_at_that_step(data, tmp_path):
     run_dir = tmp_path / "run"
-    env = child_env(MNISTDIST_FAULT="step=50,rank=1,action=nan")
-    result = run_cmd(launch_cmd(2, "train.epochs=1", "checkpoint.every_steps=20", "--run-dir", str(run_dir)), env=env)
+    fault = env(data, MNISTDIST_FAULT="step=50,rank=1,action=nan")
+    result = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=fault)
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"[rank {rank}] error: non-finite loss or gradient at step 50" in result.stderr
@@ -149,27 +210,25 @@ def test_resume_path_that_does_not_exist(tmp_path):
     assert result.stderr.strip() == f"error: --resume {tmp_path / 'nope'}: no such checkpoint directory"
 
 
-def test_resume_never_refuses_a_run_dir_with_checkpoints(golden, tmp_path):
+def test_resume_never_refuses_a_run_dir_with_checkpoints(data, golden, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(golden[0] / "checkpoints", run_dir / "checkpoints")
-    result = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), "--resume", "never"))
+    result = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), "--resume", "never"), env=env(data))
     assert result.returncode != 0 and "--resume never:" in result.stderr and "already holds checkpoints" in result.stderr
 
 
-def test_metrics_are_not_duplicated_after_resume(golden, tmp_path):
+def test_metrics_are_not_duplicated_after_resume(data, golden, tmp_path):
     """A run killed after logging past its last checkpoint: the resumed run drops the lines
     after the checkpoint and logs those steps again, once."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(golden[0] / "checkpoints" / "step-00000500", run_dir / "checkpoints" / "step-00000500")
-    shutil.copy(golden[0] / "metrics.jsonl", run_dir / "metrics.jsonl")  # logged up to step 600
+    shutil.copytree(golden[0] / "checkpoints" / "step-00000040", run_dir / "checkpoints" / "step-00000040")
+    shutil.copy(golden[0] / "metrics.jsonl", run_dir / "metrics.jsonl")  # logged up to step 60
     before = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
-    assert before == list(range(1, 601))  # so keeping them would duplicate steps 501-600
-    result = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))))
-    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000500'}" in result.stdout
+    assert before == list(range(1, 61))  # so keeping them would duplicate steps 41-60
+    result = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000040'}" in result.stdout
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 601))
-    assert [(r["epoch"], r["step"]) for r in records if "test_acc" in r] == [(1, 300), (2, 600)]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 61))
+    assert [(r["epoch"], r["step"]) for r in records if "test_acc" in r] == [(1, 30), (2, 60)]
     assert_same_run(golden[1], outcome(run_dir))
-
-
