@@ -82,6 +82,7 @@ def test_float64_n_processes_equal_one_process(runs, n):
     assert one["fc1.weight"].dtype == torch.float64
     steps_one, steps_many = losses(runs["f64", 1]), losses(runs["f64", n])
     assert [s for s, _ in steps_one] == [s for s, _ in steps_many] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert steps_one[-1][1] < 0.5 * steps_one[0][1], steps_one  # it learned (runs that all stood still would agree too)
     worst_loss = max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(steps_one, steps_many))
     worst = max_difference(one, many)
     print(f"{n} processes, 2 epochs: max relative loss difference {worst_loss:.1e}, "
