@@ -769,10 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         if workdir_ctx is not None:
             workdir_ctx.cleanup()
     print(format_table(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(to_json(report))
-        print(f"wrote {args.json}")
+    _write_json(args.json, report)
     return 0
 
 
@@ -789,11 +786,16 @@ def startup_main(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     print(format_startup(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(to_json(report))
-        print(f"wrote {args.json}")
+    _write_json(args.json, report)
     return 0
+
+
+def _write_json(path: Path | None, report: dict[str, Any]) -> None:
+    """``--json PATH``: the report as JSON."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_json(report))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,13 @@ def as_one_process(mp: pytest.MonkeyPatch, wandb_mode: str | None = "disabled") 
     return mp
 
 
+@pytest.fixture(scope="module")
+def one_process_env():
+    """``as_one_process`` for a whole test module (W&B off); yields the MonkeyPatch."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield as_one_process(mp)
+
+
 def data_root() -> Path:
     """Real MNIST: $MNISTDIST_DATA_ROOT, else ../shared/data next to the checkout."""
     if _running is not None and _running.get_closest_marker("slow") is None:

@@ -25,7 +25,6 @@ from mnistdist.data import TrainBatches, gather_normalized, load_tensors, normal
 from mnistdist.model import MLP
 from mnistdist.schedule import DeviceSchedule, lr_at
 from mnistdist.signals import NonFiniteLoss
-from tests.conftest import as_one_process
 from tests.synthetic_mnist import write_synthetic_mnist
 
 DEVICE = os.environ.get("MNISTDIST_GPU_TESTS_DEVICE", "cuda")
@@ -43,13 +42,6 @@ def overrides(data_root: Path, *extra: str) -> list[str]:
     return [f"data.root={data_root}", "data.download=false", f"dist.device={DEVICE}", "tracking.mode=disabled",
             "tracking.tensorboard=false", "tracking.progress=off", f"train.epochs={EPOCHS}",
             "train.global_batch_size=50", "train.log_every_steps=1", *extra]
-
-
-@pytest.fixture(scope="module")
-def one_process_env():
-    """The environment of ``python train_dist.py``: no launcher variables, W&B off."""
-    with pytest.MonkeyPatch.context() as mp:
-        yield as_one_process(mp)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import pytest
 
 from mnistdist import training
 from mnistdist.config import load_config
-from tests.smoke.test_train_smoke import one_process_env  # noqa: F401 - fixture
 from tests.synthetic_mnist import write_synthetic_mnist
 
 STEPS_PER_EPOCH, EPOCHS = 10, 2  # 1000 synthetic images in batches of 100

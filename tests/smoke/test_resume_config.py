@@ -10,7 +10,7 @@ import yaml
 from mnistdist import checkpoint, training
 from mnistdist.config import ConfigError, load_config
 from mnistdist.rundir import read_metrics
-from tests.smoke.test_train_smoke import data, one_process_env, overrides  # noqa: F401 - fixtures
+from tests.smoke.test_train_smoke import data, overrides  # noqa: F401 - fixtures
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from mnistdist import checkpoint, training
 from mnistdist.config import load_config
 from mnistdist.signals import EXIT_INTERRUPTED, FaultInjector, Interrupted
-from tests.smoke.test_train_smoke import data, one_process_env, overrides  # noqa: F401 - fixtures
+from tests.smoke.test_train_smoke import data, overrides  # noqa: F401 - fixtures
 
 
 def test_ctrl_c_mid_training_stops_after_that_step_with_a_checkpoint(tmp_path, data, one_process_env,  # noqa: F811

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from mnistdist import training
 from mnistdist.config import load_config
-from tests.conftest import as_one_process
 from tests.synthetic_mnist import write_synthetic_mnist
 
 STEPS_PER_EPOCH, EPOCHS = 20, 2
@@ -27,13 +26,6 @@ STOP_AT = 13  # mid-epoch: the resumed run must skip exactly the batches already
 def overrides(data_root: Path, *extra: str) -> list[str]:
     return [f"data.root={data_root}", "data.download=false", "dist.device=cpu", "tracking.mode=disabled",
             f"train.epochs={EPOCHS}", "train.global_batch_size=50", "train.log_every_steps=1", *extra]
-
-
-@pytest.fixture(scope="module")
-def one_process_env():
-    """The environment of ``python train_dist.py``: no launcher variables, W&B off."""
-    with pytest.MonkeyPatch.context() as mp:
-        yield as_one_process(mp)
 
 
 @pytest.fixture(scope="module")
