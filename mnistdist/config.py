@@ -322,19 +322,25 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     setattr(section, name, _coerce(key, value, fields[name]))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The YAML document at ``path``; a missing, unreadable or unparsable file is a one-line
+    ConfigError naming it as ``what``."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise ConfigError(f"{path}: not valid YAML{at}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = read_yaml(path)
     if data is None:  # an empty file or one holding only comments
         return {}
     if not isinstance(data, dict):

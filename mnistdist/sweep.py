@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config
+from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, read_yaml
 from mnistdist.rundir import SUMMARY
 
 SWEEP_KEYS = ("name", "config", "overrides", "variants", "grid", "seeds")
@@ -148,15 +148,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None, extra: list[
     ``extra`` overrides (from the command line: how the runs run here, e.g. dist.device=cpu)
     come last in every run's overrides; they do not change the runs' names."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: sweep file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read sweep file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping with keys {', '.join(SWEEP_KEYS)}")
     unknown = [k for k in data if k not in SWEEP_KEYS]
