@@ -179,6 +179,39 @@ def apply_threads(cfg: DistConfig) -> None:
     torch.set_num_threads(cfg.threads_per_process)
 
 
+class StartupFailure(RankFailure):
+    """The process group did not come up: a peer did not start, or cannot be reached."""
+
+
+def start_process_group(backend: str, timeout_s: float) -> None:
+    """Join the launcher's process group (``env://``); a ``StartupFailure`` naming the rendezvous
+    when that does not happen within ``timeout_s`` (every wait in it is bounded by the timeout).
+
+    A new generation of workers after a restart by torchrun's agent can share the agent's store
+    (``TORCHELASTIC_USE_AGENT_STORE``; the static rendezvous always does), which still holds the
+    previous generation's keys: its workers would dial the dead workers' addresses and hang
+    (pytorch/pytorch issue 135712). Such a generation keys its group under its restart count.
+    """
+    env = os.environ
+    timeout = timedelta(seconds=timeout_s)
+    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    try:
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+            agent_store = torch_dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                                              timeout=timeout)
+            torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"mnistdist/restart-{restart}", agent_store),
+                                          rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), timeout=timeout)
+        else:
+            torch_dist.init_process_group(backend, timeout=timeout)
+    except (torch_dist.DistError, RuntimeError, ValueError, KeyError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise StartupFailure(
+            f"the process group of {env.get('WORLD_SIZE')} processes did not come up within "
+            f"dist.timeout_s={timeout_s:g} (rendezvous {where}): a process did not start or cannot be "
+            f"reached; {type(e).__name__}: {first_line}") from None
+
+
 class Dist:
     """The process group of one run, as seen from one rank."""
 
@@ -190,6 +223,8 @@ class Dist:
         # Without cpu=True on a machine without CUDA, accelerate would make every worker its
         # own rank 0 (each one "world size 1"); the check below catches that too.
         # accelerate picks the backend itself (gloo on CPU, nccl on GPUs); we set the timeout.
+        if launched_world_size() > 1:  # accelerate then uses this group
+            start_process_group("nccl" if device == "cuda" else "gloo", cfg.timeout_s)
         handler = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))
         self.accelerator = Accelerator(
             cpu=device == "cpu",
@@ -356,7 +391,22 @@ def warn_main(message: str) -> None:
 
 
 def report_exception(exc: BaseException, label: str = "error") -> None:
-    """``label: message`` on stderr, prefixed with the rank when several run."""
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and launched_world_size() > 1 else ""
+    """``label: message`` on stderr, prefixed with the rank when several run.
+
+    An error every rank has alike (a bad config or checkpoint: the ranks read the same ones) is
+    said once, by rank 0, without a prefix; a data error by each node's local rank 0 (the data
+    is on that node's disk)."""
+    from mnistdist.checkpoint import CheckpointError
+    from mnistdist.data import DataError
+
+    once = "job" if isinstance(exc, (ConfigError, CheckpointError)) else "node" if isinstance(exc, DataError) else None
+    rank, local_rank = os.environ.get("RANK"), os.environ.get("LOCAL_RANK", "0")
+    several = rank is not None and launched_world_size() > 1
+    if once == "job" and several:
+        if rank != "0":
+            return
+        several = False
+    if once == "node" and several and local_rank != "0":
+        return
+    prefix = f"[rank {rank}] " if several else ""
     print(f"{prefix}{label}: {exc}", file=sys.stderr, flush=True)

@@ -1,51 +1,157 @@
 """``python -m mnistdist.launch ARGS`` = ``accelerate launch ARGS``, made safe for clusters.
 
-What it adds: SIGUSR1, SIGTERM and Ctrl-C reach the workers and the launcher then reports what
-they did (exit 75: stopped with a checkpoint; 130: stopped by Ctrl-C); a free rendezvous port
-on one machine (two jobs never collide); a 10 s shutdown grace instead of 30 s; a one-line
-report of the first failed rank; no orphan processes.
+Underneath runs torchrun's own elastic agent (``LocalElasticAgent``), with its restarts
+(``--max_restarts N``: a failed generation of workers is replaced by a new one, which resumes
+from the newest checkpoint). What this wrapper adds, and why torchrun alone does not do it:
 
-Why a wrapper (torchrun's elastic agent runs underneath): the agent does not forward SIGUSR1
-at all (USR1's default action kills the launcher and the workers never hear of it; Slurm's
-``--signal=USR1@lead`` is the usual "time is nearly up" warning), and on SIGTERM/SIGINT it
-tears the job down itself and exits 143/130 whatever the workers did. So the agent is told to
-leave SIGTERM and SIGINT alone (its ``signals_to_handle``), and this process passes all three
-signals on to every worker and keeps waiting: each worker finishes its step, the ranks agree,
-checkpoint, and exit 75 (130 after Ctrl-C), which is what this launcher then exits with.
+* SIGUSR1, SIGTERM and Ctrl-C reach the workers, and the job then ends with what they did
+  (75: stopped with a checkpoint; 130: after Ctrl-C). The agent does not forward SIGUSR1 at all
+  (its default action kills the launcher; Slurm's ``--signal=USR1@lead`` is the usual "time is
+  nearly up" warning), and on SIGTERM/SIGINT it tears the job down itself. So the agent is told
+  to leave them alone (its ``signals_to_handle``) and the signal goes to the current workers.
+* A requested stop is not a failure: the agent counts any non-zero exit as one and would
+  restart the workers; after a stop request (or workers that exit 75/130) no restart is made.
+* A failed generation ends within ``WORKER_GRACE_S``: when a worker exits non-zero the agent
+  waits a fixed 30 s before it SIGKILLs the others (a stopped or hung rank cannot act on
+  SIGTERM); here the survivors get SIGTERM at once and SIGKILL after the grace. Only the
+  workers of the current generation are watched (the agent's own process handles), so helper
+  processes (accelerate runs ``nvidia-smi``) and earlier generations never count.
+* One line naming the first rank that failed; exit 2 when every worker stopped on bad input;
+  a free rendezvous port on one machine; no orphan processes.
+
+Subclassing the agent is how torch's launcher is extended without a process tree of our own:
+the class is swapped in ``torch.distributed.launcher.api`` for the duration of ``main``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import sys
-import threading
 import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import psutil
 
-from mnistdist.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from mnistdist.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE
 
-WORKER_GRACE_S = 5.0  # see _watch_workers
+WORKER_GRACE_S = 5.0
+"""Seconds the other workers of a generation get to leave after one exited non-zero."""
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+STOP_CODES = frozenset({EXIT_PREEMPTED, EXIT_INTERRUPTED})
+"""Worker exit codes of a requested stop (a checkpoint was written): never restarted."""
 
 
-def _forward_to_workers(signum: int, frame: FrameType | None) -> None:
-    for child in psutil.Process().children(recursive=True):
-        try:
-            child.send_signal(signum)
-        except psutil.Error:
-            pass  # already gone
+@dataclass
+class _Job:
+    """What the wrapper knows of its job; shared by the signal handler and the agent."""
+
+    stop: int | None = None
+    """The first stop signal received (forwarded to the workers), if any."""
+    agent: Any = None
+    """The running ``_Agent``, once torch's launcher has built it."""
+    first_failure: tuple[int, int] | None = None
+    """(global rank, exit code) of the first worker seen exiting non-zero, last generation."""
+    restarts: list[str] = field(default_factory=list)
 
 
-def _exit_codes(exc: BaseException) -> list[int]:
-    failures = getattr(exc, "failures", None)  # torch.distributed.elastic ChildFailedError
-    if failures:
-        return [f.exitcode for f in failures.values()]
-    returncode = getattr(exc, "returncode", None)  # subprocess.CalledProcessError (1 process)
-    return [returncode] if returncode is not None else []
+_job = _Job()
+
+
+class StoppedBeforeStart(Exception):
+    """A stop signal arrived before any worker of the job was started."""
+
+
+def _signal_name(code: int) -> str:
+    return f", {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_ else ""
+
+
+def _make_agent_class() -> type:
+    """torchrun's ``LocalElasticAgent`` with the behaviour described in the module docstring."""
+    from torch.distributed.elastic.agent.server.api import RunResult, WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    class _Agent(LocalElasticAgent):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._failed_at: float | None = None
+            _job.agent = self
+
+        def workers(self) -> dict[int, Any]:
+            """Global rank -> the ``Popen`` of each worker of the current generation."""
+            handlers = getattr(self._pcontext, "subprocess_handlers", None) or {}
+            ranks = {w.local_rank: w.global_rank for w in self._worker_group.workers}
+            return {ranks.get(local, local): h.proc for local, h in handlers.items()}
+
+        def signal_workers(self, signum: int) -> None:
+            for proc in self.workers().values():
+                if proc.poll() is None:
+                    try:
+                        proc.send_signal(signum)
+                    except OSError:
+                        pass  # exited meanwhile
+
+        def _start_workers(self, worker_group: Any) -> dict[int, Any]:
+            if _job.stop is not None:  # asked to stop while the rendezvous was going on
+                raise StoppedBeforeStart(signal.Signals(_job.stop).name)
+            self._failed_at, _job.first_failure = None, None
+            return super()._start_workers(worker_group)
+
+        def _monitor_workers(self, worker_group: Any) -> Any:
+            codes = {rank: proc.poll() for rank, proc in self.workers().items()}
+            failed = {r: c for r, c in codes.items() if c not in (None, 0)}
+            if failed and _job.first_failure is None:
+                _job.first_failure = min(failed.items())
+            if _job.stop is not None or (failed and set(failed.values()) <= STOP_CODES):
+                self._remaining_restarts = 0  # a requested stop ends the job
+            alive = [r for r, c in codes.items() if c is None]
+            if failed and alive:
+                self._end_generation(alive)
+                return RunResult(state=WorkerState.HEALTHY)  # look again at the next interval
+            result = super()._monitor_workers(worker_group)
+            if result.state == WorkerState.FAILED and self._remaining_restarts > 0 and _job.first_failure:
+                rank, code = _job.first_failure
+                spec = worker_group.spec
+                attempt = spec.max_restarts - self._remaining_restarts + 1
+                line = (f"mnistdist.launch: rank {rank} exited (exit {code}{_signal_name(code)}); restarting the "
+                        f"workers from the newest checkpoint (restart {attempt} of {spec.max_restarts})")
+                _job.restarts.append(line)
+                print(line, file=sys.stderr, flush=True)
+            return result
+
+        def _end_generation(self, alive: list[int]) -> None:
+            """SIGTERM the workers still running once one has failed; SIGKILL after the grace."""
+            workers = self.workers()
+            if self._failed_at is None:
+                self._failed_at = time.monotonic()
+                for rank in alive:
+                    _send(workers[rank], signal.SIGTERM)
+            elif time.monotonic() - self._failed_at > WORKER_GRACE_S:
+                for rank in alive:
+                    print(f"mnistdist.launch: rank {rank} (pid {workers[rank].pid}) still running "
+                          f"{WORKER_GRACE_S:g} s after another rank ended; killing it", file=sys.stderr, flush=True)
+                    _send(workers[rank], signal.SIGKILL, group=True)
+
+    return _Agent
+
+
+def _send(proc: Any, signum: int, group: bool = False) -> None:
+    try:
+        os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+    except OSError:
+        pass  # already gone
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    if _job.stop is None:
+        _job.stop = signum
+    if _job.agent is not None:
+        _job.agent.signal_workers(signum)
 
 
 def free_port() -> int:
@@ -64,17 +170,6 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _first_failure(exc: BaseException) -> str | None:
-    """'rank R (exit C[, SIGNAME])' of the first failed worker, from torchrun's report."""
-    failures = getattr(exc, "failures", None)
-    if not failures:
-        return None
-    rank, failure = min(failures.items(), key=lambda kv: kv[1].timestamp)
-    code = failure.exitcode
-    how = f", {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_ else ""
-    return f"rank {rank} (exit {code}{how})"
-
-
 def _reap_children() -> None:
     """No orphans: whatever the launcher left behind is killed before we exit."""
     children = psutil.Process().children(recursive=True)
@@ -86,80 +181,104 @@ def _reap_children() -> None:
     psutil.wait_procs(children, timeout=5)
 
 
-def _watch_workers(grace_s: float, poll_s: float = 0.5) -> None:
-    """Once a worker is gone, kill the ones still there after ``grace_s``.
+def outcome(codes: list[int], stop: int | None) -> int | None:
+    """The exit code of a job whose last generation failed with worker exit ``codes``, when it
+    was a clean stop or bad input (None: a failure). Pure, for the tests.
 
-    When a rank fails, torchrun sends the others SIGTERM and then waits a fixed 30 s before
-    SIGKILL (its shutdown-timeout setting does not cover this path). A rank that is stopped
-    (SIGSTOP) or hung cannot act on SIGTERM, so this watchdog bounds that wait. Healthy ranks
-    leave together (the last collective is a barrier), well within the grace.
-    """
-    me = psutil.Process()
-    known: dict[int, psutil.Process] = {}
-    first_gone: float | None = None
-    while True:
-        for child in me.children():  # the workers are the launcher's direct children
-            known.setdefault(child.pid, child)
-        alive = []
-        for child in known.values():
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(child)
-            except psutil.Error:
-                pass
-        if alive and len(alive) < len(known):
-            first_gone = first_gone or time.monotonic()
-            if time.monotonic() - first_gone > grace_s:
-                for child in alive:
-                    print(f"mnistdist.launch: worker pid {child.pid} still running {grace_s:g} s after "
-                          "another rank ended; killing it", file=sys.stderr, flush=True)
-                    try:
-                        child.kill()
-                    except psutil.Error:
-                        pass
-        time.sleep(poll_s)
+    A stop ends with every worker at 75/130, except workers that the agent's tear-down
+    SIGTERMed on their way out (the checkpoint was complete before any rank exited: saving is
+    collective), or that a requested stop reached before they could handle it (the newest
+    checkpoint is still the newest)."""
+    if not codes:
+        return None
+    signalled = {-signal.SIGTERM, -signal.SIGINT, -signal.SIGUSR1} if stop is not None else {-signal.SIGTERM}
+    if set(codes) <= STOP_CODES | signalled and (set(codes) & STOP_CODES or stop is not None):
+        return EXIT_INTERRUPTED if EXIT_INTERRUPTED in codes or stop == signal.SIGINT else EXIT_PREEMPTED
+    if EXIT_USAGE in codes and set(codes) <= {EXIT_USAGE, -signal.SIGTERM}:
+        return EXIT_USAGE  # every rank refused the same input; the tear-down may have caught some
+    return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _not_a_failure_report(record: logging.LogRecord) -> bool:
+    """The agent logs each failed worker; this launcher says it once (or not at all for a stop
+    or bad input, where the workers' own line is the report)."""
+    return not str(record.msg).startswith("failed (exitcode")
+
+
+def _launcher(argv: list[str]) -> Callable[[], object]:
+    """What to run: accelerate's launcher with its arguments (the default), or torchrun's with
+    ``torchrun ARGS`` (for what accelerate cannot say, such as ``--nnodes 1:4``)."""
+    if argv[:1] == ["torchrun"]:
+        from torch.distributed import run as torchrun
+
+        args = torchrun.parse_args(argv[1:])
+        args.signals_to_handle = "SIGHUP,SIGQUIT"
+        return lambda: torchrun.run(args)
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, _forward_to_workers)
-    # torchrun gives workers 30 s between SIGTERM and SIGKILL when it shuts a job down (a rank
-    # failed). Checkpointing this model takes well under a second, and a shorter grace bounds
-    # how long a job with a hung rank lingers.
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "10")
-    args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = launch_command_parser().parse_args(argv)
     # The agent must not act on SIGTERM/SIGINT itself (we forward them and wait, see above).
     args.signals_to_handle = "SIGHUP,SIGQUIT"
     if args.main_process_port is None and (args.num_machines or 1) == 1:
         # accelerate's default port (29500) would make two jobs on one machine collide.
         args.main_process_port = free_port()
-    threading.Thread(target=_watch_workers, args=(WORKER_GRACE_S,), daemon=True, name="worker-watchdog").start()
+    return lambda: launch_command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch.distributed.launcher.api as launcher_api
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, _on_stop_signal)
+    # Bounds the agent's own tear-downs (the default is 30 s; a checkpoint takes well under 1 s).
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "10")
+    # Each round of an elastic rendezvous gives the workers a store of their own instead of the
+    # agent's, which keeps the keys of earlier rounds (pytorch/pytorch issue 135712).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    launch = _launcher(list(sys.argv[1:] if argv is None else argv))
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_failure_report)
+    original_agent = launcher_api.LocalElasticAgent
+    launcher_api.LocalElasticAgent = _make_agent_class()
     try:
-        launch_command(args)
+        launch()
+    except StoppedBeforeStart as e:
+        code = EXIT_INTERRUPTED if _job.stop == signal.SIGINT else EXIT_PREEMPTED
+        print(f"mnistdist.launch: stopped by {e} before any worker started; nothing was trained "
+              "(the newest checkpoint, if any, is unchanged)", file=sys.stderr, flush=True)
+        return code
+    except RendezvousError as e:  # the agents did not come together (bounded by the join timeout)
+        _reap_children()
+        print(f"mnistdist.launch: the rendezvous did not complete: {type(e).__name__}: "
+              f"{' '.join(str(e).split())[:300]} (its wait is --rdzv_conf join_timeout=SECONDS, "
+              "default 600)", file=sys.stderr, flush=True)
+        return 1
     except Exception as e:  # noqa: BLE001 - classify the workers' exit, then re-raise
         _reap_children()
-        codes = _exit_codes(e)
-        # Once the first worker exits, the agent SIGTERMs the others; one caught in its
-        # tear-down shows as -15. The checkpoint was complete before any rank exited (saving is
-        # collective, and the ranks leave together), so that still counts as a clean stop.
-        stops = {EXIT_PREEMPTED, EXIT_INTERRUPTED}
-        if codes and set(codes) & stops and set(codes) <= stops | {-signal.SIGTERM}:
-            if EXIT_INTERRUPTED in codes:
-                print("mnistdist.launch: the workers stopped on Ctrl-C (exit 130); run again with the "
-                      "same --run-dir to resume from the newest checkpoint", file=sys.stderr, flush=True)
-                return EXIT_INTERRUPTED
-            print("mnistdist.launch: all workers stopped on request after writing a checkpoint (exit 75); "
-                  "run again with the same --run-dir to resume", file=sys.stderr, flush=True)
-            return EXIT_PREEMPTED
-        first = _first_failure(e)
-        if first:
-            print(f"mnistdist.launch: training failed; first rank to exit: {first} (see the ranks' errors above)",
-                  file=sys.stderr, flush=True)
+        failures = getattr(e, "failures", None) or {}  # torch's ChildFailedError
+        codes = [f.exitcode for f in failures.values()]
+        code = outcome(codes, _job.stop)
+        if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+            if not set(codes) & STOP_CODES:
+                what = "the workers were stopped before they could write a checkpoint"
+            elif code == EXIT_INTERRUPTED:
+                what = "the workers stopped on Ctrl-C (exit 130)"
+            else:
+                what = "all workers stopped on request after writing a checkpoint (exit 75)"
+            print(f"mnistdist.launch: {what}; run again with the same --run-dir to resume from the newest "
+                  "checkpoint", file=sys.stderr, flush=True)
+            return code
+        if code == EXIT_USAGE:
+            return code  # the workers said what is wrong, in one line
+        if _job.first_failure or failures:
+            rank, first = _job.first_failure or min((r, f.exitcode) for r, f in failures.items())
+            restarts = f" after {len(_job.restarts)} restart(s)" if _job.restarts else ""
+            print(f"mnistdist.launch: training failed{restarts}; first rank to exit: rank {rank} "
+                  f"(exit {first}{_signal_name(first)}) (see the ranks' errors above)", file=sys.stderr, flush=True)
             return 1
         raise
     finally:
+        launcher_api.LocalElasticAgent = original_agent
         # A late signal (e.g. a scheduler's warning) must not kill us while Python shuts down.
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)

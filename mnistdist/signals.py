@@ -23,6 +23,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+EXIT_USAGE = 2  # bad input (config, flags, data, checkpoint): nothing was started
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, resume to continue
 EXIT_NONFINITE = 3  # a loss or gradient was NaN/Inf: stopped before the optimizer step
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
@@ -125,8 +126,8 @@ class FaultInjector:
     def __init__(self, rank: int, env: str | None = None) -> None:
         self.step, self.action = -1, ""
         text = os.environ.get("MNISTDIST_FAULT", "") if env is None else env
-        if not text:
-            return
+        if not text or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return  # the fault happens once: not again in the workers an elastic agent restarts
         spec = dict(part.split("=", 1) for part in text.split(","))
         if int(spec.get("rank", 0)) == rank:
             self.step = int(spec["step"])
