@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared logic of the Slurm templates in this directory (single_node.sbatch, multi_node.sbatch,
-# cpu.sbatch). Sourced by them; not meant to be run on its own.
+# cpu.sbatch, sweep.sbatch). Sourced by them; not meant to be run on its own.
 #
 # What a job does:
 #   1. reads the knobs below (environment variables, each with a default),
@@ -21,7 +21,7 @@
 #   REPO            the mnistdist checkout, on a filesystem every node sees
 #                   (default: the directory sbatch was run from, $SLURM_SUBMIT_DIR)
 #   PYTHON          a python with mnistdist installed (default: $REPO/.venv/bin/python, else python3)
-#   DEVICE          gpu | cpu (default: set by the template)
+#   DEVICE          gpu | cpu | auto (gpu when the node has GPUs, else cpu) (default: set by the template)
 #   NODES           number of nodes to train on; must equal the allocation (default: $SLURM_JOB_NUM_NODES)
 #   GPUS_PER_NODE   DEVICE=gpu: GPUs per node (default: $SLURM_GPUS_ON_NODE, else `nvidia-smi -L`)
 #   PROCS_PER_NODE  training processes per node (default: GPUS_PER_NODE for gpu, 1 for cpu)
@@ -46,10 +46,12 @@
 #   SWEEP_DIR       the sweep directory (default: runs/sweeps/<sweep name>)
 #
 # The numeric knobs (NODES, GPUS_PER_NODE, PROCS_PER_NODE, THREADS_PER_PROC, MASTER_PORT,
-# MAX_REQUEUES) and the Slurm variables used in arithmetic (SLURM_JOB_ID, SLURM_CPUS_PER_TASK,
-# SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE) must be plain decimal integers: anything else stops
-# the job at once with one line and exit 2. (Bash arithmetic evaluates a variable's value as an
-# expression, and `x[$(cmd)]` in it runs cmd.)
+# MAX_REQUEUES) and the Slurm variables computed with (SLURM_JOB_ID, SLURM_JOB_NUM_NODES,
+# SLURM_CPUS_PER_TASK, SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE, SLURM_ARRAY_TASK_ID) must be
+# plain decimal integers: anything else stops the job before the training step, with one line
+# naming the variable and exit 2. (Bash arithmetic evaluates a variable's value as an expression, and
+# `x[$(cmd)]` in it runs cmd: so the templates compute nothing themselves, and ms_configure
+# checks each number before its first use.)
 
 MNISTDIST_EXIT_PREEMPTED=75  # mnistdist/signals.py EXIT_PREEMPTED: stopped, checkpoint written
 
@@ -70,37 +72,52 @@ ms_check_number() {
     (( value >= min )) || ms_die "$name=$value: must be >= $min"
 }
 
+# ms_count_gpus: sets MS_GPUS to the number of GPUs of this node: $SLURM_GPUS_ON_NODE (checked
+# here, its only reader, before anyone computes with it), else the GPUs `nvidia-smi -L` lists,
+# else 0. It sets a variable rather than printing: run inside $(...), a failed check would end
+# only that subshell, and the caller would go on with whatever it printed.
 ms_count_gpus() {
     if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
-        echo "$SLURM_GPUS_ON_NODE"
+        ms_check_number SLURM_GPUS_ON_NODE 0
+        MS_GPUS=$SLURM_GPUS_ON_NODE
     elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+        MS_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)  # grep -c prints 0 and fails on none
     else
-        echo 0
+        MS_GPUS=0
     fi
 }
 
+# Reads and checks every knob. Invariant: each variable is checked (ms_check_number, or a
+# string test) before it is used in arithmetic, a path or a command line, and everything is
+# checked before anything runs (the sweep file, read by Python, comes last).
 ms_configure() {
     : "${SLURM_JOB_ID:?not inside a Slurm job: submit this with sbatch}"
     ms_check_number SLURM_JOB_ID 0
+    if [[ -n ${SLURM_JOB_NUM_NODES:-} ]]; then ms_check_number SLURM_JOB_NUM_NODES 1; fi
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then ms_check_number SLURM_CPUS_PER_TASK 1; fi
+    if [[ -n ${SLURM_RESTART_COUNT:-} ]]; then ms_check_number SLURM_RESTART_COUNT 0; fi
     REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
     cd "$REPO" || ms_die "REPO=$REPO: no such directory"
     [[ -f train_dist.py ]] || ms_die "REPO=$REPO is not an mnistdist checkout (no train_dist.py)"
     if [[ -z ${PYTHON:-} ]]; then
         if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
     fi
-    DEVICE=${DEVICE:-gpu}
     NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
     ms_check_number NODES 1
     if [[ $NODES != "${SLURM_JOB_NUM_NODES:-1}" ]]; then
         ms_die "NODES=$NODES but the job has ${SLURM_JOB_NUM_NODES:-1} node(s): submit with sbatch --nodes=$NODES"
     fi
+    DEVICE=${DEVICE:-gpu}
+    if [[ $DEVICE == auto ]]; then
+        ms_count_gpus
+        if (( MS_GPUS > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi
+    fi
     case $DEVICE in
         gpu)
-            if [[ -z ${GPUS_PER_NODE:-} && -n ${SLURM_GPUS_ON_NODE:-} ]]; then
-                ms_check_number SLURM_GPUS_ON_NODE 0
+            if [[ -z ${GPUS_PER_NODE:-} ]]; then
+                ms_count_gpus
+                GPUS_PER_NODE=$MS_GPUS
             fi
-            GPUS_PER_NODE=${GPUS_PER_NODE:-$(ms_count_gpus)}
             ms_check_number GPUS_PER_NODE 0
             (( GPUS_PER_NODE > 0 )) || ms_die "DEVICE=gpu but no GPUs found on $(hostname -s) (request them with --gpus-per-node, or use DEVICE=cpu / slurm/cpu.sbatch)"
             PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
@@ -108,18 +125,25 @@ ms_configure() {
         cpu)
             PROCS_PER_NODE=${PROCS_PER_NODE:-1}
             ;;
-        *) ms_die "DEVICE=$DEVICE: must be gpu or cpu" ;;
+        *) ms_die "DEVICE=$DEVICE: must be gpu, cpu or auto" ;;
     esac
     ms_check_number PROCS_PER_NODE 1
-    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then ms_check_number SLURM_CPUS_PER_TASK 1; fi
     local cpus=${SLURM_CPUS_PER_TASK:-1}
     THREADS_PER_PROC=${THREADS_PER_PROC:-$(( cpus / PROCS_PER_NODE > 1 ? cpus / PROCS_PER_NODE : 1 ))}
     ms_check_number THREADS_PER_PROC 1
     NUM_PROCESSES=$(( NODES * PROCS_PER_NODE ))
+    MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+    ms_check_number MASTER_PORT 1 65535
+    MAX_REQUEUES=${MAX_REQUEUES:-20}
+    ms_check_number MAX_REQUEUES 0
     CONFIG=${CONFIG:-configs/default.yaml}
     OVERRIDES=${OVERRIDES:-}
+    RESUME=${RESUME:-auto}
+    LAUNCH_CONFIG=${LAUNCH_CONFIG:-configs/accelerate/cpu.yaml}
+    LAUNCH_ARGS=${LAUNCH_ARGS:-}
     SWEEP=${SWEEP:-}
     SWEEP_DIR=${SWEEP_DIR:-}
+    [[ -n $SWEEP || -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
     MS_SWEEP=()
     if [[ -n $SWEEP ]]; then
         [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] || ms_die "SWEEP=$SWEEP but this is not an array job: submit with sbatch --array=0-N (mnistdist sweep $SWEEP --list says N)"
@@ -143,18 +167,9 @@ ms_configure() {
     fi
     RUN_DIR=${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}
     RUN_DIR=$(realpath -m "$RUN_DIR")
-    RESUME=${RESUME:-auto}
     # The first node of the job (= `scontrol show hostnames ... | head -n1`, but sed reads all
     # of its input: with pipefail, head could make scontrol die of SIGPIPE).
     MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
-    MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
-    ms_check_number MASTER_PORT 1 65535
-    LAUNCH_CONFIG=${LAUNCH_CONFIG:-configs/accelerate/cpu.yaml}
-    LAUNCH_ARGS=${LAUNCH_ARGS:-}
-    MAX_REQUEUES=${MAX_REQUEUES:-20}
-    ms_check_number MAX_REQUEUES 0
-    if [[ -n ${SLURM_RESTART_COUNT:-} ]]; then ms_check_number SLURM_RESTART_COUNT 0; fi
-    [[ -n $SWEEP || -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
 }
 
 # The srun step: one task per node; each task execs the launcher with its own machine rank.

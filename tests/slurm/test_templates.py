@@ -258,19 +258,30 @@ def test_python_defaults_to_the_checkouts_venv(tmp_path):
 # Numeric knobs: bash arithmetic evaluates a variable's value as an expression, and an array
 # subscript in it runs command substitutions, so each knob is checked before any (( )).
 
-# (template, knob): the GPU template for GPUS_PER_NODE and SLURM_GPUS_ON_NODE (ms_count_gpus).
+# Every template, every numeric variable it reads: (template, knob, extra environment).
+# The GPU templates get GPUS_PER_NODE=2 (this machine has no GPUs) unless the knob is a GPU
+# count; sweep.sbatch picks DEVICE itself from SLURM_GPUS_ON_NODE (or nvidia-smi).
+COMMON_KNOBS = ["NODES", "PROCS_PER_NODE", "THREADS_PER_PROC", "MASTER_PORT", "MAX_REQUEUES", "SLURM_CPUS_PER_TASK",
+                "SLURM_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_JOB_NUM_NODES"]
+GPUS_2 = {"GPUS_PER_NODE": "2"}
 NUMERIC_KNOBS = [
-    ("cpu.sbatch", "NODES"),
-    ("cpu.sbatch", "PROCS_PER_NODE"),
-    ("cpu.sbatch", "THREADS_PER_PROC"),
-    ("cpu.sbatch", "MASTER_PORT"),
-    ("cpu.sbatch", "MAX_REQUEUES"),
-    ("cpu.sbatch", "SLURM_CPUS_PER_TASK"),
-    ("cpu.sbatch", "SLURM_RESTART_COUNT"),
-    ("cpu.sbatch", "SLURM_JOB_ID"),
-    ("multi_node.sbatch", "GPUS_PER_NODE"),
-    ("multi_node.sbatch", "SLURM_GPUS_ON_NODE"),
+    *[("cpu.sbatch", knob, {}) for knob in COMMON_KNOBS],
+    *[(t, knob, GPUS_2) for t in ("single_node.sbatch", "multi_node.sbatch") for knob in COMMON_KNOBS],
+    *[(t, knob, {}) for t in ("single_node.sbatch", "multi_node.sbatch") for knob in ("GPUS_PER_NODE",)],
+    *[(t, "SLURM_GPUS_ON_NODE", {}) for t in ("single_node.sbatch", "multi_node.sbatch")],
+    *[("sweep.sbatch", knob, {}) for knob in [*COMMON_KNOBS, "SLURM_GPUS_ON_NODE", "SLURM_ARRAY_TASK_ID"]],
+    ("sweep.sbatch", "GPUS_PER_NODE", {"DEVICE": "gpu"}),
 ]
+
+
+def template_env(tmp_path: Path, template: str) -> dict[str, str]:
+    """What a job of TEMPLATE needs here besides fake_job's defaults (sweep.sbatch: a sweep)."""
+    if template == "sweep.sbatch":
+        return {"SWEEP": str(sweep_file(tmp_path)), "SWEEP_DIR": str(tmp_path / "sw"), "SLURM_ARRAY_TASK_ID": "0",
+                "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "nodeA"}
+    if template == "single_node.sbatch":
+        return {"SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "nodeA"}
+    return {}
 
 
 def assert_refused(proc: subprocess.Popen, knob: str) -> str:
@@ -296,10 +307,12 @@ def preempt_if_started(tmp_path: Path, proc: subprocess.Popen) -> None:
 # `PWD[...]`: a set variable, so `set -u` does not stop bash before it expands the subscript
 # (`a[$(...)]` with `a` unset fails as "unbound variable" first, by luck).
 @pytest.mark.parametrize("payload", ["PWD[$(touch {marker})]", "a[$(touch {marker})]"], ids=["PWD[]", "a[]"])
-@pytest.mark.parametrize("template,knob", NUMERIC_KNOBS, ids=[k for _, k in NUMERIC_KNOBS])
-def test_numeric_knob_injection_is_refused_not_run(tmp_path, template, knob, payload):
+@pytest.mark.parametrize("template,knob,extra", NUMERIC_KNOBS,
+                         ids=[f"{t.removesuffix('.sbatch')}-{k}" for t, k, _ in NUMERIC_KNOBS])
+def test_numeric_knob_injection_is_refused_not_run(tmp_path, template, knob, extra, payload):
     marker = tmp_path / "pwned"
-    proc = fake_job(tmp_path, template, "preempt", **{knob: payload.format(marker=marker)})
+    env = {**template_env(tmp_path, template), **extra, knob: payload.format(marker=marker)}
+    proc = fake_job(tmp_path, template, "preempt", **env)
     preempt_if_started(tmp_path, proc)
     try:
         line = assert_refused(proc, knob)
@@ -307,6 +320,15 @@ def test_numeric_knob_injection_is_refused_not_run(tmp_path, template, knob, pay
         assert not marker.exists(), "the knob's command substitution ran"
     assert "must be a plain non-negative integer" in line, line
     assert not (tmp_path / "srun.args").exists()  # refused before the step
+
+
+def test_templates_do_no_arithmetic_of_their_own():
+    """Arithmetic lives in common.sh, after the values it reads are checked; a template that
+    computed with a variable before mnistdist_slurm_main would evaluate it unchecked."""
+    for template in TEMPLATES:
+        code = [ln for ln in template.read_text().splitlines() if not ln.lstrip().startswith("#")]
+        assert not [ln for ln in code if "((" in ln or "$[" in ln or " let " in f" {ln}"
+                    or any(op in ln for op in (" -eq ", " -ne ", " -lt ", " -le ", " -gt ", " -ge "))], template.name
 
 
 @pytest.mark.parametrize(
