@@ -48,15 +48,17 @@
 # The numeric knobs (NODES, GPUS_PER_NODE, PROCS_PER_NODE, THREADS_PER_PROC, MASTER_PORT,
 # MAX_REQUEUES) and the Slurm variables computed with (SLURM_JOB_ID, SLURM_JOB_NUM_NODES,
 # SLURM_CPUS_PER_TASK, SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE, SLURM_ARRAY_TASK_ID) must be
-# plain decimal integers: anything else stops the job before the training step, with one line
-# naming the variable and exit 2. (Bash arithmetic evaluates a variable's value as an expression, and
+# plain decimal integers; REPO, PYTHON, CONFIG, RESUME and LAUNCH_CONFIG must exist; DEVICE is
+# gpu, cpu or auto. Anything else stops the job before the training step, with one line naming
+# the variable and exit 2. (Bash arithmetic evaluates a variable's value as an expression, and
 # `x[$(cmd)]` in it runs cmd: so the templates compute nothing themselves, and ms_configure
 # checks each number before its first use.)
 
 MNISTDIST_EXIT_PREEMPTED=75  # mnistdist/signals.py EXIT_PREEMPTED: stopped, checkpoint written
 
 ms_log() { echo "[mnistdist-slurm $(date +%H:%M:%S)] $*"; }
-ms_die() { ms_log "error: $*" >&2; exit 2; }
+# One line whatever the message holds: a knob's value may contain newlines or escapes.
+ms_die() { local line="error: $*"; ms_log "${line//[![:print:]]/?}" >&2; exit 2; }
 
 # ms_check_number NAME MIN [MAX]: the variable NAME must hold a plain decimal integer (digits
 # only, no sign, no leading zero: bash reads 08 as bad octal) in MIN..MAX, else the job stops
@@ -64,7 +66,7 @@ ms_die() { ms_log "error: $*" >&2; exit 2; }
 ms_check_number() {
     local name=$1 min=$2 max=${3:-} value=${!1-}
     if [[ -z $value || $value == *[!0123456789]* || $value == 0?* || ${#value} -gt 18 ]]; then
-        ms_die "$name='${value//[![:print:]]/?}': must be a plain non-negative integer (digits only)"
+        ms_die "$name='$value': must be a plain non-negative integer (digits only)"
     fi
     if [[ -n $max ]] && (( value < min || value > max )); then
         ms_die "$name=$value: must be in $min..$max"
@@ -97,11 +99,12 @@ ms_configure() {
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then ms_check_number SLURM_CPUS_PER_TASK 1; fi
     if [[ -n ${SLURM_RESTART_COUNT:-} ]]; then ms_check_number SLURM_RESTART_COUNT 0; fi
     REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
-    cd "$REPO" || ms_die "REPO=$REPO: no such directory"
+    cd "$REPO" 2>/dev/null || ms_die "REPO=$REPO: no such directory"
     [[ -f train_dist.py ]] || ms_die "REPO=$REPO is not an mnistdist checkout (no train_dist.py)"
     if [[ -z ${PYTHON:-} ]]; then
         if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
     fi
+    command -v -- "$PYTHON" >/dev/null || ms_die "PYTHON=$PYTHON: no such command"
     NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
     ms_check_number NODES 1
     if [[ $NODES != "${SLURM_JOB_NUM_NODES:-1}" ]]; then
@@ -144,6 +147,13 @@ ms_configure() {
     SWEEP=${SWEEP:-}
     SWEEP_DIR=${SWEEP_DIR:-}
     [[ -n $SWEEP || -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
+    case $RESUME in
+        auto | never) ;;
+        *) [[ -e $RESUME ]] || ms_die "RESUME=$RESUME: must be auto, never or an existing checkpoint directory" ;;
+    esac
+    if (( NUM_PROCESSES > 1 )) && [[ ! -f $LAUNCH_CONFIG ]]; then
+        ms_die "LAUNCH_CONFIG=$LAUNCH_CONFIG: no such file (relative paths are relative to REPO=$REPO)"
+    fi
     MS_SWEEP=()
     if [[ -n $SWEEP ]]; then
         [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] || ms_die "SWEEP=$SWEEP but this is not an array job: submit with sbatch --array=0-N (mnistdist sweep $SWEEP --list says N)"

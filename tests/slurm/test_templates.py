@@ -362,6 +362,23 @@ def test_plain_numbers_still_work(tmp_path):
     assert "--num_cpu_threads_per_process 2 " in task
 
 
+@pytest.mark.parametrize("knob,value", [
+    ("REPO", "/nonexistent"),
+    ("REPO", ""),  # and no SLURM_SUBMIT_DIR: not submitted from a checkout
+    ("DEVICE", "gpu\nrm -rf"),  # one line even so
+    ("DEVICE", "tpu"),
+    ("CONFIG", "configs/missing.yaml\nsecond line"),
+    ("PYTHON", "/nonexistent/python"),
+    ("RESUME", "/nonexistent/checkpoint"),
+    ("LAUNCH_CONFIG", "/nonexistent/accelerate.yaml"),
+])
+def test_a_bad_knob_is_one_line_and_exit_2_before_the_step(tmp_path, knob, value):
+    env = {knob: value, **({"SLURM_SUBMIT_DIR": ""} if knob == "REPO" and not value else {})}
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", **env)
+    assert_refused(proc, knob if value else "REPO")  # REPO='': "error: REPO=..."
+    assert not (tmp_path / "srun.args").exists()
+
+
 def sweep_file(tmp_path: Path, text: str = "grid: {train.lr: [0.05, 0.1]}\nseeds: [0, 1]\n", name: str = "s") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
