@@ -210,13 +210,18 @@ ms_build_command() {
         --mixed_precision no --dynamo_backend no
         "${launch_args[@]}"
     )
+    # srun does not take the job's --cpus-per-task (since Slurm 22.05 it no longer reads
+    # SLURM_CPUS_PER_TASK): without it the step gets one CPU per task, and a task bound to
+    # it would run the THREADS_PER_PROC threads computed above on that one CPU.
+    local -a cpus=()
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
     # --kill-on-bad-exit=0: a node whose workers exit 75 first must not get its peers killed
     # before they have exited 75 themselves (a real crash still ends the group: the other
     # ranks' collectives fail or time out after dist.timeout_s).
     # The single quotes matter: $SLURM_NODEID must be expanded by each task on its own node.
     # shellcheck disable=SC2016  # (so shellcheck's "expressions don't expand" is intended)
     MS_COMMAND=(
-        srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=0
+        srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 "${cpus[@]}" --kill-on-bad-exit=0
         bash -c 'echo "[mnistdist-slurm] task on ${SLURMD_NODENAME:-$(hostname -s)}: machine rank $SLURM_NODEID"
                  exec "$0" -m mnistdist.launch --machine_rank "$SLURM_NODEID" "$@"'
         "$PYTHON" "${launch[@]}" "${program[@]}"

@@ -379,6 +379,23 @@ def test_a_bad_knob_is_one_line_and_exit_2_before_the_step(tmp_path, knob, value
     assert not (tmp_path / "srun.args").exists()
 
 
+def test_the_step_gets_the_jobs_cpus_per_task(tmp_path):
+    """srun does not take --cpus-per-task from sbatch (Slurm 22.05 stopped reading
+    SLURM_CPUS_PER_TASK): without it the step may get one CPU while THREADS_PER_PROC counts
+    them all. (The real cluster's tasks: test_cluster.py.)"""
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo", SLURM_CPUS_PER_TASK="8", PROCS_PER_NODE="2")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert "--cpus-per-task=8" in args[:args.index("bash")], args
+    assert "--num_cpu_threads_per_process 4 " in (tmp_path / "task0.out").read_text()
+    # Without --cpus-per-task the job's tasks have 1 CPU each, and so has the step's.
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert not [a for a in (tmp_path / "srun.args").read_text().splitlines() if a.startswith("--cpus-per-task")]
+
+
 def sweep_file(tmp_path: Path, text: str = "grid: {train.lr: [0.05, 0.1]}\nseeds: [0, 1]\n", name: str = "s") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
