@@ -396,6 +396,12 @@ def test_the_step_gets_the_jobs_cpus_per_task(tmp_path):
     assert not [a for a in (tmp_path / "srun.args").read_text().splitlines() if a.startswith("--cpus-per-task")]
 
 
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
+def test_memory_is_a_line_to_change(template):
+    [line] = [ln for ln in template.read_text().splitlines() if ln.startswith(("#SBATCH --mem", "##SBATCH --mem"))]
+    assert line.startswith("#SBATCH --mem=") and "CHANGE" in line, line
+
+
 def sweep_file(tmp_path: Path, text: str = "grid: {train.lr: [0.05, 0.1]}\nseeds: [0, 1]\n", name: str = "s") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
