@@ -27,7 +27,7 @@
 #   PROCS_PER_NODE  training processes per node (default: GPUS_PER_NODE for gpu, 1 for cpu)
 #   THREADS_PER_PROC  CPU threads per training process (default: $SLURM_CPUS_PER_TASK / PROCS_PER_NODE, at least 1)
 #   CONFIG          training config (default: configs/default.yaml)
-#   OVERRIDES       space-separated section.key=value overrides (default: none)
+#   OVERRIDES       section.key=value overrides separated by spaces or newlines (default: none)
 #   RUN_DIR         run directory, shared by all nodes (default: runs/slurm-$SLURM_JOB_ID;
 #                   the job id survives a requeue, so a requeued job finds its checkpoints)
 #   RESUME          auto | never | PATH, passed to --resume (default: auto)
@@ -49,7 +49,7 @@
 # MAX_REQUEUES) and the Slurm variables computed with (SLURM_JOB_ID, SLURM_JOB_NUM_NODES,
 # SLURM_CPUS_PER_TASK, SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE, SLURM_ARRAY_TASK_ID) must be
 # plain decimal integers; REPO, PYTHON, CONFIG, RESUME and LAUNCH_CONFIG must exist; DEVICE is
-# gpu, cpu or auto. Anything else stops the job before the training step, with one line naming
+# gpu, cpu or auto; SLURM_JOB_ID must be set, and SLURM_JOB_NODELIST unless MASTER_ADDR is. Anything else stops the job before the training step, with one line naming
 # the variable and exit 2. (Bash arithmetic evaluates a variable's value as an expression, and
 # `x[$(cmd)]` in it runs cmd: so the templates compute nothing themselves, and ms_configure
 # checks each number before its first use.)
@@ -93,7 +93,7 @@ ms_count_gpus() {
 # string test) before it is used in arithmetic, a path or a command line, and everything is
 # checked before anything runs (the sweep file, read by Python, comes last).
 ms_configure() {
-    : "${SLURM_JOB_ID:?not inside a Slurm job: submit this with sbatch}"
+    [[ -n ${SLURM_JOB_ID:-} ]] || ms_die "SLURM_JOB_ID is not set: not inside a Slurm job (submit this with sbatch)"
     ms_check_number SLURM_JOB_ID 0
     if [[ -n ${SLURM_JOB_NUM_NODES:-} ]]; then ms_check_number SLURM_JOB_NUM_NODES 1; fi
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then ms_check_number SLURM_CPUS_PER_TASK 1; fi
@@ -176,17 +176,23 @@ ms_configure() {
         fi
     fi
     RUN_DIR=${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}
-    RUN_DIR=$(realpath -m "$RUN_DIR")
-    # The first node of the job (= `scontrol show hostnames ... | head -n1`, but sed reads all
-    # of its input: with pipefail, head could make scontrol die of SIGPIPE).
-    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
+    RUN_DIR=$(realpath -m -- "$RUN_DIR")
+    if [[ -z ${MASTER_ADDR:-} ]]; then
+        [[ -n ${SLURM_JOB_NODELIST:-} ]] || ms_die "SLURM_JOB_NODELIST is not set: no first node to host the rendezvous (set MASTER_ADDR)"
+        # The first node of the job (= `scontrol show hostnames ... | head -n1`, but sed reads all
+        # of its input: with pipefail, head could make scontrol die of SIGPIPE).
+        MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+        [[ -n $MASTER_ADDR ]] || ms_die "SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST: scontrol show hostnames gave no host (set MASTER_ADDR)"
+    fi
 }
 
 # The srun step: one task per node; each task execs the launcher with its own machine rank.
 ms_build_command() {
     local -a overrides=() launch_args=() launch=() program=()
-    read -r -a overrides <<<"$OVERRIDES"
-    read -r -a launch_args <<<"$LAUNCH_ARGS"
+    # Split at any whitespace, newlines included (without -d '' read stops at the first newline
+    # and the rest would be dropped); read returns 1 at the end of its input, hence || true.
+    read -r -d '' -a overrides <<<"$OVERRIDES" || true
+    read -r -d '' -a launch_args <<<"$LAUNCH_ARGS" || true
     if [[ $DEVICE == cpu ]]; then overrides=(dist.device=cpu "${overrides[@]}"); fi
     if [[ -n $SWEEP ]]; then
         program=(-m mnistdist.cli "${MS_SWEEP[@]}" --run "$SLURM_ARRAY_TASK_ID" "${overrides[@]}")
@@ -315,7 +321,7 @@ mnistdist_slurm_main() {
     ms_configure
     ms_build_command
     if [[ -n $SWEEP ]]; then ms_log "array task ${SLURM_ARRAY_JOB_ID:-?}_$SLURM_ARRAY_TASK_ID: run $SLURM_ARRAY_TASK_ID of $SWEEP"; fi
-    ms_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $NODES node(s) x $PROCS_PER_NODE process(es), DEVICE=$DEVICE, head $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
+    ms_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: $NODES node(s) x $PROCS_PER_NODE process(es), DEVICE=$DEVICE, head $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
     ms_log "running: $(printf '%q ' "${MS_COMMAND[@]}")"
     trap ms_on_usr1 USR1
     trap ms_on_term TERM

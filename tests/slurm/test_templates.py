@@ -371,12 +371,30 @@ def test_plain_numbers_still_work(tmp_path):
     ("PYTHON", "/nonexistent/python"),
     ("RESUME", "/nonexistent/checkpoint"),
     ("LAUNCH_CONFIG", "/nonexistent/accelerate.yaml"),
+    ("SLURM_JOB_ID", ""),  # not inside a Slurm job
+    ("SLURM_JOB_NODELIST", ""),  # and no MASTER_ADDR: no first node to host the rendezvous
 ])
 def test_a_bad_knob_is_one_line_and_exit_2_before_the_step(tmp_path, knob, value):
     env = {knob: value, **({"SLURM_SUBMIT_DIR": ""} if knob == "REPO" and not value else {})}
     proc = fake_job(tmp_path, "cpu.sbatch", "run", **env)
-    assert_refused(proc, knob if value else "REPO")  # REPO='': "error: REPO=..."
+    out, _ = proc.communicate(timeout=60)
+    lines = out.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, out
+    assert f"error: {knob}" in lines[0], out  # "KNOB=value: ..." or "KNOB is not set ..."
     assert not (tmp_path / "srun.args").exists()
+
+
+def test_odd_but_valid_values_are_taken_literally(tmp_path):
+    """OVERRIDES split at any whitespace, newlines too (read -a alone stops at the first
+    newline and drops the rest); a RUN_DIR that starts with '-' is a directory name, not an
+    option of realpath."""
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo", RUN_DIR="-odd",
+                    OVERRIDES="train.epochs=1\ntrain.lr=0.05\ttrain.seed=3 ", LAUNCH_ARGS="--debug\n--quiet")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    task = (tmp_path / "task0.out").read_text()
+    assert f"--run-dir {REPO}/-odd --resume auto dist.device=cpu train.epochs=1 train.lr=0.05 train.seed=3\n" in task
+    assert "--dynamo_backend no --debug --quiet train_dist.py" in task
 
 
 def test_the_step_gets_the_jobs_cpus_per_task(tmp_path):
