@@ -376,7 +376,8 @@ def test_plain_numbers_still_work(tmp_path):
 ])
 def test_a_bad_knob_is_one_line_and_exit_2_before_the_step(tmp_path, knob, value):
     env = {knob: value, **({"SLURM_SUBMIT_DIR": ""} if knob == "REPO" and not value else {})}
-    proc = fake_job(tmp_path, "cpu.sbatch", "run", **env)
+    # "fail": were the knob let through, the fake step would exit at once (and srun.args tell).
+    proc = fake_job(tmp_path, "cpu.sbatch", "fail", **env)
     out, _ = proc.communicate(timeout=60)
     lines = out.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, out
