@@ -8,8 +8,9 @@
 #   scripts/slurm_cluster.sh down      cancel all jobs, stop slurmd, slurmctld and munged
 #
 # `up` is idempotent (whatever already runs is kept) and waits until both nodes are idle;
-# `down` is safe to call at any time. Needs root. Each node has CPUs=1: two processes of one
-# job on two "nodes" share this machine's cores, talking over 127.0.0.1.
+# `down` is safe to call at any time. Needs root. Each node has CPUs=2 (this machine's two
+# cores, seen by both "nodes": two processes of one job on two nodes share them, talking over
+# 127.0.0.1) and RealMemory=8192 (MB; not enforced, but a job may ask for no more).
 #
 # Files: /etc/slurm/slurm.conf (written by `up`; a slurm.conf not written by this script is
 # never overwritten), /etc/hosts gets "127.0.0.1 node1 node2", state and logs live in
@@ -114,7 +115,11 @@ write_conf() {
         echo "# A requeued job waits cred_expire+1 seconds before it may start again (default 120)."
         echo "AuthInfo=cred_expire=10"
         echo "ProctrackType=proctrack/linuxproc"
-        echo "TaskPlugin=task/none"
+        echo "# Tasks are bound to the CPUs of their step only when a job asks (srun --cpu-bind, or"
+        echo "# SLURM_CPU_BIND): both nodes' CPUs 0-1 are the same two cores, so binding every task"
+        echo "# by default would put a 1-CPU task of each node on the same core."
+        echo "TaskPlugin=task/affinity"
+        echo "TaskPluginParam=None"
         echo "MpiDefault=none"
         echo "SelectType=select/cons_tres"
         echo "SelectTypeParameters=CR_CPU"
@@ -141,7 +146,7 @@ write_conf() {
         echo "# Seconds a node may take to report a finished job before it is drained."
         echo "UnkillableStepTimeout=120"
         for i in "${!NODES[@]}"; do
-            echo "NodeName=${NODES[$i]} NodeHostname=$host NodeAddr=127.0.0.1 Port=${NODE_PORTS[$i]} CPUs=1 RealMemory=4000 State=UNKNOWN"
+            echo "NodeName=${NODES[$i]} NodeHostname=$host NodeAddr=127.0.0.1 Port=${NODE_PORTS[$i]} CPUs=2 RealMemory=8192 State=UNKNOWN"
         done
         echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
     } >"$tmp"

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared logic of the Slurm templates in this directory (single_node.sbatch, multi_node.sbatch,
-# cpu.sbatch). Sourced by them; not meant to be run on its own.
+# cpu.sbatch, sweep.sbatch). Sourced by them; not meant to be run on its own.
 #
 # What a job does:
 #   1. reads the knobs below (environment variables, each with a default),
@@ -21,13 +21,13 @@
 #   REPO            the mnistdist checkout, on a filesystem every node sees
 #                   (default: the directory sbatch was run from, $SLURM_SUBMIT_DIR)
 #   PYTHON          a python with mnistdist installed (default: $REPO/.venv/bin/python, else python3)
-#   DEVICE          gpu | cpu (default: set by the template)
+#   DEVICE          gpu | cpu | auto (gpu when the node has GPUs, else cpu) (default: set by the template)
 #   NODES           number of nodes to train on; must equal the allocation (default: $SLURM_JOB_NUM_NODES)
 #   GPUS_PER_NODE   DEVICE=gpu: GPUs per node (default: $SLURM_GPUS_ON_NODE, else `nvidia-smi -L`)
 #   PROCS_PER_NODE  training processes per node (default: GPUS_PER_NODE for gpu, 1 for cpu)
 #   THREADS_PER_PROC  CPU threads per training process (default: $SLURM_CPUS_PER_TASK / PROCS_PER_NODE, at least 1)
 #   CONFIG          training config (default: configs/default.yaml)
-#   OVERRIDES       space-separated section.key=value overrides (default: none)
+#   OVERRIDES       section.key=value overrides separated by spaces or newlines (default: none)
 #   RUN_DIR         run directory, shared by all nodes (default: runs/slurm-$SLURM_JOB_ID;
 #                   the job id survives a requeue, so a requeued job finds its checkpoints)
 #   RESUME          auto | never | PATH, passed to --resume (default: auto)
@@ -46,15 +46,19 @@
 #   SWEEP_DIR       the sweep directory (default: runs/sweeps/<sweep name>)
 #
 # The numeric knobs (NODES, GPUS_PER_NODE, PROCS_PER_NODE, THREADS_PER_PROC, MASTER_PORT,
-# MAX_REQUEUES) and the Slurm variables used in arithmetic (SLURM_JOB_ID, SLURM_CPUS_PER_TASK,
-# SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE) must be plain decimal integers: anything else stops
-# the job at once with one line and exit 2. (Bash arithmetic evaluates a variable's value as an
-# expression, and `x[$(cmd)]` in it runs cmd.)
+# MAX_REQUEUES) and the Slurm variables computed with (SLURM_JOB_ID, SLURM_JOB_NUM_NODES,
+# SLURM_CPUS_PER_TASK, SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE, SLURM_ARRAY_TASK_ID) must be
+# plain decimal integers; REPO, PYTHON, CONFIG, RESUME and LAUNCH_CONFIG must exist; DEVICE is
+# gpu, cpu or auto; SLURM_JOB_ID must be set, and SLURM_JOB_NODELIST unless MASTER_ADDR is. Anything else stops the job before the training step, with one line naming
+# the variable and exit 2. (Bash arithmetic evaluates a variable's value as an expression, and
+# `x[$(cmd)]` in it runs cmd: so the templates compute nothing themselves, and ms_configure
+# checks each number before its first use.)
 
 MNISTDIST_EXIT_PREEMPTED=75  # mnistdist/signals.py EXIT_PREEMPTED: stopped, checkpoint written
 
 ms_log() { echo "[mnistdist-slurm $(date +%H:%M:%S)] $*"; }
-ms_die() { ms_log "error: $*" >&2; exit 2; }
+# One line whatever the message holds: a knob's value may contain newlines or escapes.
+ms_die() { local line="error: $*"; ms_log "${line//[![:print:]]/?}" >&2; exit 2; }
 
 # ms_check_number NAME MIN [MAX]: the variable NAME must hold a plain decimal integer (digits
 # only, no sign, no leading zero: bash reads 08 as bad octal) in MIN..MAX, else the job stops
@@ -62,7 +66,7 @@ ms_die() { ms_log "error: $*" >&2; exit 2; }
 ms_check_number() {
     local name=$1 min=$2 max=${3:-} value=${!1-}
     if [[ -z $value || $value == *[!0123456789]* || $value == 0?* || ${#value} -gt 18 ]]; then
-        ms_die "$name='${value//[![:print:]]/?}': must be a plain non-negative integer (digits only)"
+        ms_die "$name='$value': must be a plain non-negative integer (digits only)"
     fi
     if [[ -n $max ]] && (( value < min || value > max )); then
         ms_die "$name=$value: must be in $min..$max"
@@ -70,37 +74,53 @@ ms_check_number() {
     (( value >= min )) || ms_die "$name=$value: must be >= $min"
 }
 
+# ms_count_gpus: sets MS_GPUS to the number of GPUs of this node: $SLURM_GPUS_ON_NODE (checked
+# here, its only reader, before anyone computes with it), else the GPUs `nvidia-smi -L` lists,
+# else 0. It sets a variable rather than printing: run inside $(...), a failed check would end
+# only that subshell, and the caller would go on with whatever it printed.
 ms_count_gpus() {
     if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
-        echo "$SLURM_GPUS_ON_NODE"
+        ms_check_number SLURM_GPUS_ON_NODE 0
+        MS_GPUS=$SLURM_GPUS_ON_NODE
     elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+        MS_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)  # grep -c prints 0 and fails on none
     else
-        echo 0
+        MS_GPUS=0
     fi
 }
 
+# Reads and checks every knob. Invariant: each variable is checked (ms_check_number, or a
+# string test) before it is used in arithmetic, a path or a command line, and everything is
+# checked before anything runs (the sweep file, read by Python, comes last).
 ms_configure() {
-    : "${SLURM_JOB_ID:?not inside a Slurm job: submit this with sbatch}"
+    [[ -n ${SLURM_JOB_ID:-} ]] || ms_die "SLURM_JOB_ID is not set: not inside a Slurm job (submit this with sbatch)"
     ms_check_number SLURM_JOB_ID 0
+    if [[ -n ${SLURM_JOB_NUM_NODES:-} ]]; then ms_check_number SLURM_JOB_NUM_NODES 1; fi
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then ms_check_number SLURM_CPUS_PER_TASK 1; fi
+    if [[ -n ${SLURM_RESTART_COUNT:-} ]]; then ms_check_number SLURM_RESTART_COUNT 0; fi
     REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
-    cd "$REPO" || ms_die "REPO=$REPO: no such directory"
+    cd "$REPO" 2>/dev/null || ms_die "REPO=$REPO: no such directory"
     [[ -f train_dist.py ]] || ms_die "REPO=$REPO is not an mnistdist checkout (no train_dist.py)"
     if [[ -z ${PYTHON:-} ]]; then
         if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
     fi
-    DEVICE=${DEVICE:-gpu}
+    command -v -- "$PYTHON" >/dev/null || ms_die "PYTHON=$PYTHON: no such command"
     NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
     ms_check_number NODES 1
     if [[ $NODES != "${SLURM_JOB_NUM_NODES:-1}" ]]; then
         ms_die "NODES=$NODES but the job has ${SLURM_JOB_NUM_NODES:-1} node(s): submit with sbatch --nodes=$NODES"
     fi
+    DEVICE=${DEVICE:-gpu}
+    if [[ $DEVICE == auto ]]; then
+        ms_count_gpus
+        if (( MS_GPUS > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi
+    fi
     case $DEVICE in
         gpu)
-            if [[ -z ${GPUS_PER_NODE:-} && -n ${SLURM_GPUS_ON_NODE:-} ]]; then
-                ms_check_number SLURM_GPUS_ON_NODE 0
+            if [[ -z ${GPUS_PER_NODE:-} ]]; then
+                ms_count_gpus
+                GPUS_PER_NODE=$MS_GPUS
             fi
-            GPUS_PER_NODE=${GPUS_PER_NODE:-$(ms_count_gpus)}
             ms_check_number GPUS_PER_NODE 0
             (( GPUS_PER_NODE > 0 )) || ms_die "DEVICE=gpu but no GPUs found on $(hostname -s) (request them with --gpus-per-node, or use DEVICE=cpu / slurm/cpu.sbatch)"
             PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
@@ -108,18 +128,32 @@ ms_configure() {
         cpu)
             PROCS_PER_NODE=${PROCS_PER_NODE:-1}
             ;;
-        *) ms_die "DEVICE=$DEVICE: must be gpu or cpu" ;;
+        *) ms_die "DEVICE=$DEVICE: must be gpu, cpu or auto" ;;
     esac
     ms_check_number PROCS_PER_NODE 1
-    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then ms_check_number SLURM_CPUS_PER_TASK 1; fi
     local cpus=${SLURM_CPUS_PER_TASK:-1}
     THREADS_PER_PROC=${THREADS_PER_PROC:-$(( cpus / PROCS_PER_NODE > 1 ? cpus / PROCS_PER_NODE : 1 ))}
     ms_check_number THREADS_PER_PROC 1
     NUM_PROCESSES=$(( NODES * PROCS_PER_NODE ))
+    MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+    ms_check_number MASTER_PORT 1 65535
+    MAX_REQUEUES=${MAX_REQUEUES:-20}
+    ms_check_number MAX_REQUEUES 0
     CONFIG=${CONFIG:-configs/default.yaml}
     OVERRIDES=${OVERRIDES:-}
+    RESUME=${RESUME:-auto}
+    LAUNCH_CONFIG=${LAUNCH_CONFIG:-configs/accelerate/cpu.yaml}
+    LAUNCH_ARGS=${LAUNCH_ARGS:-}
     SWEEP=${SWEEP:-}
     SWEEP_DIR=${SWEEP_DIR:-}
+    [[ -n $SWEEP || -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
+    case $RESUME in
+        auto | never) ;;
+        *) [[ -e $RESUME ]] || ms_die "RESUME=$RESUME: must be auto, never or an existing checkpoint directory" ;;
+    esac
+    if (( NUM_PROCESSES > 1 )) && [[ ! -f $LAUNCH_CONFIG ]]; then
+        ms_die "LAUNCH_CONFIG=$LAUNCH_CONFIG: no such file (relative paths are relative to REPO=$REPO)"
+    fi
     MS_SWEEP=()
     if [[ -n $SWEEP ]]; then
         [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] || ms_die "SWEEP=$SWEEP but this is not an array job: submit with sbatch --array=0-N (mnistdist sweep $SWEEP --list says N)"
@@ -142,26 +176,23 @@ ms_configure() {
         fi
     fi
     RUN_DIR=${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}
-    RUN_DIR=$(realpath -m "$RUN_DIR")
-    RESUME=${RESUME:-auto}
-    # The first node of the job (= `scontrol show hostnames ... | head -n1`, but sed reads all
-    # of its input: with pipefail, head could make scontrol die of SIGPIPE).
-    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
-    MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
-    ms_check_number MASTER_PORT 1 65535
-    LAUNCH_CONFIG=${LAUNCH_CONFIG:-configs/accelerate/cpu.yaml}
-    LAUNCH_ARGS=${LAUNCH_ARGS:-}
-    MAX_REQUEUES=${MAX_REQUEUES:-20}
-    ms_check_number MAX_REQUEUES 0
-    if [[ -n ${SLURM_RESTART_COUNT:-} ]]; then ms_check_number SLURM_RESTART_COUNT 0; fi
-    [[ -n $SWEEP || -f $CONFIG ]] || ms_die "CONFIG=$CONFIG: no such file (relative paths are relative to REPO=$REPO)"
+    RUN_DIR=$(realpath -m -- "$RUN_DIR")
+    if [[ -z ${MASTER_ADDR:-} ]]; then
+        [[ -n ${SLURM_JOB_NODELIST:-} ]] || ms_die "SLURM_JOB_NODELIST is not set: no first node to host the rendezvous (set MASTER_ADDR)"
+        # The first node of the job (= `scontrol show hostnames ... | head -n1`, but sed reads all
+        # of its input: with pipefail, head could make scontrol die of SIGPIPE).
+        MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+        [[ -n $MASTER_ADDR ]] || ms_die "SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST: scontrol show hostnames gave no host (set MASTER_ADDR)"
+    fi
 }
 
 # The srun step: one task per node; each task execs the launcher with its own machine rank.
 ms_build_command() {
     local -a overrides=() launch_args=() launch=() program=()
-    read -r -a overrides <<<"$OVERRIDES"
-    read -r -a launch_args <<<"$LAUNCH_ARGS"
+    # Split at any whitespace, newlines included (without -d '' read stops at the first newline
+    # and the rest would be dropped); read returns 1 at the end of its input, hence || true.
+    read -r -d '' -a overrides <<<"$OVERRIDES" || true
+    read -r -d '' -a launch_args <<<"$LAUNCH_ARGS" || true
     if [[ $DEVICE == cpu ]]; then overrides=(dist.device=cpu "${overrides[@]}"); fi
     if [[ -n $SWEEP ]]; then
         program=(-m mnistdist.cli "${MS_SWEEP[@]}" --run "$SLURM_ARRAY_TASK_ID" "${overrides[@]}")
@@ -185,13 +216,18 @@ ms_build_command() {
         --mixed_precision no --dynamo_backend no
         "${launch_args[@]}"
     )
+    # srun does not take the job's --cpus-per-task (since Slurm 22.05 it no longer reads
+    # SLURM_CPUS_PER_TASK): without it the step gets one CPU per task, and a task bound to
+    # it would run the THREADS_PER_PROC threads computed above on that one CPU.
+    local -a cpus=()
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
     # --kill-on-bad-exit=0: a node whose workers exit 75 first must not get its peers killed
     # before they have exited 75 themselves (a real crash still ends the group: the other
     # ranks' collectives fail or time out after dist.timeout_s).
     # The single quotes matter: $SLURM_NODEID must be expanded by each task on its own node.
     # shellcheck disable=SC2016  # (so shellcheck's "expressions don't expand" is intended)
     MS_COMMAND=(
-        srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=0
+        srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 "${cpus[@]}" --kill-on-bad-exit=0
         bash -c 'echo "[mnistdist-slurm] task on ${SLURMD_NODENAME:-$(hostname -s)}: machine rank $SLURM_NODEID"
                  exec "$0" -m mnistdist.launch --machine_rank "$SLURM_NODEID" "$@"'
         "$PYTHON" "${launch[@]}" "${program[@]}"
@@ -285,7 +321,7 @@ mnistdist_slurm_main() {
     ms_configure
     ms_build_command
     if [[ -n $SWEEP ]]; then ms_log "array task ${SLURM_ARRAY_JOB_ID:-?}_$SLURM_ARRAY_TASK_ID: run $SLURM_ARRAY_TASK_ID of $SWEEP"; fi
-    ms_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $NODES node(s) x $PROCS_PER_NODE process(es), DEVICE=$DEVICE, head $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
+    ms_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: $NODES node(s) x $PROCS_PER_NODE process(es), DEVICE=$DEVICE, head $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
     ms_log "running: $(printf '%q ' "${MS_COMMAND[@]}")"
     trap ms_on_usr1 USR1
     trap ms_on_term TERM

@@ -1,7 +1,7 @@
 """A real Slurm cluster on the test machine, for the template tests in this directory.
 
 The session fixture ``slurm_cluster`` runs ``scripts/slurm_cluster.sh up`` (munged, slurmctld
-and two slurmd "nodes", node1 and node2, CPUs=1 each) and ``down`` afterwards, also when a test
+and two slurmd "nodes", node1 and node2, CPUs=2 each) and ``down`` afterwards, also when a test
 fails. Without Slurm (or without root) the tests are skipped locally, but FAIL under CI=true:
 .ci/run installs Slurm with apt-get, and a CI that cannot is broken, not green.
 """
@@ -101,7 +101,7 @@ class Cluster:
 
     def submit(self, template: str, log_dir: Path, *sbatch_args: str, **env: str) -> Job:
         environment = {k: v for k, v in child_env().items() if not k.startswith("SLURM_")}
-        environment.update(PYTHON=sys.executable, **env)
+        environment.update({"PYTHON": sys.executable, **env})  # env may name another PYTHON
         log = log_dir / "slurm-%j.out"
         result = subprocess.run(
             ["sbatch", "--parsable", f"--output={log}", *sbatch_args, str(REPO / "slurm" / template)],

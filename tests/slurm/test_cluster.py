@@ -1,6 +1,7 @@
-"""The Slurm templates on a real Slurm cluster: two slurmd "nodes" (CPUs=1 each) on this machine.
+"""The Slurm templates on a real Slurm cluster: two slurmd "nodes" (CPUs=2 each) on this machine.
 
 * 2 nodes x 1 process gives exactly the result of 2 local processes;
+* each node's task may run on the CPUs the job asked for (--cpus-per-task);
 * SIGUSR1 to the batch script (what `#SBATCH --signal=B:USR1@LEAD` sends) checkpoints,
   requeues, resumes, and ends bitwise equal to an uninterrupted run, in the same W&B run;
 * a job whose time limit is too short for the run gets the warning signal from Slurm itself,
@@ -13,8 +14,10 @@ job may start again cred_expire + 1 = 11 s later.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +89,36 @@ def test_two_nodes_equal_two_local_processes(slurm_cluster, tmp_path):
     assert slurm_eval["test_correct"] == local_eval["test_correct"]
     assert slurm_eval["test_loss"] == local_eval["test_loss"]
     assert_same_run(expected, outcome(run_dir))
+
+
+PROBE = """#!{python}
+# Stands in for PYTHON in a job: each node's task records the CPUs it may run on and the
+# launcher arguments it got, then exits 0.
+import json, os, sys
+with open(os.path.join(os.environ["PROBE_DIR"], "task-" + os.environ["SLURM_NODEID"] + ".json"), "w") as f:
+    json.dump({{"cpus": sorted(os.sched_getaffinity(0)), "args": sys.argv[1:]}}, f)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_each_nodes_task_gets_the_cpus_of_the_job(slurm_cluster, tmp_path):
+    """--cpus-per-task=2 on the 2-CPU nodes: each node's task may run on both CPUs, and its
+    launcher runs 2 threads per process. srun does not take --cpus-per-task from sbatch (Slurm
+    22.05 on): without passing it on, the step got one CPU per node, and the task was bound to
+    it. The test cluster binds no task by default (its two nodes share this machine's cores,
+    see scripts/slurm_cluster.sh), so this job asks for binding as a real cluster's default
+    does (SLURM_CPU_BIND=cores: srun's --cpu-bind)."""
+    probe = tmp_path / "python"
+    probe.write_text(PROBE.format(python=sys.executable))
+    probe.chmod(0o755)
+    job = slurm_cluster.submit("cpu.sbatch", tmp_path, "--nodes=2", "--cpus-per-task=2", PYTHON=str(probe),
+                               PROBE_DIR=str(tmp_path), SLURM_CPU_BIND="cores", RUN_DIR=str(tmp_path / "run"))
+    assert_finished(job, job.wait_done(timeout=150))
+    for rank in (0, 1):
+        task = json.loads((tmp_path / f"task-{rank}.json").read_text())
+        assert task["cpus"] == [0, 1], (rank, task, job.describe())
+        args = task["args"]
+        assert args[args.index("--num_cpu_threads_per_process") + 1] == "2", args
 
 
 @pytest.mark.timeout(360)

@@ -32,7 +32,7 @@ PREEMPTED = 1  # the array task (= run index) that gets SIGUSR1
 
 
 def submit_array(cluster, tmp_path: Path, sweep_file: Path, sweep_dir: Path, tag: str) -> tuple[int, list[Job]]:
-    """sbatch --array=0-3%2 slurm/sweep.sbatch (at most 2 at once: the cluster has 2 one-CPU nodes)."""
+    """sbatch --array=0-3%2 slurm/sweep.sbatch (at most 2 at once: this machine has 2 cores)."""
     log = tmp_path / f"{tag}-%A_%a.out"
     environment = {k: v for k, v in child_env().items() if not k.startswith("SLURM_")}
     environment.update(PYTHON=sys.executable, SWEEP=str(sweep_file), SWEEP_DIR=str(sweep_dir), WANDB_MODE="offline")

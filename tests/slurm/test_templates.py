@@ -258,19 +258,30 @@ def test_python_defaults_to_the_checkouts_venv(tmp_path):
 # Numeric knobs: bash arithmetic evaluates a variable's value as an expression, and an array
 # subscript in it runs command substitutions, so each knob is checked before any (( )).
 
-# (template, knob): the GPU template for GPUS_PER_NODE and SLURM_GPUS_ON_NODE (ms_count_gpus).
+# Every template, every numeric variable it reads: (template, knob, extra environment).
+# The GPU templates get GPUS_PER_NODE=2 (this machine has no GPUs) unless the knob is a GPU
+# count; sweep.sbatch picks DEVICE itself from SLURM_GPUS_ON_NODE (or nvidia-smi).
+COMMON_KNOBS = ["NODES", "PROCS_PER_NODE", "THREADS_PER_PROC", "MASTER_PORT", "MAX_REQUEUES", "SLURM_CPUS_PER_TASK",
+                "SLURM_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_JOB_NUM_NODES"]
+GPUS_2 = {"GPUS_PER_NODE": "2"}
 NUMERIC_KNOBS = [
-    ("cpu.sbatch", "NODES"),
-    ("cpu.sbatch", "PROCS_PER_NODE"),
-    ("cpu.sbatch", "THREADS_PER_PROC"),
-    ("cpu.sbatch", "MASTER_PORT"),
-    ("cpu.sbatch", "MAX_REQUEUES"),
-    ("cpu.sbatch", "SLURM_CPUS_PER_TASK"),
-    ("cpu.sbatch", "SLURM_RESTART_COUNT"),
-    ("cpu.sbatch", "SLURM_JOB_ID"),
-    ("multi_node.sbatch", "GPUS_PER_NODE"),
-    ("multi_node.sbatch", "SLURM_GPUS_ON_NODE"),
+    *[("cpu.sbatch", knob, {}) for knob in COMMON_KNOBS],
+    *[(t, knob, GPUS_2) for t in ("single_node.sbatch", "multi_node.sbatch") for knob in COMMON_KNOBS],
+    *[(t, knob, {}) for t in ("single_node.sbatch", "multi_node.sbatch") for knob in ("GPUS_PER_NODE",)],
+    *[(t, "SLURM_GPUS_ON_NODE", {}) for t in ("single_node.sbatch", "multi_node.sbatch")],
+    *[("sweep.sbatch", knob, {}) for knob in [*COMMON_KNOBS, "SLURM_GPUS_ON_NODE", "SLURM_ARRAY_TASK_ID"]],
+    ("sweep.sbatch", "GPUS_PER_NODE", {"DEVICE": "gpu"}),
 ]
+
+
+def template_env(tmp_path: Path, template: str) -> dict[str, str]:
+    """What a job of TEMPLATE needs here besides fake_job's defaults (sweep.sbatch: a sweep)."""
+    if template == "sweep.sbatch":
+        return {"SWEEP": str(sweep_file(tmp_path)), "SWEEP_DIR": str(tmp_path / "sw"), "SLURM_ARRAY_TASK_ID": "0",
+                "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "nodeA"}
+    if template == "single_node.sbatch":
+        return {"SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "nodeA"}
+    return {}
 
 
 def assert_refused(proc: subprocess.Popen, knob: str) -> str:
@@ -296,10 +307,12 @@ def preempt_if_started(tmp_path: Path, proc: subprocess.Popen) -> None:
 # `PWD[...]`: a set variable, so `set -u` does not stop bash before it expands the subscript
 # (`a[$(...)]` with `a` unset fails as "unbound variable" first, by luck).
 @pytest.mark.parametrize("payload", ["PWD[$(touch {marker})]", "a[$(touch {marker})]"], ids=["PWD[]", "a[]"])
-@pytest.mark.parametrize("template,knob", NUMERIC_KNOBS, ids=[k for _, k in NUMERIC_KNOBS])
-def test_numeric_knob_injection_is_refused_not_run(tmp_path, template, knob, payload):
+@pytest.mark.parametrize("template,knob,extra", NUMERIC_KNOBS,
+                         ids=[f"{t.removesuffix('.sbatch')}-{k}" for t, k, _ in NUMERIC_KNOBS])
+def test_numeric_knob_injection_is_refused_not_run(tmp_path, template, knob, extra, payload):
     marker = tmp_path / "pwned"
-    proc = fake_job(tmp_path, template, "preempt", **{knob: payload.format(marker=marker)})
+    env = {**template_env(tmp_path, template), **extra, knob: payload.format(marker=marker)}
+    proc = fake_job(tmp_path, template, "preempt", **env)
     preempt_if_started(tmp_path, proc)
     try:
         line = assert_refused(proc, knob)
@@ -307,6 +320,15 @@ def test_numeric_knob_injection_is_refused_not_run(tmp_path, template, knob, pay
         assert not marker.exists(), "the knob's command substitution ran"
     assert "must be a plain non-negative integer" in line, line
     assert not (tmp_path / "srun.args").exists()  # refused before the step
+
+
+def test_templates_do_no_arithmetic_of_their_own():
+    """Arithmetic lives in common.sh, after the values it reads are checked; a template that
+    computed with a variable before mnistdist_slurm_main would evaluate it unchecked."""
+    for template in TEMPLATES:
+        code = [ln for ln in template.read_text().splitlines() if not ln.lstrip().startswith("#")]
+        assert not [ln for ln in code if "((" in ln or "$[" in ln or " let " in f" {ln}"
+                    or any(op in ln for op in (" -eq ", " -ne ", " -lt ", " -le ", " -gt ", " -ge "))], template.name
 
 
 @pytest.mark.parametrize(
@@ -338,6 +360,65 @@ def test_plain_numbers_still_work(tmp_path):
     task = (tmp_path / "task0.out").read_text()
     assert "--num_processes 6 " in task and "--main_process_port 29500 " in task
     assert "--num_cpu_threads_per_process 2 " in task
+
+
+@pytest.mark.parametrize("knob,value", [
+    ("REPO", "/nonexistent"),
+    ("REPO", ""),  # and no SLURM_SUBMIT_DIR: not submitted from a checkout
+    ("DEVICE", "gpu\nrm -rf"),  # one line even so
+    ("DEVICE", "tpu"),
+    ("CONFIG", "configs/missing.yaml\nsecond line"),
+    ("PYTHON", "/nonexistent/python"),
+    ("RESUME", "/nonexistent/checkpoint"),
+    ("LAUNCH_CONFIG", "/nonexistent/accelerate.yaml"),
+    ("SLURM_JOB_ID", ""),  # not inside a Slurm job
+    ("SLURM_JOB_NODELIST", ""),  # and no MASTER_ADDR: no first node to host the rendezvous
+])
+def test_a_bad_knob_is_one_line_and_exit_2_before_the_step(tmp_path, knob, value):
+    env = {knob: value, **({"SLURM_SUBMIT_DIR": ""} if knob == "REPO" and not value else {})}
+    # "fail": were the knob let through, the fake step would exit at once (and srun.args tell).
+    proc = fake_job(tmp_path, "cpu.sbatch", "fail", **env)
+    out, _ = proc.communicate(timeout=60)
+    lines = out.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, out
+    assert f"error: {knob}" in lines[0], out  # "KNOB=value: ..." or "KNOB is not set ..."
+    assert not (tmp_path / "srun.args").exists()
+
+
+def test_odd_but_valid_values_are_taken_literally(tmp_path):
+    """OVERRIDES split at any whitespace, newlines too (read -a alone stops at the first
+    newline and drops the rest); a RUN_DIR that starts with '-' is a directory name, not an
+    option of realpath."""
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo", RUN_DIR="-odd",
+                    OVERRIDES="train.epochs=1\ntrain.lr=0.05\ttrain.seed=3 ", LAUNCH_ARGS="--debug\n--quiet")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    task = (tmp_path / "task0.out").read_text()
+    assert f"--run-dir {REPO}/-odd --resume auto dist.device=cpu train.epochs=1 train.lr=0.05 train.seed=3\n" in task
+    assert "--dynamo_backend no --debug --quiet train_dist.py" in task
+
+
+def test_the_step_gets_the_jobs_cpus_per_task(tmp_path):
+    """srun does not take --cpus-per-task from sbatch (Slurm 22.05 stopped reading
+    SLURM_CPUS_PER_TASK): without it the step may get one CPU while THREADS_PER_PROC counts
+    them all. (The real cluster's tasks: test_cluster.py.)"""
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo", SLURM_CPUS_PER_TASK="8", PROCS_PER_NODE="2")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert "--cpus-per-task=8" in args[:args.index("bash")], args
+    assert "--num_cpu_threads_per_process 4 " in (tmp_path / "task0.out").read_text()
+    # Without --cpus-per-task the job's tasks have 1 CPU each, and so has the step's.
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert not [a for a in (tmp_path / "srun.args").read_text().splitlines() if a.startswith("--cpus-per-task")]
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
+def test_memory_is_a_line_to_change(template):
+    [line] = [ln for ln in template.read_text().splitlines() if ln.startswith(("#SBATCH --mem", "##SBATCH --mem"))]
+    assert line.startswith("#SBATCH --mem=") and "CHANGE" in line, line
 
 
 def sweep_file(tmp_path: Path, text: str = "grid: {train.lr: [0.05, 0.1]}\nseeds: [0, 1]\n", name: str = "s") -> Path:
