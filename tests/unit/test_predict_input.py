@@ -2,7 +2,7 @@
 one small subprocess to measure peak memory, one in-process CLI call with a fresh model).
 
 * only PNG and JPEG are opened (a float TIFF or a BMP named .png is "not a readable PNG/JPEG");
-* an image over ``predict.MAX_PIXELS`` is refused from its header, before any pixel is
+* an image over ``images.MAX_PIXELS`` is refused from its header, before any pixel is
   decoded: one line naming the file, exit 2;
 * NaN/Inf grey levels are a one-line error, not a traceback;
 * transparent pixels become the background that fits the opaque ones, so a white digit on a
@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnistdist import cli, predict
+from mnistdist import cli
+from mnistdist.tools import images
 from tests.conftest import REPO
 
 
@@ -63,7 +64,7 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
 # Peak resident memory is VmHWM (ru_maxrss would include the forked pytest before exec).
 PEAK_SCRIPT = r"""
 import json, re, sys
-from mnistdist import predict
+from mnistdist.tools import images
 
 def peak_mb():
     with open("/proc/self/status") as f:
@@ -73,9 +74,9 @@ results = {}
 baseline = peak_mb()
 for path in sys.argv[1:]:
     try:
-        predict.load_grayscale(path)
+        images.load_grayscale(path)
         outcome = "read"
-    except predict.ImageError as e:
+    except images.ImageError as e:
         outcome = str(e)
     results[path] = {"outcome": outcome, "peak_mb": peak_mb()}
 print(json.dumps({"baseline_mb": baseline, "results": results}))
@@ -104,21 +105,21 @@ def test_over_pils_own_limit_is_the_same_one_line(tmp_path):
     # PIL raises DecompressionBombError itself above 2 x 89.5 Mpx, in open(): the same message
     # as ours. Only the header is read, so one row of pixel data will do.
     bomb = zero_png(tmp_path / "huge.png", 20000, 10000, rows=1)
-    with pytest.raises(predict.ImageError) as info:
-        predict.load_grayscale(bomb)
+    with pytest.raises(images.ImageError) as info:
+        images.load_grayscale(bomb)
     assert str(info.value).startswith(f"{bomb}: image has 200 megapixels")
-    assert f"at most {predict.MAX_PIXELS // 1_000_000} megapixels" in str(info.value)
+    assert f"at most {images.MAX_PIXELS // 1_000_000} megapixels" in str(info.value)
 
 
 def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
-    monkeypatch.setattr(predict, "MAX_PIXELS", 100)
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
     Image.new("L", (10, 10)).save(tmp_path / "ok.png")
     Image.new("L", (11, 10)).save(tmp_path / "big.png")
     Image.new("L", (10, 11)).save(tmp_path / "big.jpg")
-    assert predict.load_grayscale(tmp_path / "ok.png").shape == (10, 10)
+    assert images.load_grayscale(tmp_path / "ok.png").shape == (10, 10)
     for name in ("big.png", "big.jpg"):
-        with pytest.raises(predict.ImageError, match=f"{name}: image has 0 megapixels .*110 pixels"):
-            predict.load_grayscale(tmp_path / name)
+        with pytest.raises(images.ImageError, match=f"{name}: image has 0 megapixels .*110 pixels"):
+            images.load_grayscale(tmp_path / name)
 
 
 def _fresh_model(tmp_path: Path) -> Path:
@@ -143,7 +144,7 @@ def test_cli_refuses_a_bomb_with_exit_2_and_one_line(bombs, tmp_path, capsys):
 def test_help_states_the_pixel_limit(capsys):
     with pytest.raises(SystemExit):
         cli.main(["predict", "--help"])
-    assert f"{predict.MAX_PIXELS // 1_000_000} megapixels" in " ".join(capsys.readouterr().out.split())
+    assert f"{images.MAX_PIXELS // 1_000_000} megapixels" in " ".join(capsys.readouterr().out.split())
 
 
 # --------------------------------------------------------------------------------------
@@ -164,8 +165,8 @@ def test_only_png_and_jpeg_are_opened(tmp_path, fmt, mode):
         img[0, 0] = np.nan  # a 32-bit float TIFF with NaN, renamed .png
     Image.fromarray(img if mode == "F" else img.astype(np.uint8), mode).save(tmp_path / "x.bin", format=fmt)
     (tmp_path / "x.bin").rename(tmp_path / "x.png")
-    with pytest.raises(predict.ImageError, match="x.png: not a readable PNG/JPEG image"):
-        predict.load_grayscale(tmp_path / "x.png")
+    with pytest.raises(images.ImageError, match="x.png: not a readable PNG/JPEG image"):
+        images.load_grayscale(tmp_path / "x.png")
 
 
 def test_cli_float_tiff_named_png_is_one_line(tmp_path, capsys):
@@ -181,14 +182,14 @@ def test_cli_float_tiff_named_png_is_one_line(tmp_path, capsys):
 def test_to_mnist_refuses_non_finite_grey_levels(bad):
     img = _digit()
     img[3, 3] = bad
-    with pytest.raises(predict.ImageError, match=r"^d.png: image holds NaN or infinite grey levels$"):
-        predict.to_mnist(img, name="d.png")
+    with pytest.raises(images.ImageError, match=r"^d.png: image holds NaN or infinite grey levels$"):
+        images.to_mnist(img, name="d.png")
 
 
 def test_sixteen_bit_png_still_reads(tmp_path):
     Image.fromarray((_digit() * 257).astype(np.uint16)).save(tmp_path / "d16.png")
-    np.testing.assert_array_equal(predict.to_mnist(predict.load_grayscale(tmp_path / "d16.png")),
-                                  predict.to_mnist(_digit()))
+    np.testing.assert_array_equal(images.to_mnist(images.load_grayscale(tmp_path / "d16.png")),
+                                  images.to_mnist(_digit()))
 
 
 # --------------------------------------------------------------------------------------
@@ -206,16 +207,16 @@ def _rgba(rgb_fg: int, rgb_bg: int, alpha_fg: int, alpha_bg: int) -> Image.Image
 @pytest.mark.parametrize("hidden_rgb", [0, 255])  # what the invisible background pixels hold
 def test_white_digit_on_transparent_background_is_a_digit(tmp_path, hidden_rgb):
     _rgba(255, hidden_rgb, 255, 0).save(tmp_path / "w.png")
-    expected = predict.to_mnist(_digit())
-    np.testing.assert_array_equal(predict.to_mnist(predict.load_grayscale(tmp_path / "w.png")), expected)
+    expected = images.to_mnist(_digit())
+    np.testing.assert_array_equal(images.to_mnist(images.load_grayscale(tmp_path / "w.png")), expected)
 
 
 @pytest.mark.parametrize("hidden_rgb", [0, 255])
 def test_black_digit_on_transparent_background_is_a_digit(tmp_path, hidden_rgb):
     _rgba(0, hidden_rgb, 255, 0).save(tmp_path / "b.png")
-    gray = predict.load_grayscale(tmp_path / "b.png")
+    gray = images.load_grayscale(tmp_path / "b.png")
     np.testing.assert_array_equal(gray, 255.0 - _digit())  # composited over white
-    np.testing.assert_array_equal(predict.to_mnist(gray), predict.to_mnist(_digit()))
+    np.testing.assert_array_equal(images.to_mnist(gray), images.to_mnist(_digit()))
 
 
 def test_white_digit_la_and_palette_with_transparency(tmp_path):
@@ -224,9 +225,9 @@ def test_white_digit_la_and_palette_with_transparency(tmp_path):
     pal = Image.fromarray((_digit() > 0).astype(np.uint8), "P")
     pal.putpalette([0, 0, 0, 255, 255, 255])
     pal.save(tmp_path / "p.png", transparency=0)  # palette index 0 (the background) transparent
-    expected = predict.to_mnist(_digit())
+    expected = images.to_mnist(_digit())
     for name in ("la.png", "p.png"):
-        np.testing.assert_array_equal(predict.to_mnist(predict.load_grayscale(tmp_path / name)), expected, name)
+        np.testing.assert_array_equal(images.to_mnist(images.load_grayscale(tmp_path / name)), expected, name)
 
 
 def test_sheet_with_transparent_margins_keeps_its_background(tmp_path):
@@ -239,5 +240,5 @@ def test_sheet_with_transparent_margins_keeps_its_background(tmp_path):
     rgba[:4, :4, 3] = rgba[-4:, -4:, 3] = 0
     rgba[:4, :4, :3] = rgba[-4:, -4:, :3] = 0  # hidden pixels black
     Image.fromarray(rgba, "RGBA").save(tmp_path / "sheet.png")
-    gray = predict.load_grayscale(tmp_path / "sheet.png")
+    gray = images.load_grayscale(tmp_path / "sheet.png")
     np.testing.assert_array_equal(gray, sheet)

@@ -1,4 +1,4 @@
-"""Classify your own digit images: turn a PNG/JPEG into an MNIST-like 28x28 image, then predict.
+"""Digit images for the model: read a PNG/JPEG and convert it into an MNIST-like 28x28 image.
 
 The conversion follows how MNIST itself was made (LeCun et al.): the digit's bounding box is
 scaled to fit a 20x20 box (aspect ratio kept, anti-aliased), and the result is placed in a
@@ -9,10 +9,9 @@ is inverted first (``polarity``; ``auto`` decides from the image's border pixels
 Photos of digits on paper need more than a scan: the sheet's uneven lighting is estimated and
 subtracted, and the digit's pixels are picked by Otsu's threshold, kept out of the sensor
 noise (``convert``). A located digit that is implausible (it fills the image, it is tiny, it
-barely stands out of the noise) comes with warnings, as does a most probable class under 50%.
+barely stands out of the noise) comes with warnings.
 
-Everything here except ``predict_probabilities`` is pure numpy/PIL so it can be
-unit-tested without a model.
+Pure numpy/PIL, unit-tested without a model; ``mnistdist.tools.predict`` classifies the result.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -50,11 +48,10 @@ KEEP_COMPONENT = 0.1  # components of at least this fraction of the largest one'
 MARGIN = 0.02  # the digit's box may reach this fraction of the image (+ 2 pixels) past Otsu's pixels
 PEAK_PERCENTILE = 99.0  # of the digit's pixels: the level stretched to 255 in a noisy image
 
-# Warnings: a located digit that is implausible, or an unsure answer.
+# Warnings: a located digit that is implausible.
 FULL_FRAME = 0.9  # the digit's box covers this fraction of the image or more
 TINY = 0.05  # the digit's box's longer side is under this fraction of the image's shorter side
 MIN_CONTRAST_TO_NOISE = 6.0  # the digit's peak is under this many noise sigmas (pure noise: ~4-6)
-LOW_PROBABILITY = 0.5  # the most probable class has less
 MAX_PIXELS = 40_000_000
 """Largest image read (width x height; 40 megapixels, more than most phone photos). Checked
 from the file's header before any pixel is decoded: PNG and JPEG compress so well that a
@@ -69,23 +66,6 @@ class ImageError(ValueError):
 
 # --------------------------------------------------------------------------------------
 # Finding and reading images
-
-
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given; directories replaced by their *.png/*.jpg/*.jpeg files (not recursive),
-    sorted by name. Raises ImageError for a missing path or a directory without images."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ImageError(f"{p}: directory holds no {'/'.join(IMAGE_SUFFIXES)} files")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ImageError(f"{p}: no such file or directory")
-    return out
 
 
 def _too_large(path: Path, pixels: int, size: str = "") -> ImageError:
@@ -512,87 +492,3 @@ def _doubts(box: tuple[int, int, int, int], height: int, width: int, contrast_to
 def to_mnist(gray: np.ndarray, polarity: Polarity = "auto", name: str = "image") -> np.ndarray:
     """``convert(...).image``: an image of one digit -> uint8 [28, 28] like MNIST."""
     return convert(gray, polarity, name).image
-
-
-def convert_files(paths: Sequence[Path], polarity: Polarity = "auto") -> list[Conversion]:
-    """Read and convert every image. Raises ImageError on the first bad one."""
-    return [convert(load_grayscale(p), polarity, name=str(p)) for p in paths]
-
-
-def stack_images(conversions: Sequence[Conversion]) -> np.ndarray:
-    """The converted images, uint8 [N, 28, 28]."""
-    return np.stack([c.image for c in conversions])
-
-
-def load_digits(paths: Sequence[Path], polarity: Polarity = "auto") -> np.ndarray:
-    """Read and convert every image; uint8 [N, 28, 28]. Raises ImageError on the first bad one."""
-    return stack_images(convert_files(paths, polarity))
-
-
-# --------------------------------------------------------------------------------------
-# Prediction
-
-
-@dataclass
-class Prediction:
-    path: str
-    predicted: int
-    top_k: list[tuple[int, float]]  # (class, probability), most probable first
-    warnings: list[str] = field(default_factory=list)  # doubts about the digit or the answer
-
-    def as_record(self) -> dict:
-        return {
-            "path": self.path,
-            "predicted": self.predicted,
-            "probability": self.top_k[0][1],
-            "top_k": [{"class": c, "probability": p} for c, p in self.top_k],
-            "warnings": list(self.warnings),
-        }
-
-
-def predict_probabilities(model, images_u8: np.ndarray, mean: float, std: float):
-    """Softmax probabilities [N, 10] (float64 numpy) of uint8 [N, 28, 28] images, normalized
-    exactly as in training (``data.normalize``)."""
-    import torch
-
-    from mnistdist.data import normalize
-
-    device = next(model.parameters()).device
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images_u8)).to(device), mean, std)
-    model.eval()
-    with torch.no_grad():
-        logits = model(x).float()
-    return logits.softmax(dim=1).double().cpu().numpy()
-
-
-def top_k(probabilities: np.ndarray, paths: Sequence[str | os.PathLike], k: int,
-          warnings: Sequence[Sequence[str]] | None = None) -> list[Prediction]:
-    """The ``k`` most probable classes of each image (ties broken by the lower class), with
-    the conversion's ``warnings`` of each image, and one more when the most probable class
-    has less than ``LOW_PROBABILITY``."""
-    preds = []
-    for i, (path, row) in enumerate(zip(paths, probabilities)):
-        order = sorted(range(len(row)), key=lambda c: (-row[c], c))[:k]
-        doubts = list(warnings[i]) if warnings is not None else []
-        if row[order[0]] < LOW_PROBABILITY:
-            doubts.append(f"low probability ({100 * row[order[0]]:.1f}% for {order[0]}, "
-                          f"under {100 * LOW_PROBABILITY:.0f}%)")
-        preds.append(Prediction(str(path), order[0], [(c, float(row[c])) for c in order], doubts))
-    return preds
-
-
-def format_table(predictions: Sequence[Prediction]) -> str:
-    """Aligned text: path, predicted class, its probability, the other top-k classes; a
-    trailing ``!`` marks an image with warnings."""
-    width = max([len("image"), *(len(p.path) for p in predictions)])
-    lines = [f"{'image':<{width}}  pred   prob  top-k"]
-    for p in predictions:
-        rest = "  ".join(f"{c}:{100 * q:.1f}%" for c, q in p.top_k)
-        flag = "  !" if p.warnings else ""
-        lines.append(f"{p.path:<{width}}  {p.predicted:>4}  {100 * p.top_k[0][1]:5.1f}%  {rest}{flag}")
-    return "\n".join(lines)
-
-
-def warning_lines(predictions: Sequence[Prediction]) -> list[str]:
-    """One line per image with warnings: ``warning: PATH: first; second``."""
-    return [f"warning: {p.path}: {'; '.join(p.warnings)}" for p in predictions if p.warnings]
