@@ -57,6 +57,13 @@ MAX_PIXELS = 40_000_000
 from the file's header before any pixel is decoded: PNG and JPEG compress so well that a
 few hundred KB can ask for gigabytes (a 350 KB all-black RGBA PNG of 88 megapixels took 1.9 GB
 to convert), and PIL itself only warns below 179 megapixels."""
+MAX_SIDE = 65_535
+"""Longest side read (pixels; JPEG's own limit, PNG allows 2**31 - 1). The conversion's work
+grows with the pixels and, beyond them, with the longer side (PIL's resampling tables hold a
+few numbers per output row or column; the noise estimate samples whole rows): a strip of few
+megapixels but millions of pixels long needed more memory than a photo of ``MAX_PIXELS``.
+Up to this side a strip of ``MAX_PIXELS`` needs about what the square photo needs. Checked from
+the header, with ``MAX_PIXELS``."""
 IMAGE_FORMATS = ["PNG", "JPEG"]  # what PIL may open: no TIFF (float pixels), BMP, GIF, ...
 
 
@@ -78,8 +85,8 @@ def _too_large(path: Path, pixels: int, size: str = "") -> ImageError:
 def load_grayscale(path: str | os.PathLike) -> np.ndarray:
     """Read a PNG or JPEG file as float32 grey levels 0..255, shape [H, W].
 
-    Only PNG and JPEG are opened, and an image over ``MAX_PIXELS`` is refused from its header
-    before its pixels are decoded. Colour is converted with the ITU-R 601 luma weights (PIL's
+    Only PNG and JPEG are opened, and an image over ``MAX_PIXELS`` or with a side over
+    ``MAX_SIDE`` is refused from its header before its pixels are decoded. Colour is converted with the ITU-R 601 luma weights (PIL's
     ``L``); EXIF rotation of photos is applied; transparency is flattened by
     ``flatten_alpha`` (a white digit on a transparent background stays a white digit).
     """
@@ -95,6 +102,9 @@ def load_grayscale(path: str | os.PathLike) -> np.ndarray:
             width, height = opened.size
             if width * height > MAX_PIXELS:
                 raise _too_large(path, width * height, f"{width}x{height} = ")
+            if max(width, height) > MAX_SIDE:
+                raise ImageError(f"{path}: image is {width}x{height} pixels; predict reads at most "
+                                 f"{MAX_SIDE} pixels a side: crop or scale it first")
             im = ImageOps.exif_transpose(opened)  # a loaded copy
             im.load()
     except ImageError:

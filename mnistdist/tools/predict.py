@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write each converted 28x28 image (what the model sees) as DIR/<name>.png")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                         help="PNG/JPEG files, or directories (their *.png/*.jpg/*.jpeg files, sorted); "
-                             f"at most {images.MAX_PIXELS // 1_000_000} megapixels each (larger ones are "
-                             "refused before decoding: scale them down)")
+                             f"at most {images.MAX_PIXELS // 1_000_000} megapixels and {images.MAX_SIDE} pixels "
+                             "a side each (larger ones are refused before decoding: scale them down)")
 
 
 def main(args: argparse.Namespace) -> int:

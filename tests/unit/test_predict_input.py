@@ -2,8 +2,8 @@
 one small subprocess to measure peak memory, one in-process CLI call with a fresh model).
 
 * only PNG and JPEG are opened (a float TIFF or a BMP named .png is "not a readable PNG/JPEG");
-* an image over ``images.MAX_PIXELS`` is refused from its header, before any pixel is
-  decoded: one line naming the file, exit 2;
+* an image over ``images.MAX_PIXELS``, or with a side over ``images.MAX_SIDE``, is refused
+  from its header, before any pixel is decoded: one line naming the file, exit 2;
 * NaN/Inf grey levels are a one-line error, not a traceback;
 * transparent pixels become the background that fits the opaque ones, so a white digit on a
   transparent background is read as a digit.
@@ -38,11 +38,13 @@ def zero_png(path: Path, width: int, height: int, color_type: int = 0, rows: int
     channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
     compressor = zlib.compressobj(9)
     row = b"\0" * (1 + width * channels)  # filter byte 0, then the pixels
+    per_block = max(1, 1_000_000 // len(row))  # rows compressed at once: few calls, little memory
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
         f.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)))
         count = height if rows is None else rows
-        idat = b"".join([*(compressor.compress(row) for _ in range(count)), compressor.flush()])
+        blocks = [row * min(per_block, count - start) for start in range(0, count, per_block)]
+        idat = b"".join([*(compressor.compress(block) for block in blocks), compressor.flush()])
         f.write(_chunk(b"IDAT", idat))
         f.write(_chunk(b"IEND", b""))
     return path
@@ -101,6 +103,34 @@ def test_bombs_are_refused_from_the_header_with_low_peak_memory(bombs):
         assert outcome["peak_mb"] < report["baseline_mb"] + 60, (name, report)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_an_extreme_aspect_ratio_is_refused_from_the_header(tmp_path):
+    """A strip a few pixels wide holds few megapixels, but the conversion's work also grows
+    with the longer side (resampling tables, noise samples per row): such a strip needed more
+    memory than a photo of MAX_PIXELS. It is refused by its longer side, from the header."""
+    strips = [zero_png(tmp_path / "wide.png", 20_000_000, 2), zero_png(tmp_path / "tall.png", 2, 20_000_000)]
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *map(str, strips)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for path, size in zip(strips, ("20000000x2", "2x20000000")):
+        outcome = report["results"][str(path)]
+        assert outcome["outcome"] == (f"{path}: image is {size} pixels; predict reads at most "
+                                      f"{images.MAX_SIDE} pixels a side: crop or scale it first"), outcome
+        assert outcome["peak_mb"] < report["baseline_mb"] + 60, report
+
+
+def test_side_limit_is_checked_before_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "MAX_SIDE", 10)
+    Image.new("L", (10, 10)).save(tmp_path / "ok.png")
+    Image.new("L", (11, 2)).save(tmp_path / "wide.png")
+    Image.new("L", (2, 11)).save(tmp_path / "tall.jpg")
+    assert images.load_grayscale(tmp_path / "ok.png").shape == (10, 10)
+    for name, size in (("wide.png", "11x2"), ("tall.jpg", "2x11")):
+        with pytest.raises(images.ImageError, match=f"{name}: image is {size} pixels; .* at most 10 pixels a side"):
+            images.load_grayscale(tmp_path / name)
+
+
 def test_over_pils_own_limit_is_the_same_one_line(tmp_path):
     # PIL raises DecompressionBombError itself above 2 x 89.5 Mpx, in open(): the same message
     # as ours. Only the header is read, so one row of pixel data will do.
@@ -144,7 +174,8 @@ def test_cli_refuses_a_bomb_with_exit_2_and_one_line(bombs, tmp_path, capsys):
 def test_help_states_the_pixel_limit(capsys):
     with pytest.raises(SystemExit):
         cli.main(["predict", "--help"])
-    assert f"{images.MAX_PIXELS // 1_000_000} megapixels" in " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{images.MAX_PIXELS // 1_000_000} megapixels and {images.MAX_SIDE} pixels a side" in out
 
 
 # --------------------------------------------------------------------------------------
