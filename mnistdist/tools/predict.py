@@ -3,7 +3,9 @@
 Each image is converted like MNIST (``mnistdist.tools.images``), then the model gives every
 class a probability. A doubtful digit (conversion warnings) or answer (the most probable class
 under ``LOW_PROBABILITY``) gets one ``warning:`` line on stderr, ``warnings`` in ``--json`` and
-``!`` in the table.
+``!`` in the table. A bad input (missing, unreadable, too large, no digit) gets one ``error:``
+line and is listed under ``errors`` in ``--json``; the other images are still predicted, and
+the exit code is 2.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mnistdist.cli import EXIT_USAGE
 from mnistdist.config import ConfigError
 from mnistdist.tools import images
 from mnistdist.tools.images import Conversion, ImageError, Polarity
@@ -37,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "threshold, its bounding box scaled into 20x20 keeping its aspect ratio, centred by centre "
         "of mass in 28x28, white digit on black. An image whose digit looks implausible (filling "
         "the image, tiny, lost in noise) or whose most probable class has under 50% gets one "
-        "'warning:' line on stderr, 'warnings' in --json and '!' in the table.")
+        "'warning:' line on stderr, 'warnings' in --json and '!' in the table. A bad image (unreadable, too "
+        "large, no digit found) gets one 'error:' line and is listed under 'errors' in --json; the others are "
+        "still predicted, and the exit code is 2.")
     parser.add_argument("--model", type=Path, required=True,
                         help="model.safetensors written by training, or a checkpoint directory holding one")
     parser.add_argument("--config", type=Path, default=None,
@@ -58,55 +63,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Convert, classify, print the table (or JSON) and the warnings."""
+    """Convert, classify, print the table (or JSON), the errors and the warnings; 2 when any
+    input was bad."""
     if args.invert and args.polarity not in (None, "black-on-white"):
         raise ConfigError(f"--invert contradicts --polarity {args.polarity}")
     polarity = "black-on-white" if args.invert else (args.polarity or "auto")
     if not 1 <= args.top_k <= 10:
         raise ConfigError(f"--top-k must be in 1..10; got {args.top_k}")
     model_file, cfg = model_and_config(args.model, args.config)
-    paths = expand_inputs(args.images)
-    conversions = convert_files(paths, polarity)
-    digits = stack_images(conversions)
-    model = load_weights(cfg, model_file)
-    if args.save_converted is not None:
-        save_converted(args.save_converted, paths, digits)
-    probabilities = predict_probabilities(model, digits, cfg.data.normalize_mean, cfg.data.normalize_std)
-    predictions = top_k(probabilities, paths, args.top_k, [c.warnings for c in conversions])
+    model = load_weights(cfg, model_file)  # a bad model stops everything, before any image is read
+    converted, errors = convert_inputs(expand_inputs(args.images), polarity)
+    paths = [path for _, path, _ in converted]
+    conversions = [conversion for _, _, conversion in converted]
+    if args.save_converted is not None and converted:
+        save_converted(args.save_converted, converted)
+    predictions = []
+    if converted:
+        digits = stack_images(conversions)
+        probabilities = predict_probabilities(model, digits, cfg.data.normalize_mean, cfg.data.normalize_std)
+        predictions = top_k(probabilities, paths, args.top_k, [c.warnings for c in conversions])
     if args.json:
         print(json.dumps({"model": str(model_file), "polarity": polarity,
-                          "predictions": [p.as_record() for p in predictions]}))
-    else:
+                          "predictions": [p.as_record() for p in predictions],
+                          "errors": [e.as_record() for e in errors]}))
+    elif predictions:
         print(format_table(predictions))
     for line in warning_lines(predictions):  # a doubtful digit or answer: one line per image
         print(line, file=sys.stderr)
-    return 0
+    return EXIT_USAGE if errors else 0
 
 
 # --------------------------------------------------------------------------------------
 # Inputs
 
 
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+@dataclass
+class BadInput:
+    """An input that gave no prediction, and why (one line naming it)."""
+
+    path: str
+    error: str
+
+    def as_record(self) -> dict:
+        return {"path": self.path, "error": self.error}
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path | BadInput]:
     """Files as given; directories replaced by their *.png/*.jpg/*.jpeg files (not recursive),
-    sorted by name. Raises ImageError for a missing path or a directory without images."""
-    out: list[Path] = []
+    sorted by name; a missing path or a directory without images is a BadInput in its place."""
+    out: list[Path | BadInput] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in images.IMAGE_SUFFIXES)
-            if not found:
-                raise ImageError(f"{p}: directory holds no {'/'.join(images.IMAGE_SUFFIXES)} files")
-            out.extend(found)
+            out.extend(found or [BadInput(str(p), f"{p}: directory holds no {'/'.join(images.IMAGE_SUFFIXES)} files")])
         elif p.is_file():
             out.append(p)
         else:
-            raise ImageError(f"{p}: no such file or directory")
+            out.append(BadInput(str(p), f"{p}: no such file or directory"))
     return out
 
 
-def convert_files(paths: Sequence[Path], polarity: Polarity = "auto") -> list[Conversion]:
-    """Read and convert every image. Raises ImageError on the first bad one."""
-    return [images.convert(images.load_grayscale(p), polarity, name=str(p)) for p in paths]
+def convert_inputs(inputs: Sequence[Path | BadInput], polarity: Polarity = "auto",
+                   report: bool = True) -> tuple[list[tuple[int, Path, Conversion]], list[BadInput]]:
+    """Read and convert every image of ``inputs`` (from ``expand_inputs``), one after another:
+    ``(position in inputs, path, conversion)`` of each good one, and the bad ones (an
+    ImageError), in input order; with ``report``, each bad one's ``error:`` line goes to stderr
+    as it is met. A bad image does not stop the others."""
+    converted, bad = [], []
+    for i, item in enumerate(inputs):
+        if isinstance(item, Path):
+            try:
+                converted.append((i, item, images.convert(images.load_grayscale(item), polarity, name=str(item))))
+                continue
+            except ImageError as e:
+                item = BadInput(str(item), str(e))
+        bad.append(item)
+        if report:
+            print(f"error: {item.error}", file=sys.stderr, flush=True)
+    return converted, bad
 
 
 def stack_images(conversions: Sequence[Conversion]) -> np.ndarray:
@@ -114,14 +148,14 @@ def stack_images(conversions: Sequence[Conversion]) -> np.ndarray:
     return np.stack([c.image for c in conversions])
 
 
-def save_converted(out_dir: Path, paths: Sequence[Path], digits: np.ndarray) -> None:
-    """Each converted image as ``out_dir/NNNN-<name>.png``."""
+def save_converted(out_dir: Path, converted: Sequence[tuple[int, Path, Conversion]]) -> None:
+    """Each converted image as ``out_dir/NNNN-<name>.png``, NNNN its position among the inputs."""
     from PIL import Image
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for i, (path, digit) in enumerate(zip(paths, digits)):
-            Image.fromarray(digit).save(out_dir / f"{i:04d}-{path.stem}.png")
+        for i, path, conversion in converted:
+            Image.fromarray(conversion.image).save(out_dir / f"{i:04d}-{path.stem}.png")
     except OSError as e:
         raise ConfigError(f"--save-converted {out_dir}: cannot write ({e.strerror or e})") from None
 

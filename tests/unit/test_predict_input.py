@@ -273,3 +273,54 @@ def test_sheet_with_transparent_margins_keeps_its_background(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "sheet.png")
     gray = images.load_grayscale(tmp_path / "sheet.png")
     np.testing.assert_array_equal(gray, sheet)
+
+
+# --------------------------------------------------------------------------------------
+# Every image is predicted or reported
+
+
+def test_bad_images_are_reported_one_line_each_and_the_others_predicted(tmp_path, capsys):
+    """A blank, an unreadable and a too-long image among good ones, a missing path and an empty
+    directory: the good images are predicted (table, --json, --save-converted), each bad input
+    gets one 'error:' line naming it, --json lists them, and the exit code is 2 at the end."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, shift in (("a.png", 0), ("c.png", 3), ("e.jpg", 6)):
+        Image.fromarray(np.roll(_digit(), shift, axis=1).astype(np.uint8)).save(folder / name)
+    Image.new("L", (50, 40), 255).save(folder / "b-blank.png")
+    (folder / "d-text.png").write_text("not an image\n")
+    zero_png(folder / "f-strip.png", images.MAX_SIDE + 1, 2)
+    (tmp_path / "empty").mkdir()
+    missing = tmp_path / "missing.png"
+    model = _fresh_model(tmp_path)
+    good = [str(folder / n) for n in ("a.png", "c.png", "e.jpg")]
+    bad = [(str(folder / "b-blank.png"), "no digit found"), (str(folder / "d-text.png"), "not a readable PNG/JPEG"),
+           (str(folder / "f-strip.png"), "pixels a side"), (str(missing), "no such file or directory"),
+           (str(tmp_path / "empty"), "directory holds no .png/.jpg/.jpeg files")]
+    argv = ["predict", "--model", str(model), str(folder), str(missing), str(tmp_path / "empty")]
+
+    def errors(err: str) -> list[str]:
+        return [line for line in err.splitlines() if not line.startswith("warning: ")]
+
+    assert cli.main([*argv, "--save-converted", str(tmp_path / "seen")]) == 2
+    captured = capsys.readouterr()
+    assert [row.split()[0] for row in captured.out.splitlines()[1:]] == good
+    lines = errors(captured.err)
+    assert len(lines) == len(bad), lines
+    for line, (path, reason) in zip(lines, bad):
+        assert line.startswith(f"error: {path}: ") and reason in line, line
+    assert sorted(p.name for p in (tmp_path / "seen").iterdir()) == ["0000-a.png", "0002-c.png", "0004-e.png"]
+
+    assert cli.main([*argv, "--json"]) == 2
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert [r["path"] for r in report["predictions"]] == good
+    assert [e["path"] for e in report["errors"]] == [path for path, _ in bad]
+    assert [f"error: {e['error']}" for e in report["errors"]] == errors(captured.err)
+
+
+def test_only_bad_images_print_no_table(tmp_path, capsys):
+    Image.new("L", (50, 40), 255).save(tmp_path / "blank.png")
+    assert cli.main(["predict", "--model", str(_fresh_model(tmp_path)), str(tmp_path / "blank.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {tmp_path / 'blank.png'}: no digit found")
