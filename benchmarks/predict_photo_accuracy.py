@@ -74,7 +74,7 @@ def main() -> None:
 
     root = os.environ.get("MNISTDIST_DATA_ROOT") or str(REPO.parent / "shared" / "data")
     test = torchvision.datasets.MNIST(root, train=False, download=False)
-    images, labels = test.data.numpy(), test.targets.numpy()
+    test_images, labels = test.data.numpy(), test.targets.numpy()
     cfg = load_config(args.model / "config.yaml")
     model = load_weights(cfg, args.model / "model.safetensors")
     modules = {"after": images}
@@ -84,8 +84,8 @@ def main() -> None:
     print(f"{'strength':>8}  " + "  ".join(f"{name:>7} refused doubted lowprob" for name in modules))
     for strength in STRENGTHS:
         rng = np.random.default_rng([args.seed, round(strength * 1000)])
-        picks = rng.choice(len(images), args.per_strength, replace=False)
-        photos = [photograph(mnist_coverage(images[i]), strength, rng,
+        picks = rng.choice(len(test_images), args.per_strength, replace=False)
+        photos = [photograph(mnist_coverage(test_images[i]), strength, rng,
                              polarity=("black-on-white", "white-on-black")[k % 2]) for k, i in enumerate(picks)]
         cells = []
         for module in modules.values():

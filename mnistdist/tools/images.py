@@ -11,7 +11,7 @@ subtracted, and the digit's pixels are picked by Otsu's threshold, kept out of t
 noise (``convert``). A located digit that is implausible (it fills the image, it is tiny, it
 barely stands out of the noise) comes with warnings.
 
-Pure numpy/PIL, unit-tested without a model; ``mnistdist.tools.predict`` classifies the result.
+Pure numpy/scipy/PIL, unit-tested without a model; ``mnistdist.tools.predict`` classifies the result.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from scipy import ndimage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 POLARITIES = ("auto", "white-on-black", "black-on-white")
@@ -193,18 +194,14 @@ def _resize(img: np.ndarray, height: int, width: int, resample: str = "LANCZOS")
     return np.asarray(out, dtype=np.float32)
 
 
-def center_of_mass(img: np.ndarray) -> tuple[float, float]:
-    """Intensity-weighted mean (row, column) of a non-negative image."""
-    total = float(img.sum())
-    rows = float((img.sum(axis=1) * np.arange(img.shape[0])).sum()) / total
-    cols = float((img.sum(axis=0) * np.arange(img.shape[1])).sum()) / total
-    return rows, cols
-
-
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
     """Otsu's threshold of ``values`` (the level that maximises the variance between the two
     classes it makes) and its separability, between-class / total variance (0..1: near 1 for a
-    two-toned image, 2/pi = 0.64 for Gaussian noise alone)."""
+    two-toned image, 2/pi = 0.64 for Gaussian noise alone).
+
+    Written here on numpy's histogram: scipy has no Otsu, and scikit-image's
+    ``threshold_otsu`` would add scikit-image, imageio, tifffile and lazy_loader (37 MB
+    installed) for these lines; it returns no separability either."""
     values = np.asarray(values).ravel()
     values = values[:: max(1, values.size // OTSU_SAMPLES)]
     lo, hi = float(values.min()), float(values.max())
@@ -238,14 +235,10 @@ def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
 
 
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of a float image at 8-bit precision of its range (PIL blurs 8-bit images)."""
-    from PIL import Image, ImageFilter
-
-    lo, hi = float(img.min()), float(img.max())
-    if sigma < 0.5 or hi <= lo:
+    """Gaussian blur of a float image (edges extended); none under half a pixel."""
+    if sigma < 0.5:
         return img
-    u8 = Image.fromarray(np.rint((img - lo) * (255.0 / (hi - lo))).astype(np.uint8))
-    return np.asarray(u8.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32) * ((hi - lo) / 255.0) + lo
+    return ndimage.gaussian_filter(img.astype(np.float32, copy=False), sigma, mode="nearest")
 
 
 def estimate_background(img: np.ndarray, digit: np.ndarray | None = None) -> np.ndarray:
@@ -296,45 +289,6 @@ def estimate_background(img: np.ndarray, digit: np.ndarray | None = None) -> np.
     return _resize(level.astype(np.float32), h, w, "BILINEAR")
 
 
-def _components(mask: np.ndarray) -> list[tuple[int, int, int, int, int]]:
-    """The 8-connected components of a boolean image: (pixels, top, left, bottom, right
-    exclusive) each, largest first. Union-find over the runs of each row."""
-    parent: list[int] = []
-    runs: list[tuple[int, int, int]] = []  # row, start, end (exclusive)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    previous: list[int] = []
-    for r, row in enumerate(mask):
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], row.view(np.int8), [0]))))
-        current = []
-        k = 0
-        for start, end in zip(edges[::2].tolist(), edges[1::2].tolist()):
-            index = len(runs)
-            runs.append((r, start, end))
-            parent.append(index)
-            while k < len(previous) and runs[previous[k]][2] < start:  # ends left of this run's reach
-                k += 1
-            j = k
-            while j < len(previous) and runs[previous[j]][1] <= end:  # 8-connected: touching corners
-                a, b = find(previous[j]), find(index)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-                j += 1
-            current.append(index)
-        previous = current
-    found: dict[int, list[int]] = {}
-    for index, (r, start, end) in enumerate(runs):
-        c = found.setdefault(find(index), [0, r, start, r + 1, end])
-        c[0] += end - start
-        c[1], c[2], c[3], c[4] = min(c[1], r), min(c[2], start), max(c[3], r + 1), max(c[4], end)
-    return sorted((tuple(c) for c in found.values()), key=lambda c: -c[0])
-
-
 def _digit_region(found: np.ndarray) -> tuple[int, int, int, int]:
     """The box (top, left, bottom, right exclusive) around the pixels of ``found`` that make
     the digit: its connected components (on a copy at most ``COMPONENT_GRID`` pixels a side,
@@ -344,12 +298,14 @@ def _digit_region(found: np.ndarray) -> tuple[int, int, int, int]:
     scale = min(1.0, COMPONENT_GRID / max(h, w))
     hs, ws = max(1, round(h * scale)), max(1, round(w * scale))
     cells = found if (hs, ws) == (h, w) else _cell_fraction(found, hs, ws) > 0
-    parts = _components(cells)
-    if not parts:
+    labels, count = ndimage.label(cells, structure=np.ones((3, 3), dtype=bool))  # 8-connected
+    if count == 0:
         return 0, 0, h, w
-    kept = [c for c in parts if c[0] >= KEEP_COMPONENT * parts[0][0]]
-    top, left = min(c[1] for c in kept), min(c[2] for c in kept)
-    bottom, right = max(c[3] for c in kept), max(c[4] for c in kept)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    boxes = ndimage.find_objects(labels)
+    kept = [boxes[k] for k in np.flatnonzero(sizes >= KEEP_COMPONENT * sizes.max())]
+    top, left = min(rows.start for rows, _ in kept), min(cols.start for _, cols in kept)
+    bottom, right = max(rows.stop for rows, _ in kept), max(cols.stop for _, cols in kept)
     return (int(np.floor(top * h / hs)), int(np.floor(left * w / ws)),
             int(np.ceil(bottom * h / hs)), int(np.ceil(right * w / ws)))
 
@@ -476,7 +432,7 @@ def convert(gray: np.ndarray, polarity: Polarity = "auto", name: str = "image") 
         raise ImageError(f"{name}: no digit found after scaling to 20x20")
 
     h, w = img.shape
-    com_r, com_c = center_of_mass(img)
+    com_r, com_c = ndimage.center_of_mass(img)
     at_r = min(max(round(CENTER - com_r), 0), CANVAS - h)
     at_c = min(max(round(CENTER - com_c), 0), CANVAS - w)
     canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)

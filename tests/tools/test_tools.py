@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from mnistdist import cli, plots
+from mnistdist.config import ConfigError
+from mnistdist.rundir import read_metrics
 from mnistdist.tools import images, predict
 from mnistdist.tools.evaluate import format_confusion
 from mnistdist.tools.saved_model import find_run_config, load_weights, resolve_model
-from mnistdist.config import ConfigError
-from mnistdist.rundir import read_metrics
 from tests.conftest import check, data_root, run_cmd, train_cmd
 from tests.synthetic_photos import mnist_coverage, photograph
 
@@ -121,11 +122,11 @@ def _own_predictions(run: Path, images_u8: np.ndarray) -> np.ndarray:
 
 
 def test_predict_real_digits_as_png(run, test_set, tmp_path):
-    images, labels = test_set[0][:NUM_DIGITS], test_set[1][:NUM_DIGITS]
-    own = _own_predictions(run, images)
+    test_images, labels = test_set[0][:NUM_DIGITS], test_set[1][:NUM_DIGITS]
+    own = _own_predictions(run, test_images)
     for sub in ("white_on_black", "black_on_white", "upscaled"):
         (tmp_path / sub).mkdir()
-    for i, (img, label) in enumerate(zip(images, labels)):
+    for i, (img, label) in enumerate(zip(test_images, labels)):
         name = f"{i:02d}_label{label}.png"
         Image.fromarray(img).save(tmp_path / "white_on_black" / name)
         Image.fromarray(255 - img).save(tmp_path / "black_on_white" / name)
@@ -165,10 +166,10 @@ def test_predict_reads_photos_of_digits(run, test_set):
     strength over four seeds of 200 photos, 16.5% with the fixed threshold used before."""
     from mnistdist.config import load_config
 
-    images, labels = test_set
+    test_images, labels = test_set
     rng = np.random.default_rng(0)
-    picks = rng.choice(len(images), NUM_PHOTOS, replace=False)
-    conversions = [images.convert(photograph(mnist_coverage(images[i]), PHOTO_STRENGTH, rng,
+    picks = rng.choice(len(test_images), NUM_PHOTOS, replace=False)
+    conversions = [images.convert(photograph(mnist_coverage(test_images[i]), PHOTO_STRENGTH, rng,
                                               polarity=("black-on-white", "white-on-black")[k % 2]))
                    for k, i in enumerate(picks)]
     cfg = load_config(run / "config.yaml")
@@ -335,7 +336,7 @@ def test_conversion_fits_20x20_keeps_aspect_and_centres():
     img[40:200, 150:190] = 10.0  # a dark bar, 160 x 40, far from the centre
     out = images.to_mnist(img)  # auto: bright border -> black-on-white
     assert _bbox(out) == (20, 5)
-    rows, cols = images.center_of_mass(out.astype(np.float64))
+    rows, cols = ndimage.center_of_mass(out.astype(np.float64))
     assert abs(rows - 14) <= 0.5 and abs(cols - 14) <= 0.5
     assert out.max() == 255 and out[0].max() == 0  # stretched, background black
     wide = np.zeros((30, 90))
