@@ -92,11 +92,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
 
 
-def run_command(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """``main(args)``, with bad input reported in one line (exit 2) and a stopped training as
-    its exit code. Returns the process exit code."""
+def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], int], argv: list[str]) -> int:
+    """Parse ``argv`` (overrides may come before or after the flags, and as
+    ``--section.key=value``) and return ``main(args)``; bad input is reported in one line
+    (exit 2), a stopped training becomes its exit code. The one error handler of every command."""
     try:
-        return main(args)
+        return main(parser.parse_intermixed_args(undash_overrides(argv)))
     except Preempted as e:  # every rank stopped at the same step: the main process says where
         # The checkpoint is written and the ranks leave together; a launcher that SIGTERMs the
         # rank still exiting (torchrun does, once another rank ended) must not turn it into -15.
@@ -130,18 +131,6 @@ def undash_overrides(argv: list[str]) -> list[str]:
         else:
             out.append(arg[2:])
     return out
-
-
-def parse_and_run(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], int],
-                  argv: list[str]) -> int:
-    """Parse ``argv`` (overrides may come before or after the flags, and as ``--section.key=value``)
-    and run ``main`` through ``run_command``."""
-    try:
-        argv = undash_overrides(argv)
-    except ConfigError as e:
-        report_exception(e)
-        return EXIT_USAGE
-    return run_command(main, parser.parse_intermixed_args(argv))
 
 
 # --------------------------------------------------------------------------------------
@@ -213,7 +202,7 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     """``train_dist.py``: parse, load the config, train, clean up. Returns the process exit code."""
     parser = _Parser(prog=prog)
     add_train_arguments(parser)
-    return parse_and_run(parser, train, list(sys.argv[1:] if argv is None else argv))
+    return run_command(parser, train, list(sys.argv[1:] if argv is None else argv))
 
 
 # --------------------------------------------------------------------------------------
@@ -254,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if name is None:
         parser.parse_args(argv)  # --help, or no/an unknown command: argparse's message and exit
         return EXIT_USAGE
-    return parse_and_run(parsers[name], command_functions(name)[1], argv[1:])
+    return run_command(parsers[name], command_functions(name)[1], argv[1:])
 
 
 if __name__ == "__main__":
