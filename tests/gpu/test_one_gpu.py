@@ -1,7 +1,7 @@
 """One GPU (issue 17): training eager and as a CUDA graph, bf16, exact evaluation, exact resume,
 the NaN stop, eager vs graph equality, and the device-side batch and schedule blocks.
 
-Marked ``gpu``; skipped without CUDA. ``scripts/gpu_check.sh`` runs them on a lent GPU machine
+Marked ``gpu``; skipped without CUDA. ``benchmarks/gpu_check.sh`` runs them on a lent GPU machine
 with the benchmark. In this process, on the tiny synthetic MNIST of the smoke tests (1000
 training images, batches of 50: 20 steps an epoch).
 
@@ -32,7 +32,7 @@ ON_CUDA = DEVICE == "cuda"
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(),
-                       reason="needs CUDA (scripts/gpu_check.sh runs these on a GPU machine)"),
+                       reason="needs CUDA (benchmarks/gpu_check.sh runs these on a GPU machine)"),
 ]
 STEPS_PER_EPOCH, EPOCHS, STOP_AT = 20, 2, 13
 GRAPH_FALLBACK = "warning: dist.cuda_graph"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mnistdist import sweep
+from mnistdist.tools import sweep
 from tests.conftest import REPO, assert_same_run, child_env, outcome, run_cmd
 from tests.slurm.conftest import TERMINAL_STATES, Job
 

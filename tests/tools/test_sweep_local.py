@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mnistdist import sweep
+from mnistdist.tools import sweep
 from mnistdist.signals import EXIT_INTERRUPTED
 from tests.conftest import REPO, assert_same_run, check, child_env, outcome, run_cmd
 from tests.faults.test_faults import wait_for

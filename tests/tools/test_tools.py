@@ -13,10 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
-from mnistdist import cli, plots, predict
+from mnistdist import cli, plots
 from mnistdist.config import ConfigError
 from mnistdist.rundir import read_metrics
+from mnistdist.tools import images, predict
+from mnistdist.tools.evaluate import format_confusion
+from mnistdist.tools.saved_model import find_run_config, load_weights, resolve_model
 from tests.conftest import check, data_root, run_cmd, train_cmd
 from tests.synthetic_photos import mnist_coverage, photograph
 
@@ -88,19 +92,19 @@ def test_model_and_config_lookup(tmp_path):
     step = tmp_path / "run" / "checkpoints" / "step-00000300"
     step.mkdir(parents=True)
     (step / "model.safetensors").write_bytes(b"")
-    assert cli.resolve_model(step) == step / "model.safetensors"
-    assert cli.find_run_config(step / "model.safetensors") is None
+    assert resolve_model(step) == step / "model.safetensors"
+    assert find_run_config(step / "model.safetensors") is None
     (tmp_path / "run" / "config.yaml").write_text("{}\n")  # RUN_DIR: 2 levels above
-    assert cli.find_run_config(step / "model.safetensors") == (tmp_path / "run" / "config.yaml").absolute()
+    assert find_run_config(step / "model.safetensors") == (tmp_path / "run" / "config.yaml").absolute()
     (step / "config.yaml").write_text("{}\n")  # next to the model wins
-    assert cli.find_run_config(step / "model.safetensors") == (step / "config.yaml").absolute()
+    assert find_run_config(step / "model.safetensors") == (step / "config.yaml").absolute()
     (tmp_path / "config.yaml").write_text("{}\n")
     (tmp_path / "deep" / "a" / "b" / "c").mkdir(parents=True)  # 3 levels up is too far
-    assert cli.find_run_config(tmp_path / "deep" / "a" / "b" / "c" / "model.safetensors") is None
+    assert find_run_config(tmp_path / "deep" / "a" / "b" / "c" / "model.safetensors") is None
     with pytest.raises(ConfigError, match="directory holds no model.safetensors"):
-        cli.resolve_model(step.parent)
+        resolve_model(step.parent)
     with pytest.raises(ConfigError, match="no such file or directory"):
-        cli.resolve_model(tmp_path / "nope")
+        resolve_model(tmp_path / "nope")
 
 
 # --------------------------------------------------------------------------------------
@@ -112,17 +116,17 @@ def _own_predictions(run: Path, images_u8: np.ndarray) -> np.ndarray:
     from mnistdist.config import load_config
 
     cfg = load_config(run / "config.yaml")
-    model = cli.load_weights(cfg, run / "model.safetensors")
+    model = load_weights(cfg, run / "model.safetensors")
     probs = predict.predict_probabilities(model, images_u8, cfg.data.normalize_mean, cfg.data.normalize_std)
     return probs.argmax(axis=1)
 
 
 def test_predict_real_digits_as_png(run, test_set, tmp_path):
-    images, labels = test_set[0][:NUM_DIGITS], test_set[1][:NUM_DIGITS]
-    own = _own_predictions(run, images)
+    test_images, labels = test_set[0][:NUM_DIGITS], test_set[1][:NUM_DIGITS]
+    own = _own_predictions(run, test_images)
     for sub in ("white_on_black", "black_on_white", "upscaled"):
         (tmp_path / sub).mkdir()
-    for i, (img, label) in enumerate(zip(images, labels)):
+    for i, (img, label) in enumerate(zip(test_images, labels)):
         name = f"{i:02d}_label{label}.png"
         Image.fromarray(img).save(tmp_path / "white_on_black" / name)
         Image.fromarray(255 - img).save(tmp_path / "black_on_white" / name)
@@ -158,18 +162,18 @@ NUM_PHOTOS = 200
 
 def test_predict_reads_photos_of_digits(run, test_set):
     """Photos of MNIST test digits on paper (or chalk on a board), unevenly lit, blurred and
-    noisy. Measured with a 1-epoch model (scripts/predict_photo_accuracy.py): 95.5-98% at this
+    noisy. Measured with a 1-epoch model (benchmarks/predict_photo_accuracy.py): 95.5-98% at this
     strength over four seeds of 200 photos, 16.5% with the fixed threshold used before."""
     from mnistdist.config import load_config
 
-    images, labels = test_set
+    test_images, labels = test_set
     rng = np.random.default_rng(0)
-    picks = rng.choice(len(images), NUM_PHOTOS, replace=False)
-    conversions = [predict.convert(photograph(mnist_coverage(images[i]), PHOTO_STRENGTH, rng,
+    picks = rng.choice(len(test_images), NUM_PHOTOS, replace=False)
+    conversions = [images.convert(photograph(mnist_coverage(test_images[i]), PHOTO_STRENGTH, rng,
                                               polarity=("black-on-white", "white-on-black")[k % 2]))
                    for k, i in enumerate(picks)]
     cfg = load_config(run / "config.yaml")
-    model = cli.load_weights(cfg, run / "model.safetensors")
+    model = load_weights(cfg, run / "model.safetensors")
     probs = predict.predict_probabilities(model, predict.stack_images(conversions),
                                           cfg.data.normalize_mean, cfg.data.normalize_std)
     accuracy = float((probs.argmax(axis=1) == labels[picks]).mean())
@@ -274,7 +278,6 @@ def test_more_errors_in_process(run, tmp_path, capsys):
         (["predict", "--model", str(tmp_path / "missing"), str(good)], "no such file or directory"),
         (["predict", "--model", str(text_png), str(good)], "not mnistdist model weights"),
         (["evaluate", "--model", str(tmp_path)], "directory holds no model.safetensors"),
-        (["predict", "--model", str(run), str(good), str(text_png)], "x.png: not a readable"),
         (["predict", "--model", str(run), str(tmp_path / "empty")], "holds no .png/.jpg/.jpeg"),
         (["predict", "--model", str(run), str(blank)], "no digit found"),
         (["predict", "--model", str(run), "--top-k", "11", str(good)], "--top-k"),
@@ -319,11 +322,11 @@ def _bbox(img: np.ndarray) -> tuple[int, int]:
 def test_mnist_round_trip_stays_close(test_set):
     for img in test_set[0][:100]:
         for polarity, given in (("auto", img), ("white-on-black", img), ("auto", 255 - img), ("black-on-white", 255 - img)):
-            out = predict.to_mnist(given, polarity)
+            out = images.to_mnist(given, polarity)
             assert out.shape == (28, 28) and out.dtype == np.uint8
             assert _best_shift_mae(out, img) < 1.5
         big = np.asarray(Image.fromarray(img).resize((112, 112), Image.Resampling.BICUBIC), dtype=np.float32)
-        out = predict.to_mnist(big)
+        out = images.to_mnist(big)
         assert _best_shift_mae(out, img) < 20  # resampling blurs; an empty image would be ~33 off
         assert _best_shift_corr(out, img) > 0.85
 
@@ -331,50 +334,50 @@ def test_mnist_round_trip_stays_close(test_set):
 def test_conversion_fits_20x20_keeps_aspect_and_centres():
     img = np.full((300, 200), 230.0)  # grey paper
     img[40:200, 150:190] = 10.0  # a dark bar, 160 x 40, far from the centre
-    out = predict.to_mnist(img)  # auto: bright border -> black-on-white
+    out = images.to_mnist(img)  # auto: bright border -> black-on-white
     assert _bbox(out) == (20, 5)
-    rows, cols = predict.center_of_mass(out.astype(np.float64))
+    rows, cols = ndimage.center_of_mass(out.astype(np.float64))
     assert abs(rows - 14) <= 0.5 and abs(cols - 14) <= 0.5
     assert out.max() == 255 and out[0].max() == 0  # stretched, background black
     wide = np.zeros((30, 90))
     wide[10:20, 5:85] = 255
-    assert _bbox(predict.to_mnist(wide)) == (2, 20)
+    assert _bbox(images.to_mnist(wide)) == (2, 20)
     small = np.zeros((28, 28))
     small[12:16, 12:14] = 255  # a tiny digit is scaled up to the 20x20 box too
-    assert _bbox(predict.to_mnist(small)) == (20, 10)
+    assert _bbox(images.to_mnist(small)) == (20, 10)
 
 
 def test_polarity_detection_and_noise():
     digit = np.zeros((64, 64))
     digit[10:54, 28:36] = 200.0
-    assert predict.detect_polarity(digit) == "white-on-black"
-    assert predict.detect_polarity(255 - digit) == "black-on-white"
-    expected = predict.to_mnist(digit)
-    np.testing.assert_array_equal(predict.to_mnist(255 - digit), expected)
-    np.testing.assert_array_equal(predict.to_mnist(255 - digit, "black-on-white"), expected)
+    assert images.detect_polarity(digit) == "white-on-black"
+    assert images.detect_polarity(255 - digit) == "black-on-white"
+    expected = images.to_mnist(digit)
+    np.testing.assert_array_equal(images.to_mnist(255 - digit), expected)
+    np.testing.assert_array_equal(images.to_mnist(255 - digit, "black-on-white"), expected)
     noisy = digit + np.random.default_rng(0).uniform(0, 15, digit.shape)  # JPEG-like background noise
-    assert _bbox(predict.to_mnist(noisy)) == _bbox(expected)
-    with pytest.raises(predict.ImageError, match="no digit found"):
-        predict.to_mnist(np.full((30, 30), 128.0), name="flat.png")
+    assert _bbox(images.to_mnist(noisy)) == _bbox(expected)
+    with pytest.raises(images.ImageError, match="no digit found"):
+        images.to_mnist(np.full((30, 30), 128.0), name="flat.png")
     with pytest.raises(ValueError):
-        predict.to_mnist(digit, "sideways")
+        images.to_mnist(digit, "sideways")
 
 
 def test_load_grayscale_modes(tmp_path):
     rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # transparent, with an opaque black stroke
     rgba.paste((0, 0, 0, 255), (18, 5, 22, 35))
     rgba.save(tmp_path / "stroke.png")
-    gray = predict.load_grayscale(tmp_path / "stroke.png")
+    gray = images.load_grayscale(tmp_path / "stroke.png")
     assert gray.shape == (40, 40) and gray[0, 0] == 255 and gray[20, 20] == 0  # over white
     Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)).save(tmp_path / "deep.png")
-    assert predict.load_grayscale(tmp_path / "deep.png").max() <= 255
+    assert images.load_grayscale(tmp_path / "deep.png").max() <= 255
     Image.new("RGB", (30, 20), (255, 0, 0)).save(tmp_path / "red.jpg")
-    assert predict.load_grayscale(tmp_path / "red.jpg").shape == (20, 30)
+    assert images.load_grayscale(tmp_path / "red.jpg").shape == (20, 30)
     (tmp_path / "x.png").write_text("text")
-    with pytest.raises(predict.ImageError, match="not a readable"):
-        predict.load_grayscale(tmp_path / "x.png")
-    with pytest.raises(predict.ImageError, match="no such file"):
-        predict.load_grayscale(tmp_path / "missing.png")
+    with pytest.raises(images.ImageError, match="not a readable"):
+        images.load_grayscale(tmp_path / "x.png")
+    with pytest.raises(images.ImageError, match="no such file"):
+        images.load_grayscale(tmp_path / "missing.png")
 
 
 def test_expand_inputs_and_formatting(tmp_path):
@@ -383,8 +386,8 @@ def test_expand_inputs_and_formatting(tmp_path):
     (tmp_path / "sub").mkdir()
     single = tmp_path / "d.txt"
     assert predict.expand_inputs([tmp_path, single]) == [tmp_path / n for n in ("a.jpeg", "b.PNG", "c.jpg")] + [single]
-    with pytest.raises(predict.ImageError, match="no such file or directory"):
-        predict.expand_inputs([tmp_path / "nope"])
+    assert predict.expand_inputs([tmp_path / "nope"]) == [
+        predict.BadInput(str(tmp_path / "nope"), f"{tmp_path / 'nope'}: no such file or directory")]
     probs = np.full((2, 10), 0.05)
     probs[0, 7], probs[0, 1] = 0.5, 0.1
     probs[1, 3] = 0.55
@@ -392,4 +395,4 @@ def test_expand_inputs_and_formatting(tmp_path):
     assert [(p.predicted, [c for c, _ in p.top_k]) for p in preds] == [(7, [7, 1]), (3, [3, 0])]
     table = predict.format_table(preds).splitlines()
     assert table[1].split()[:3] == ["one.png", "7", "50.0%"]
-    assert cli.format_confusion(np.eye(10, dtype=int).tolist()).count("\n") == 11
+    assert format_confusion(np.eye(10, dtype=int).tolist()).count("\n") == 11

@@ -41,13 +41,15 @@ def test_help_lists_every_config_section_and_points_to_the_docs(capsys):
 
 
 def test_mnistdist_help_describes_each_command(capsys):
-    assert cli.main(["--help"]) == 0
+    assert pytest.raises(SystemExit, cli.main, ["--help"]).value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "evaluate", "predict", "plot"):
+    for command in cli.COMMANDS:
         line = next(line for line in out.splitlines() if line.strip().startswith(command + " "))
         assert len(line.split()) > 3  # a description, not just the name
-    assert cli.main(["bogus"]) == 2
-    assert "error: unknown command 'bogus'" in capsys.readouterr().err
+    for argv, message in ((["bogus"], "invalid choice: 'bogus'"), ([], "required: COMMAND")):
+        assert pytest.raises(SystemExit, cli.main, argv).value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
 def test_the_command_line_wandb_agent_builds_is_understood(capsys, monkeypatch):

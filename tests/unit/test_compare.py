@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnistdist import cli, compare, sweep
+from mnistdist import cli
+from mnistdist.tools import compare, sweep
 from mnistdist.config import Config
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnistdist import cli, predict
+from mnistdist import cli
+from mnistdist.tools import images, predict
 from tests.synthetic_photos import font_coverage, photograph
 
 SHIFTS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -43,11 +44,11 @@ def best_shift_corr(a: np.ndarray, b: np.ndarray) -> float:
 def test_otsu_threshold_separates_two_levels_and_not_noise():
     rng = np.random.default_rng(0)
     dark, bright = rng.normal(40, 5, 900), rng.normal(200, 5, 100)
-    threshold, separability = predict.otsu_threshold(np.concatenate([dark, bright]))
+    threshold, separability = images.otsu_threshold(np.concatenate([dark, bright]))
     assert dark.max() < threshold < bright.min() and separability > 0.95
-    _, noise_only = predict.otsu_threshold(rng.normal(128, 20, 100_000))
+    _, noise_only = images.otsu_threshold(rng.normal(128, 20, 100_000))
     assert noise_only == pytest.approx(2 / np.pi, abs=0.02)  # one Gaussian split in two
-    assert predict.otsu_threshold(np.full(10, 7.0)) == (7.0, 0.0)
+    assert images.otsu_threshold(np.full(10, 7.0)) == (7.0, 0.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -61,11 +62,11 @@ def test_lit_noisy_photo_keeps_the_digit_large(digit, polarity):
     The fixed threshold left strokes 0-11 pixels long here, correlating 0.1-0.5 with the
     clean digit; now 18-19 pixels (MNIST: 20), 0.72-0.9."""
     coverage = font_coverage(digit)
-    clean = predict.to_mnist(coverage * 255.0, "white-on-black")
+    clean = images.to_mnist(coverage * 255.0, "white-on-black")
     assert stroke_extent(clean) >= 18
     for seed in range(3):
         photo = photograph(coverage, 0.75, np.random.default_rng([digit, seed]), polarity=polarity)
-        converted = predict.to_mnist(photo)
+        converted = images.to_mnist(photo)
         extent, corr = stroke_extent(converted), best_shift_corr(converted, clean)
         assert extent >= 16 and corr >= 0.65, f"seed {seed}: strokes span {extent} pixels, correlation {corr:.2f}"
 
@@ -75,7 +76,7 @@ def test_evenly_lit_scan_is_left_as_it_was():
     img = np.zeros((40, 30), np.float32)
     img[8:32, 13:18] = 255.0
     img[8:12, 8:18] = 180.0
-    out = predict.convert(255.0 - img)  # grey paper would do as well
+    out = images.convert(255.0 - img)  # grey paper would do as well
     assert out.polarity == "black-on-white" and out.box == (8, 8, 32, 18) and out.warnings == []
     assert stroke_extent(out.image) == 20 and out.image.max() == 255
     assert sorted(set(out.image[out.image > 0].tolist()))[-1] == 255
@@ -95,19 +96,19 @@ def _blob(height: int = 200, width: int = 240) -> np.ndarray:
 
 def test_implausible_digits_are_warned_about():
     blank = np.clip(np.random.default_rng(0).normal(128, 20, (200, 240)), 0, 255)
-    assert predict.convert(blank).warnings, "a blank noisy image"
-    full = predict.convert(_blob())
+    assert images.convert(blank).warnings, "a blank noisy image"
+    full = images.convert(_blob())
     assert any("fills" in w and "of the image" in w for w in full.warnings), full.warnings
     rect = np.full((200, 240), 230.0)
     rect[3:-3, 3:-3] = 25.0
-    assert any("fills" in w for w in predict.convert(rect).warnings)
+    assert any("fills" in w for w in images.convert(rect).warnings)
     speck = np.full((300, 300), 230.0)
     speck[150:153, 100:103] = 20.0
-    assert any("tiny" in w for w in predict.convert(speck).warnings)
+    assert any("tiny" in w for w in images.convert(speck).warnings)
     # Plausible digits are not: a clean printed one, a photo of one.
-    assert predict.convert(255.0 - np.pad(font_coverage(7) * 255.0, 20)).warnings == []
+    assert images.convert(255.0 - np.pad(font_coverage(7) * 255.0, 20)).warnings == []
     for polarity in ("black-on-white", "white-on-black"):
-        photo = predict.convert(photograph(font_coverage(3), 0.75, np.random.default_rng(2), polarity=polarity))
+        photo = images.convert(photograph(font_coverage(3), 0.75, np.random.default_rng(2), polarity=polarity))
         assert photo.polarity == polarity and photo.warnings == []
 
 

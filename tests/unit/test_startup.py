@@ -1,5 +1,5 @@
 """Start-up: what a training run imports before its first step, and the IDX reader that keeps
-torchvision out of it (issue 17). No test here measures a time; see ``python -m mnistdist.bench
+torchvision out of it (issue 17). No test here measures a time; see ``python -m benchmarks.bench
 --startup`` and docs/benchmarks.md for the numbers."""
 
 from __future__ import annotations

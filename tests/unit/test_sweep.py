@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnistdist import cli, sweep
+from mnistdist import cli
+from mnistdist.tools import sweep
 from mnistdist.config import ConfigError, load_config
 from tests.conftest import REPO, as_one_process
 

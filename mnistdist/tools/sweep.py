@@ -1,4 +1,4 @@
-"""Sweeps: one YAML file that expands to many runs, each a config file plus overrides.
+"""``mnistdist sweep``: one YAML file that expands to many runs, each a config file plus overrides.
 
 A sweep file (see configs/sweeps/lessons.yaml)::
 
@@ -28,6 +28,7 @@ sweep file is one ``ConfigError`` line before anything runs.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import re
@@ -48,6 +49,57 @@ label each run with its variant and grid values."""
 MAX_RUNS = 10_000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]")
+
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Run a sweep: a YAML file that expands to many runs (variants x grid x seeds; "
+                          "format in mnistdist/tools/sweep.py and docs/sweeps.md).")
+    parser.add_argument("file", type=Path, metavar="SWEEP_FILE", help="e.g. configs/sweeps/lessons.yaml")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="the sweep directory, one run directory per run (default: runs/sweeps/<name>)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="print the runs, their status and how to submit them")
+    what.add_argument("--run", type=int, metavar="INDEX",
+                      help="train run INDEX (what a Slurm array task calls; works under a launcher); "
+                           "a finished run is skipped, an interrupted one resumes")
+    what.add_argument("--local", action="store_true",
+                      help="train every run here, one after another, skipping finished ones and resuming "
+                           "interrupted ones")
+    what.add_argument("--print-run-dir", type=int, metavar="INDEX", help="print the run directory of run INDEX")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="with --local: processes per run (python -m mnistdist.launch; default 1)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="with --run/--local: overrides for every run, after the sweep's own "
+                             "(for how it runs here, e.g. dist.device=cpu; they do not change run names)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """List, run one element of (``--run``: the train command with its arguments), or run all of a sweep."""
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be >= 1; got {args.processes}")
+    loaded = load_sweep(args.file, args.out, args.overrides)
+    if args.list:
+        print(describe(loaded))
+        return 0
+    if args.print_run_dir is not None:
+        print(loaded.element(args.print_run_dir).run_dir)
+        return 0
+    if args.local:
+        return run_local(loaded, args.processes, args.overrides)
+    element = loaded.element(args.run)
+    from mnistdist.distributed import is_main_process
+
+    if element.finished:  # checked by every rank before any process group: all skip together
+        if is_main_process():
+            print(f"sweep {loaded.name}: run {element.index} ({element.name}) finished before "
+                  f"({element.run_dir / SUMMARY}); skipped", flush=True)
+        return 0
+    if is_main_process():
+        write_manifest(loaded)
+    from mnistdist.cli import train_main  # the run is the train command with the run's arguments
+
+    return train_main(element.train_args(), prog=f"mnistdist sweep --run {element.index}")
 
 
 @dataclass(frozen=True)

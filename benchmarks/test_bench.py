@@ -1,4 +1,4 @@
-"""The benchmark (mnistdist/bench.py): its pure pieces, and one very short real run.
+"""The benchmark (benchmarks/bench.py): its pure pieces, and one very short real run.
 
 No test here asserts a time: the machine's speed is not the code's correctness."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mnistdist import bench
-from mnistdist.bench import RunResult, Variant
+from benchmarks import bench
+from benchmarks.bench import RunResult, Variant
 from tests.conftest import REPO, child_env
 
 
@@ -217,7 +217,7 @@ def test_smoke_run_writes_table_and_json(tmp_path):
     """One real, very short run of variant b (20 steps) through the command line."""
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "mnistdist.bench", "--which", "b", "--epochs", "1", "--reps", "1",
+        [sys.executable, "-m", "benchmarks.bench", "--which", "b", "--epochs", "1", "--reps", "1",
          "--set", "train.max_steps=20", "--json", str(out)],
         check=False, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600,
     )

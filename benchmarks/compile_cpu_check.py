@@ -1,7 +1,7 @@
 """Eager vs ``torch.compile`` training step on the CPU, side by side in one run (issue 17;
 docs/benchmarks.md, "torch.compile on the CPU").
 
-    MNISTDIST_DATA_ROOT=DIR python scripts/compile_cpu_check.py [--config configs/seed.yaml]
+    MNISTDIST_DATA_ROOT=DIR python benchmarks/compile_cpu_check.py [--config configs/seed.yaml]
         [--mode default] [--rounds 24] [--block 50] [--threads 0] [--warm-cache]
 
 Both variants are mnistdist's own ``EagerStep`` (the trainer's step: lr, forward, backward, the

@@ -3,7 +3,7 @@
 # It needs MNIST: pass the directory holding MNIST/raw as $1, or a directory of the four
 # gzipped raw files as $1 with GUNZIP=1 (how it is carried to a lent GPU machine).
 #
-#   bash scripts/gpu_check.sh DATA_ROOT OUT_DIR
+#   bash benchmarks/gpu_check.sh DATA_ROOT OUT_DIR
 #
 # Runs, in this order, keeping every output under OUT_DIR:
 # 1. the `gpu` tests (tests/gpu/: one-GPU training eager and as a CUDA graph, bf16, exact
@@ -44,7 +44,7 @@ MNISTDIST_GPU_TESTS_DEVICE="$device" python3 -m pytest tests/gpu -m gpu -v -rs -
   --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log"
 echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$out/gpu_tests.log"
 # 2. The benchmark.
-python3 -m mnistdist.bench --device "$device" --which a,b --reps 1 --epochs "$epochs" --epochs-a 2 --warmup-epochs 1 \
+python3 -m benchmarks.bench --device "$device" --which a,b --reps 1 --epochs "$epochs" --epochs-a 2 --warmup-epochs 1 \
   --variant "compiled:dist.compile=reduce-overhead,train.stop_check_every_steps=50" \
   --variant "graph:dist.cuda_graph=true" \
   --variant "graph-check50:dist.cuda_graph=true,train.stop_check_every_steps=50" \

@@ -2,10 +2,10 @@
 
 Photos come from tests/synthetic_photos.py (uneven lighting, glare, blur, sensor noise, both
 polarities) at each strength; each is converted with ``predict.to_mnist`` and classified by a
-trained model. ``--before REV`` also runs the conversion of mnistdist/predict.py as of a git
-revision, for a before/after table::
+trained model. ``--before REV`` also runs the conversion as of a git revision
+(mnistdist/tools/images.py, or mnistdist/predict.py before it moved), for a before/after table::
 
-    MNISTDIST_DATA_ROOT=../shared/data python scripts/predict_photo_accuracy.py \
+    MNISTDIST_DATA_ROOT=../shared/data python benchmarks/predict_photo_accuracy.py \
         --model runs/seed --before HEAD~1 --per-strength 200
 
 Prints one line per strength: accuracy; how many photos were refused ("no digit found"),
@@ -28,14 +28,20 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnistdist import cli, predict  # noqa: E402
 from mnistdist.config import load_config  # noqa: E402
+from mnistdist.tools import images, predict  # noqa: E402
+from mnistdist.tools.saved_model import load_weights  # noqa: E402
 from tests.synthetic_photos import STRENGTHS, mnist_coverage, photograph  # noqa: E402
 
 
 def module_at(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:mnistdist/predict.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
+    for where in ("mnistdist/tools/images.py", "mnistdist/predict.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:{where}"], cwd=REPO, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"--before {rev}: no mnistdist/tools/images.py or mnistdist/predict.py there")
+    source = shown.stdout
     path = Path(tempfile.mkdtemp()) / "predict_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("predict_before", path)
@@ -60,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a run directory")
     parser.add_argument("--per-strength", type=int, default=200)
-    parser.add_argument("--before", default=None, metavar="REV", help="also measure predict.py at this git revision")
+    parser.add_argument("--before", default=None, metavar="REV", help="also measure the conversion at this git revision")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -68,18 +74,18 @@ def main() -> None:
 
     root = os.environ.get("MNISTDIST_DATA_ROOT") or str(REPO.parent / "shared" / "data")
     test = torchvision.datasets.MNIST(root, train=False, download=False)
-    images, labels = test.data.numpy(), test.targets.numpy()
+    test_images, labels = test.data.numpy(), test.targets.numpy()
     cfg = load_config(args.model / "config.yaml")
-    model = cli.load_weights(cfg, args.model / "model.safetensors")
-    modules = {"after": predict}
+    model = load_weights(cfg, args.model / "model.safetensors")
+    modules = {"after": images}
     if args.before:
-        modules = {"before": module_at(args.before), "after": predict}
+        modules = {"before": module_at(args.before), "after": images}
 
     print(f"{'strength':>8}  " + "  ".join(f"{name:>7} refused doubted lowprob" for name in modules))
     for strength in STRENGTHS:
         rng = np.random.default_rng([args.seed, round(strength * 1000)])
-        picks = rng.choice(len(images), args.per_strength, replace=False)
-        photos = [photograph(mnist_coverage(images[i]), strength, rng,
+        picks = rng.choice(len(test_images), args.per_strength, replace=False)
+        photos = [photograph(mnist_coverage(test_images[i]), strength, rng,
                              polarity=("black-on-white", "white-on-black")[k % 2]) for k, i in enumerate(picks)]
         cells = []
         for module in modules.values():

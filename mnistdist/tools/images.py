@@ -1,4 +1,4 @@
-"""Classify your own digit images: turn a PNG/JPEG into an MNIST-like 28x28 image, then predict.
+"""Digit images for the model: read a PNG/JPEG and convert it into an MNIST-like 28x28 image.
 
 The conversion follows how MNIST itself was made (LeCun et al.): the digit's bounding box is
 scaled to fit a 20x20 box (aspect ratio kept, anti-aliased), and the result is placed in a
@@ -9,10 +9,9 @@ is inverted first (``polarity``; ``auto`` decides from the image's border pixels
 Photos of digits on paper need more than a scan: the sheet's uneven lighting is estimated and
 subtracted, and the digit's pixels are picked by Otsu's threshold, kept out of the sensor
 noise (``convert``). A located digit that is implausible (it fills the image, it is tiny, it
-barely stands out of the noise) comes with warnings, as does a most probable class under 50%.
+barely stands out of the noise) comes with warnings.
 
-Everything here except ``predict_probabilities`` is pure numpy/PIL so it can be
-unit-tested without a model.
+Pure numpy/scipy/PIL, unit-tested without a model; ``mnistdist.tools.predict`` classifies the result.
 """
 
 from __future__ import annotations
@@ -20,12 +19,12 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from scipy import ndimage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 POLARITIES = ("auto", "white-on-black", "black-on-white")
@@ -50,16 +49,22 @@ KEEP_COMPONENT = 0.1  # components of at least this fraction of the largest one'
 MARGIN = 0.02  # the digit's box may reach this fraction of the image (+ 2 pixels) past Otsu's pixels
 PEAK_PERCENTILE = 99.0  # of the digit's pixels: the level stretched to 255 in a noisy image
 
-# Warnings: a located digit that is implausible, or an unsure answer.
+# Warnings: a located digit that is implausible.
 FULL_FRAME = 0.9  # the digit's box covers this fraction of the image or more
 TINY = 0.05  # the digit's box's longer side is under this fraction of the image's shorter side
 MIN_CONTRAST_TO_NOISE = 6.0  # the digit's peak is under this many noise sigmas (pure noise: ~4-6)
-LOW_PROBABILITY = 0.5  # the most probable class has less
 MAX_PIXELS = 40_000_000
 """Largest image read (width x height; 40 megapixels, more than most phone photos). Checked
 from the file's header before any pixel is decoded: PNG and JPEG compress so well that a
 few hundred KB can ask for gigabytes (a 350 KB all-black RGBA PNG of 88 megapixels took 1.9 GB
 to convert), and PIL itself only warns below 179 megapixels."""
+MAX_SIDE = 65_535
+"""Longest side read (pixels; JPEG's own limit, PNG allows 2**31 - 1). The conversion's work
+grows with the pixels and, beyond them, with the longer side (PIL's resampling tables hold a
+few numbers per output row or column; the noise estimate samples whole rows): a strip of few
+megapixels but millions of pixels long needed more memory than a photo of ``MAX_PIXELS``.
+Up to this side a strip of ``MAX_PIXELS`` needs about what the square photo needs. Checked from
+the header, with ``MAX_PIXELS``."""
 IMAGE_FORMATS = ["PNG", "JPEG"]  # what PIL may open: no TIFF (float pixels), BMP, GIF, ...
 
 
@@ -69,23 +74,6 @@ class ImageError(ValueError):
 
 # --------------------------------------------------------------------------------------
 # Finding and reading images
-
-
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given; directories replaced by their *.png/*.jpg/*.jpeg files (not recursive),
-    sorted by name. Raises ImageError for a missing path or a directory without images."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ImageError(f"{p}: directory holds no {'/'.join(IMAGE_SUFFIXES)} files")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ImageError(f"{p}: no such file or directory")
-    return out
 
 
 def _too_large(path: Path, pixels: int, size: str = "") -> ImageError:
@@ -98,8 +86,8 @@ def _too_large(path: Path, pixels: int, size: str = "") -> ImageError:
 def load_grayscale(path: str | os.PathLike) -> np.ndarray:
     """Read a PNG or JPEG file as float32 grey levels 0..255, shape [H, W].
 
-    Only PNG and JPEG are opened, and an image over ``MAX_PIXELS`` is refused from its header
-    before its pixels are decoded. Colour is converted with the ITU-R 601 luma weights (PIL's
+    Only PNG and JPEG are opened, and an image over ``MAX_PIXELS`` or with a side over
+    ``MAX_SIDE`` is refused from its header before its pixels are decoded. Colour is converted with the ITU-R 601 luma weights (PIL's
     ``L``); EXIF rotation of photos is applied; transparency is flattened by
     ``flatten_alpha`` (a white digit on a transparent background stays a white digit).
     """
@@ -115,6 +103,9 @@ def load_grayscale(path: str | os.PathLike) -> np.ndarray:
             width, height = opened.size
             if width * height > MAX_PIXELS:
                 raise _too_large(path, width * height, f"{width}x{height} = ")
+            if max(width, height) > MAX_SIDE:
+                raise ImageError(f"{path}: image is {width}x{height} pixels; predict reads at most "
+                                 f"{MAX_SIDE} pixels a side: crop or scale it first")
             im = ImageOps.exif_transpose(opened)  # a loaded copy
             im.load()
     except ImageError:
@@ -203,18 +194,14 @@ def _resize(img: np.ndarray, height: int, width: int, resample: str = "LANCZOS")
     return np.asarray(out, dtype=np.float32)
 
 
-def center_of_mass(img: np.ndarray) -> tuple[float, float]:
-    """Intensity-weighted mean (row, column) of a non-negative image."""
-    total = float(img.sum())
-    rows = float((img.sum(axis=1) * np.arange(img.shape[0])).sum()) / total
-    cols = float((img.sum(axis=0) * np.arange(img.shape[1])).sum()) / total
-    return rows, cols
-
-
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
     """Otsu's threshold of ``values`` (the level that maximises the variance between the two
     classes it makes) and its separability, between-class / total variance (0..1: near 1 for a
-    two-toned image, 2/pi = 0.64 for Gaussian noise alone)."""
+    two-toned image, 2/pi = 0.64 for Gaussian noise alone).
+
+    Written here on numpy's histogram: scipy has no Otsu, and scikit-image's
+    ``threshold_otsu`` would add scikit-image, imageio, tifffile and lazy_loader (37 MB
+    installed) for these lines; it returns no separability either."""
     values = np.asarray(values).ravel()
     values = values[:: max(1, values.size // OTSU_SAMPLES)]
     lo, hi = float(values.min()), float(values.max())
@@ -248,14 +235,10 @@ def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
 
 
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of a float image at 8-bit precision of its range (PIL blurs 8-bit images)."""
-    from PIL import Image, ImageFilter
-
-    lo, hi = float(img.min()), float(img.max())
-    if sigma < 0.5 or hi <= lo:
+    """Gaussian blur of a float image (edges extended); none under half a pixel."""
+    if sigma < 0.5:
         return img
-    u8 = Image.fromarray(np.rint((img - lo) * (255.0 / (hi - lo))).astype(np.uint8))
-    return np.asarray(u8.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32) * ((hi - lo) / 255.0) + lo
+    return ndimage.gaussian_filter(img.astype(np.float32, copy=False), sigma, mode="nearest")
 
 
 def estimate_background(img: np.ndarray, digit: np.ndarray | None = None) -> np.ndarray:
@@ -306,45 +289,6 @@ def estimate_background(img: np.ndarray, digit: np.ndarray | None = None) -> np.
     return _resize(level.astype(np.float32), h, w, "BILINEAR")
 
 
-def _components(mask: np.ndarray) -> list[tuple[int, int, int, int, int]]:
-    """The 8-connected components of a boolean image: (pixels, top, left, bottom, right
-    exclusive) each, largest first. Union-find over the runs of each row."""
-    parent: list[int] = []
-    runs: list[tuple[int, int, int]] = []  # row, start, end (exclusive)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    previous: list[int] = []
-    for r, row in enumerate(mask):
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], row.view(np.int8), [0]))))
-        current = []
-        k = 0
-        for start, end in zip(edges[::2].tolist(), edges[1::2].tolist()):
-            index = len(runs)
-            runs.append((r, start, end))
-            parent.append(index)
-            while k < len(previous) and runs[previous[k]][2] < start:  # ends left of this run's reach
-                k += 1
-            j = k
-            while j < len(previous) and runs[previous[j]][1] <= end:  # 8-connected: touching corners
-                a, b = find(previous[j]), find(index)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-                j += 1
-            current.append(index)
-        previous = current
-    found: dict[int, list[int]] = {}
-    for index, (r, start, end) in enumerate(runs):
-        c = found.setdefault(find(index), [0, r, start, r + 1, end])
-        c[0] += end - start
-        c[1], c[2], c[3], c[4] = min(c[1], r), min(c[2], start), max(c[3], r + 1), max(c[4], end)
-    return sorted((tuple(c) for c in found.values()), key=lambda c: -c[0])
-
-
 def _digit_region(found: np.ndarray) -> tuple[int, int, int, int]:
     """The box (top, left, bottom, right exclusive) around the pixels of ``found`` that make
     the digit: its connected components (on a copy at most ``COMPONENT_GRID`` pixels a side,
@@ -354,12 +298,14 @@ def _digit_region(found: np.ndarray) -> tuple[int, int, int, int]:
     scale = min(1.0, COMPONENT_GRID / max(h, w))
     hs, ws = max(1, round(h * scale)), max(1, round(w * scale))
     cells = found if (hs, ws) == (h, w) else _cell_fraction(found, hs, ws) > 0
-    parts = _components(cells)
-    if not parts:
+    labels, count = ndimage.label(cells, structure=np.ones((3, 3), dtype=bool))  # 8-connected
+    if count == 0:
         return 0, 0, h, w
-    kept = [c for c in parts if c[0] >= KEEP_COMPONENT * parts[0][0]]
-    top, left = min(c[1] for c in kept), min(c[2] for c in kept)
-    bottom, right = max(c[3] for c in kept), max(c[4] for c in kept)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    boxes = ndimage.find_objects(labels)
+    kept = [boxes[k] for k in np.flatnonzero(sizes >= KEEP_COMPONENT * sizes.max())]
+    top, left = min(rows.start for rows, _ in kept), min(cols.start for _, cols in kept)
+    bottom, right = max(rows.stop for rows, _ in kept), max(cols.stop for _, cols in kept)
     return (int(np.floor(top * h / hs)), int(np.floor(left * w / ws)),
             int(np.ceil(bottom * h / hs)), int(np.ceil(right * w / ws)))
 
@@ -486,7 +432,7 @@ def convert(gray: np.ndarray, polarity: Polarity = "auto", name: str = "image") 
         raise ImageError(f"{name}: no digit found after scaling to 20x20")
 
     h, w = img.shape
-    com_r, com_c = center_of_mass(img)
+    com_r, com_c = ndimage.center_of_mass(img)
     at_r = min(max(round(CENTER - com_r), 0), CANVAS - h)
     at_c = min(max(round(CENTER - com_c), 0), CANVAS - w)
     canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
@@ -512,87 +458,3 @@ def _doubts(box: tuple[int, int, int, int], height: int, width: int, contrast_to
 def to_mnist(gray: np.ndarray, polarity: Polarity = "auto", name: str = "image") -> np.ndarray:
     """``convert(...).image``: an image of one digit -> uint8 [28, 28] like MNIST."""
     return convert(gray, polarity, name).image
-
-
-def convert_files(paths: Sequence[Path], polarity: Polarity = "auto") -> list[Conversion]:
-    """Read and convert every image. Raises ImageError on the first bad one."""
-    return [convert(load_grayscale(p), polarity, name=str(p)) for p in paths]
-
-
-def stack_images(conversions: Sequence[Conversion]) -> np.ndarray:
-    """The converted images, uint8 [N, 28, 28]."""
-    return np.stack([c.image for c in conversions])
-
-
-def load_digits(paths: Sequence[Path], polarity: Polarity = "auto") -> np.ndarray:
-    """Read and convert every image; uint8 [N, 28, 28]. Raises ImageError on the first bad one."""
-    return stack_images(convert_files(paths, polarity))
-
-
-# --------------------------------------------------------------------------------------
-# Prediction
-
-
-@dataclass
-class Prediction:
-    path: str
-    predicted: int
-    top_k: list[tuple[int, float]]  # (class, probability), most probable first
-    warnings: list[str] = field(default_factory=list)  # doubts about the digit or the answer
-
-    def as_record(self) -> dict:
-        return {
-            "path": self.path,
-            "predicted": self.predicted,
-            "probability": self.top_k[0][1],
-            "top_k": [{"class": c, "probability": p} for c, p in self.top_k],
-            "warnings": list(self.warnings),
-        }
-
-
-def predict_probabilities(model, images_u8: np.ndarray, mean: float, std: float):
-    """Softmax probabilities [N, 10] (float64 numpy) of uint8 [N, 28, 28] images, normalized
-    exactly as in training (``data.normalize``)."""
-    import torch
-
-    from mnistdist.data import normalize
-
-    device = next(model.parameters()).device
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images_u8)).to(device), mean, std)
-    model.eval()
-    with torch.no_grad():
-        logits = model(x).float()
-    return logits.softmax(dim=1).double().cpu().numpy()
-
-
-def top_k(probabilities: np.ndarray, paths: Sequence[str | os.PathLike], k: int,
-          warnings: Sequence[Sequence[str]] | None = None) -> list[Prediction]:
-    """The ``k`` most probable classes of each image (ties broken by the lower class), with
-    the conversion's ``warnings`` of each image, and one more when the most probable class
-    has less than ``LOW_PROBABILITY``."""
-    preds = []
-    for i, (path, row) in enumerate(zip(paths, probabilities)):
-        order = sorted(range(len(row)), key=lambda c: (-row[c], c))[:k]
-        doubts = list(warnings[i]) if warnings is not None else []
-        if row[order[0]] < LOW_PROBABILITY:
-            doubts.append(f"low probability ({100 * row[order[0]]:.1f}% for {order[0]}, "
-                          f"under {100 * LOW_PROBABILITY:.0f}%)")
-        preds.append(Prediction(str(path), order[0], [(c, float(row[c])) for c in order], doubts))
-    return preds
-
-
-def format_table(predictions: Sequence[Prediction]) -> str:
-    """Aligned text: path, predicted class, its probability, the other top-k classes; a
-    trailing ``!`` marks an image with warnings."""
-    width = max([len("image"), *(len(p.path) for p in predictions)])
-    lines = [f"{'image':<{width}}  pred   prob  top-k"]
-    for p in predictions:
-        rest = "  ".join(f"{c}:{100 * q:.1f}%" for c, q in p.top_k)
-        flag = "  !" if p.warnings else ""
-        lines.append(f"{p.path:<{width}}  {p.predicted:>4}  {100 * p.top_k[0][1]:5.1f}%  {rest}{flag}")
-    return "\n".join(lines)
-
-
-def warning_lines(predictions: Sequence[Prediction]) -> list[str]:
-    """One line per image with warnings: ``warning: PATH: first; second``."""
-    return [f"warning: {p.path}: {'; '.join(p.warnings)}" for p in predictions if p.warnings]

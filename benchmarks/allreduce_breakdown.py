@@ -1,7 +1,7 @@
 """Where the time of a 2-process CPU step goes (docs/benchmarks.md, "Where a 2-process step's
 time goes").
 
-    torchrun --nproc_per_node 2 scripts/allreduce_breakdown.py [--reps 3]
+    torchrun --nproc_per_node 2 benchmarks/allreduce_breakdown.py [--reps 3]
 
 Each rank trains the seed model on its half of every global batch of 200 (1 thread per
 process, as under the launcher), with the gradient all-reduce done by hand so that it can be

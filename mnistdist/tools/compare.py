@@ -11,10 +11,12 @@ the best test accuracy, the mean training time and the steps, all read from the 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,50 @@ from typing import Any
 import yaml
 
 from mnistdist.config import ConfigError
-from mnistdist.rundir import RunDir
-from mnistdist.sweep import read_manifest
+from mnistdist.rundir import RunDir, write_text_atomic
+from mnistdist.tools.sweep import read_manifest
 
 # Keys that never make runs differ in what they learn: bookkeeping, logging, where files are.
 IGNORED_SECTIONS = ("tracking", "checkpoint")
 IGNORED_KEYS = ("train.seed", "data.root", "data.download", "train.log_every_steps", "data.num_workers",
                 "train.eval_per_process_batch_size", "train.stop_check_every_steps", "dist.timeout_s")
+
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Compare finished runs: final and best test accuracy (mean ± std over seeds, and "
+                          "range), train time and steps, grouped by what varies apart from the seed.")
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                        help="sweep directories, run directories, or directories of run directories")
+    parser.add_argument("--csv", type=Path, default=None, metavar="PATH", help="also write the table as CSV")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                        help="the PNG plot (default: compare.png in the first DIR)")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Collect, group, write the CSV and the plot, print the table (or JSON)."""
+    runs, notes = collect(args.dirs)
+    groups = group(runs)
+    written = []
+    try:
+        if args.csv is not None:
+            write_text_atomic(args.csv, to_csv(groups))
+            written.append(args.csv)
+        if not args.no_plot:
+            written.append(plot(groups, args.plot or args.dirs[0] / "compare.png"))
+    except OSError as e:
+        raise ConfigError(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"groups": [g.as_record() for g in groups], "left_out": notes}))
+    else:
+        print(format_table(groups))
+        for path in written:
+            print(f"wrote {path}")
+    return 0
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Benchmark the training pipelines in one run: ``python -m mnistdist.bench``.
+"""Benchmark the training pipelines in one run: ``python -m benchmarks.bench``.
 
 Every measurement is a real training run of ``train_dist.py`` started as a subprocess (through
 ``accelerate launch`` for several processes), with its own temporary run directory. Epoch times
@@ -555,7 +555,7 @@ def run_bench(variants: list[Variant], *, config: Path, reps: int, epochs: int, 
     machine["discarded_busy_runs"] = discarded
     return {
         "date": started.isoformat(timespec="seconds"),
-        "command": "python -m mnistdist.bench " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.bench " + shlex.join(sys.argv[1:]),
         "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
         "device": device,
         "reps": reps,
@@ -653,7 +653,7 @@ def run_startup(checkouts: dict[str, Path], *, reps: int, config: Path, device: 
         log(f"[round {rep + 1}/{reps}] start-up s: " + ", ".join(line))
     return {
         "date": started.isoformat(timespec="seconds"),
-        "command": "python -m mnistdist.bench " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.bench " + shlex.join(sys.argv[1:]),
         "device": device,
         "reps": reps,
         "checkouts": {name: str(path) for name, path in checkouts.items()},
@@ -678,7 +678,7 @@ def format_startup(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m mnistdist.bench",
+        prog="python -m benchmarks.bench",
         description="Epoch time, samples/s, start-up, peak memory and test accuracy of the training "
                     "pipelines (a: torchvision, b: tensor, c: tensor on 2 processes), measured in one run.",
     )
