@@ -17,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import reprlib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,20 @@ _YAML_TRUE = ("true", "yes", "on")
 
 class ConfigError(ValueError):
     """A bad configuration value; its message is one line meant for the user."""
+
+
+_repr = reprlib.Repr()  # builds a short repr of a huge value without building the full one
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlist = _repr.maxdict = 6
+_repr.maxlevel = 3
+_SHOW_CHARS = 100
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut short (long strings, lists and nesting end in ``...``): what a
+    message shows of a value, however large the value is."""
+    text = _repr.repr(value)
+    return text if len(text) <= _SHOW_CHARS else text[: _SHOW_CHARS - 3] + "..."
 
 
 @dataclass
@@ -267,16 +284,16 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             if len(matches) == 1:
                 return matches[0]
         if value not in allowed:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {_show(value)}")
         return value
     if typ is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: must be true or false; got {value!r}")
+        raise ConfigError(f"{key}: must be true or false; got {_show(value)}")
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: must be an integer; got {value!r}")
+        raise ConfigError(f"{key}: must be an integer; got {_show(value)}")
     if typ is float:
         # PyYAML reads "1e-3" (no dot) as a string, so accept numeric strings here.
         number = None
@@ -284,14 +301,14 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             try:
                 number = float(value)
             except OverflowError:  # an int beyond float's range
-                raise ConfigError(f"{key}: must be a finite number; got {value!r}") from None
+                raise ConfigError(f"{key}: must be a finite number; got {_show(value)}") from None
         elif isinstance(value, str):
             try:
                 number = float(value)
             except ValueError:
                 pass
         if number is None:
-            raise ConfigError(f"{key}: must be a number; got {value!r}")
+            raise ConfigError(f"{key}: must be a number; got {_show(value)}")
         if not math.isfinite(number):
             raise ConfigError(f"{key}: must be a finite number; got {number}")
         return number
@@ -300,11 +317,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise ConfigError(f"{key}: must be a list of strings; got {value!r}")
+        raise ConfigError(f"{key}: must be a list of strings; got {_show(value)}")
     if typ is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: must be a string; got {value!r}")
+        raise ConfigError(f"{key}: must be a string; got {_show(value)}")
     raise AssertionError(f"unsupported config type {typ} for {key}")
 
 
@@ -322,17 +339,128 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     setattr(section, name, _coerce(key, value, fields[name]))
 
 
-def read_yaml(path: Path, what: str = "config file") -> Any:
-    """The YAML document at ``path``; a missing, unreadable or unparsable file is a one-line
-    ConfigError naming it as ``what``."""
+MAX_YAML_BYTES = 1 << 20
+"""Largest YAML file read (config and sweep files are a few KiB); a larger file, or an endless
+one such as /dev/zero, is refused after reading this many bytes."""
+
+MAX_YAML_VALUES = 100_000
+"""Most values (scalars, lists, mappings; each use of an alias counted in full) one YAML
+document or override may hold. Anchors and aliases let a few hundred bytes stand for
+billions of values (an "alias bomb"), which would exhaust memory as soon as anything walks
+them; a sweep of ``sweep.MAX_RUNS`` runs stays far below this."""
+
+
+class _Unreadable(Exception):
+    """YAML the config layer refuses to build; ``line`` (1-based) when known."""
+
+    def __init__(self, problem: str, line: int | None = None):
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with floats as YAML 1.2 reads them and integers within Python's
+    digit limit."""
+
+
+# YAML 1.1 (PyYAML) reads 1e-3, 1E3 and 2e+2 as strings: they need a dot there. YAML 1.2 reads
+# them as floats, as people mean them; the same pattern as PyYAML's float resolver, with the
+# dot optional before an exponent.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
     try:
-        text = path.read_text()
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:  # more digits than int() takes from text (sys.set_int_max_str_digits)
+        digits = sum(c.isdigit() for c in node.value)
+        raise _Unreadable(
+            f"an integer of {digits} digits; at most {sys.get_int_max_str_digits()}", node.start_mark.line + 1
+        ) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Refuse a node graph that expands to more than MAX_YAML_VALUES values, or never ends
+    (an alias inside its own anchor), before anything is built from it."""
+    sizes: dict[int, int] = {}  # id(node) -> values it expands to
+    open_nodes: set[int] = set()  # the nodes on the path being walked
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise _Unreadable(f"expands to more than {MAX_YAML_VALUES} values (through aliases)",
+                                  node.start_mark.line + 1)
+        elif id(node) in open_nodes:
+            raise _Unreadable("an alias refers to itself (an endless structure)", node.start_mark.line + 1)
+        elif id(node) not in sizes:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)`` with 1.2 floats, bounded in size; _Unreadable when refused,
+    yaml.YAMLError when not YAML."""
+    if len(text) > MAX_YAML_BYTES:
+        raise _Unreadable(f"longer than {MAX_YAML_BYTES} characters")
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise _Unreadable("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The YAML document at ``path``; a missing, unreadable, unparsable or oversized file is a
+    one-line ConfigError naming it as ``what``. Reads YAML 1.2 floats (``1e-3``) as floats."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {what} is larger than {MAX_YAML_BYTES} bytes")
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+    except _Unreadable as e:
+        at = f" at line {e.line}" if e.line is not None else ""
+        raise ConfigError(f"{path}: {what}{at}: {e.problem}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
@@ -405,15 +533,19 @@ def _apply_file(cfg: Config, path: Path, data: dict[str, Any], name_file: bool) 
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=0.05"`` -> ``("train.lr", 0.05)``; the value is read as YAML."""
+    """``"train.lr=0.05"`` -> ``("train.lr", 0.05)``; the value is read as YAML (as files are:
+    ``1e-3`` is a float), text that is not YAML as a string."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"{text}: overrides look like section.key=value")
+        raise ConfigError(f"{_show(text)}: overrides look like section.key=value")
+    key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
+    except _Unreadable as e:
+        raise ConfigError(f"{_show(key)[1:-1]}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def load_config(
@@ -449,7 +581,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         for name, typ in _section_types(section_type).items():
             value = getattr(section, name)
             if typ is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise ConfigError(f"{section_name}.{name}: must be a finite number; got {value!r}")
+                raise ConfigError(f"{section_name}.{name}: must be a finite number; got {_show(value)}")
     t, d = cfg.train, cfg.data
     checks: list[tuple[bool, str]] = [
         (0 <= t.seed <= MAX_SEED, f"train.seed: must be in 0..{MAX_SEED} (numpy's seed range); got {t.seed}"),
