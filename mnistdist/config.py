@@ -501,7 +501,7 @@ def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
         if not isinstance(base, str) or not base.strip():
             raise ConfigError(
                 f"{current}: {BASE_KEY}: must be a non-empty string naming a config file "
-                f"(relative to this file's directory); got {base!r}"
+                f"(relative to this file's directory); got {_show(base)}"
             )
         base_path = current.parent / base
         resolved = base_path.resolve()
@@ -517,19 +517,21 @@ def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
     return chain
 
 
-def _apply_file(cfg: Config, path: Path, data: dict[str, Any], name_file: bool) -> None:
-    """Apply one file's sections to ``cfg``, key by key. ``name_file`` prefixes key errors
-    with the file (used in a ``base:`` chain, where the key alone does not say which file)."""
+def _apply_file(cfg: Config, path: Path, data: dict[str, Any]) -> list[str]:
+    """Apply one file's sections to ``cfg``, key by key; the keys it set. An error names the
+    file and the key."""
+    keys = []
     for section_name, section in data.items():
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: {section_name}: must be a mapping of keys, got {type(section).__name__}")
         for name, value in section.items():
+            key = f"{section_name}.{name}"
             try:
-                _apply(cfg, f"{section_name}.{name}", value)
+                _apply(cfg, key, value)
             except ConfigError as e:
-                if not name_file:
-                    raise
                 raise ConfigError(f"{path}: {e}") from None
+            keys.append(key)
+    return keys
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -558,18 +560,29 @@ def load_config(
     A YAML file may start from another with a top-level ``base: other.yaml`` (a path relative
     to its own directory; a base may name a base in turn). The chain is applied root base
     first, each file key by key, so a file overrides only the keys it states. A missing
-    base, a cycle or a base that is not a non-empty string is a ``ConfigError`` naming the file.
+    base, a cycle or a base that is not a non-empty string is a ``ConfigError`` naming the file;
+    so is a bad key or value a file states (a value refused once everything is merged names the
+    file it came from, unless the environment or an override replaced it).
     """
     cfg = Config()
+    set_by: dict[str, Path] = {}  # key -> the file whose value it has
     if path is not None:
-        chain = _read_chain(Path(path))
-        for file, data in chain:
-            _apply_file(cfg, file, data, name_file=len(chain) > 1)
+        for file, data in _read_chain(Path(path)):
+            set_by.update(dict.fromkeys(_apply_file(cfg, file, data), file))
     if os.environ.get(DATA_ROOT_ENV):
         cfg.data.root = os.environ[DATA_ROOT_ENV]
+        set_by.pop("data.root", None)
     for text in overrides:
-        _apply(cfg, *parse_override(text))
-    validate(cfg, world_size)
+        key, value = parse_override(text)
+        _apply(cfg, key, value)
+        set_by.pop(key, None)
+    try:
+        validate(cfg, world_size)
+    except ConfigError as e:
+        key = str(e).partition(":")[0]  # validate's messages start with the key they are about
+        if key in set_by:
+            raise ConfigError(f"{set_by[key]}: {e}") from None
+        raise
     return cfg
 
 
