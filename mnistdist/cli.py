@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from mnistdist import rundir
-from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, to_yaml
+from mnistdist.config import (DEFAULT_CONFIG, ConfigError, load_config, resolve_config_path, shipped_configs,
+                              to_yaml, version_string)
 from mnistdist.signals import Preempted, TrainingStopped
 
 # torch, accelerate and what imports them (checkpoint, data, distributed) are imported by the
@@ -72,7 +73,8 @@ def train_parser(prog: str = "train_dist.py") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config (default: configs/default.yaml)")
+                        help=f"YAML config file, or a shipped one by name: {', '.join(shipped_configs())} "
+                             "(default: default)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="directory for config.yaml, metrics.jsonl, model.safetensors (default: runs/<time>-<id>)")
     parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
@@ -407,7 +409,8 @@ def sweep_main(argv: list[str] | None = None, prog: str = "mnistdist sweep") -> 
     if args.processes < 1:
         parser.error(f"--processes must be >= 1; got {args.processes}")
     try:
-        loaded = sweep.load_sweep(args.file, args.out, args.overrides)
+        loaded = sweep.load_sweep(resolve_config_path(args.file, "sweep file", under="sweeps"), args.out,
+                                  args.overrides)
         if args.list:
             print(sweep.describe(loaded))
             return 0
@@ -476,6 +479,9 @@ def compare_main(argv: list[str] | None = None, prog: str = "mnistdist compare")
 def main(argv: list[str] | None = None) -> int:
     """``mnistdist <command> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(version_string())
+        return 0
     commands = {  # name: (entry point, what it does)
         "train": (lambda rest: train_main(rest, prog="mnistdist train"), "train the MLP (same as train_dist.py)"),
         "evaluate": (evaluate_main, "exact test loss, accuracy and confusion matrix of saved weights"),
@@ -489,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         stream = sys.stdout if asked else sys.stderr
         if argv and not asked:
             print(f"error: unknown command {argv[0]!r}", file=stream)
-        print(f"usage: mnistdist {{{','.join(commands)}}} ... (each takes --help)", file=stream)
+        print(f"usage: mnistdist {{{','.join(commands)}}} ... (each takes --help) | --version", file=stream)
         for name, (_, what) in commands.items():
             print(f"  {name:<9} {what}", file=stream)
         return 0 if asked else EXIT_USAGE

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import reprlib
+import subprocess
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ from typing import Any, Literal
 import yaml
 
 DATA_ROOT_ENV = "MNISTDIST_DATA_ROOT"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-"""The config used when none is named: configs/ next to the package in a source checkout
-(the supported way to install)."""
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped configs, inside the package (an install carries them; a checkout's top-level
+``configs`` links here)."""
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+"""The config used when none is named."""
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 """Upper bound of every ``*timeout_s`` (one week). torch's TCPStore and gloo count timeouts in
@@ -550,12 +553,57 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def shipped_configs(under: str = "") -> list[str]:
+    """Names of the shipped YAML files (``seed``; ``sweeps/lessons`` with ``under="sweeps"``),
+    sorted: the names ``resolve_config_path`` takes."""
+    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix()
+                  for p in (CONFIG_DIR / under).glob("*.yaml"))
+
+
+def resolve_config_path(name: str | os.PathLike, what: str = "config file", under: str = "") -> Path:
+    """The file ``name`` names: the path itself when it exists, else a shipped file, so that
+    ``seed``, ``seed.yaml`` and ``configs/seed.yaml`` all work from any directory after a
+    non-editable install. ``under`` is a sub-folder searched first (``sweeps`` for sweep
+    files). Neither: a one-line ConfigError listing the shipped names."""
+    path = Path(name)
+    if path.exists():
+        return path
+    relative = path.as_posix().removeprefix("./").removeprefix("configs/")
+    if not path.is_absolute() and ".." not in Path(relative).parts:
+        for folder in (CONFIG_DIR / under, CONFIG_DIR):
+            for candidate in (folder / relative, folder / f"{relative}.yaml"):
+                if candidate.is_file():
+                    return candidate
+    names = ", ".join(shipped_configs(under))
+    raise ConfigError(f"{path}: {what} not found; shipped {what.split()[0]}s: {names}")
+
+
+def version_string() -> str:
+    """``mnistdist VERSION``, plus ``(git COMMIT)`` (``-dirty`` with uncommitted changes) when the
+    package runs from a git checkout rather than an installed copy."""
+    from mnistdist import __version__
+
+    text = f"mnistdist {__version__}"
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists() and (root / "pyproject.toml").is_file():
+        try:
+            git = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12",
+                                  "--exclude=*"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return text
+        if git.returncode == 0 and git.stdout.strip():
+            text += f" (git {git.stdout.strip()})"
+    return text
+
+
 def load_config(
     path: str | os.PathLike | None,
     overrides: list[str] | tuple[str, ...] = (),
     world_size: int | None = None,
 ) -> Config:
     """Build and validate the config: defaults < YAML file chain < env < CLI overrides.
+
+    ``path`` is a file, or the name of a shipped one (``seed``; see ``resolve_config_path``).
 
     A YAML file may start from another with a top-level ``base: other.yaml`` (a path relative
     to its own directory; a base may name a base in turn). The chain is applied root base
@@ -567,7 +615,7 @@ def load_config(
     cfg = Config()
     set_by: dict[str, Path] = {}  # key -> the file whose value it has
     if path is not None:
-        for file, data in _read_chain(Path(path)):
+        for file, data in _read_chain(resolve_config_path(path)):
             set_by.update(dict.fromkeys(_apply_file(cfg, file, data), file))
     if os.environ.get(DATA_ROOT_ENV):
         cfg.data.root = os.environ[DATA_ROOT_ENV]
