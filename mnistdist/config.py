@@ -79,7 +79,11 @@ _SHOW_CHARS = 100
 def _show(value: Any) -> str:
     """``repr(value)`` cut short (long strings, lists and nesting end in ``...``): what a
     message shows of a value, however large the value is."""
-    text = _repr.repr(value)
+    return _cut(_repr.repr(value))
+
+
+def _cut(text: str) -> str:
+    """``text`` (a key as typed, say) cut to at most _SHOW_CHARS characters."""
     return text if len(text) <= _SHOW_CHARS else text[: _SHOW_CHARS - 3] + "..."
 
 
@@ -349,12 +353,12 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     sections = _section_types(Config)
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in sections:
-        raise ConfigError(f"{key}: unknown key; sections are {', '.join(sections)}")
+        raise ConfigError(f"{_cut(key)}: unknown key; sections are {', '.join(sections)}")
     section_name, name = parts
     section = getattr(cfg, section_name)
     fields = _section_types(type(section))
     if name not in fields:
-        raise ConfigError(f"{key}: unknown key; {section_name} has {', '.join(fields)}")
+        raise ConfigError(f"{_cut(key)}: unknown key; {section_name} has {', '.join(fields)}")
     setattr(section, name, _coerce(key, value, fields[name]))
 
 
@@ -558,12 +562,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     ``1e-3`` is a float), text that is not YAML as a string."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"{_show(text)}: overrides look like section.key=value")
+        raise ConfigError(f"{_cut(text)}: overrides look like section.key=value")
     key = key.strip()
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except _Unreadable as e:
-        raise ConfigError(f"{_show(key)[1:-1]}: {e.problem}") from None
+        raise ConfigError(f"{_cut(key)}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key, value

@@ -164,3 +164,10 @@ def test_override_with_an_exponent_is_a_float():
     assert load_config(None, ["train.lr=2e-3"]).train.lr == 0.002
     with pytest.raises(ConfigError, match="train.epochs: must be an integer; got 1000.0"):
         load_config(None, ["train.epochs=1e3"])
+
+
+@pytest.mark.parametrize("override", ["train." + "x" * 100_000 + "=1", "t" * 100_000 + ".lr=1", "x" * 100_000])
+def test_a_long_key_is_shown_shortened(override: str):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    one_short_line(info.value, limit=500)  # the key cut to 100 characters, then the keys allowed
