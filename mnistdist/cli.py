@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, to_yaml
+from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, shipped_configs, to_yaml, version_string
 from mnistdist.signals import Preempted, TrainingStopped
 
 # torch, accelerate and what imports them (checkpoint, data, distributed, training) are
@@ -163,7 +163,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      + "\nEvery key is documented in mnistdist/config.py; --print-config shows the resolved values.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config (default: configs/default.yaml)")
+                        help=f"YAML config file, or a shipped one by name: {', '.join(shipped_configs())} "
+                             "(default: default)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="directory for config.yaml, metrics.jsonl, model.safetensors (default: runs/<time>-<id>)")
     parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
@@ -226,6 +227,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     module imported), the others list it in ``mnistdist --help``."""
     parser = _Parser(prog="mnistdist", description="The MNIST MLP: train it, then evaluate, predict, plot, "
                                                    "sweep and compare (each command takes --help).")
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parsers = {}
     for c in COMMANDS.values():

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, read_yaml
+from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, read_yaml, resolve_config_path
 from mnistdist.rundir import SUMMARY
 
 SWEEP_KEYS = ("name", "config", "overrides", "variants", "grid", "seeds")
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     """List, run one element of (``--run``: the train command with its arguments), or run all of a sweep."""
     if args.processes < 1:
         raise ConfigError(f"--processes must be >= 1; got {args.processes}")
-    loaded = load_sweep(args.file, args.out, args.overrides)
+    loaded = load_sweep(resolve_config_path(args.file, "sweep file", under="sweeps"), args.out, args.overrides)
     if args.list:
         print(describe(loaded))
         return 0

@@ -249,11 +249,42 @@ def test_bad_key_anywhere_in_the_chain_names_the_key_and_its_file(tmp_path, pare
     assert "\n" not in str(info.value)
 
 
-def test_file_without_base_keeps_its_messages(tmp_path):
-    f = write(tmp_path / "c.yaml", "model:\n  depth: 3\n")
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("model:\n  depth: 3\n", "model.depth: unknown key; model has final_relu, dtype"),
+        ("train:\n  epochs: x\n", "train.epochs: must be an integer; got 'x'"),
+        ("train:\n  loss: hinge\n", "train.loss: must be one of cross_entropy, mse; got 'hinge'"),
+        ("trian:\n  lr: 0.1\n", "trian.lr: unknown key; sections are model, data, train"),
+        # values no run can use are checked once everything is merged; the file that set one is named
+        ("train:\n  lr: -1\n", "train.lr: must be > 0; got -1"),
+        ("train:\n  momentum: 1.5\n", "train.momentum: must be in [0, 1); got 1.5"),
+    ],
+)
+def test_bad_key_in_a_file_is_one_line_naming_the_file_and_the_key(tmp_path, text, message):
+    f = write(tmp_path / "c.yaml", text)
     with pytest.raises(ConfigError) as info:
         load_config(f)
-    assert str(info.value).startswith("model.depth: unknown key; model has ")
+    assert str(info.value).startswith(f"{f}: {message}")
+    assert "\n" not in str(info.value)
+
+
+def test_bad_value_names_the_file_in_the_chain_that_set_it(tmp_path, monkeypatch):
+    write(tmp_path / "parent.yaml", "train:\n  lr: -1\n  epochs: 0\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\ntrain:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(child)
+    assert str(info.value) == f"{tmp_path / 'parent.yaml'}: train.epochs: must be >= 1; got 0"
+    # a value set on the command line is the command line's: no file is named
+    with pytest.raises(ConfigError) as info:
+        load_config(child, ["train.epochs=2", "train.lr=-2"])
+    assert str(info.value) == "train.lr: must be > 0; got -2.0"
+    # nor for a value set by the environment
+    monkeypatch.setenv(DATA_ROOT_ENV, "")
+    write(tmp_path / "root.yaml", "data:\n  root: ''\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "root.yaml")
+    assert str(info.value) == f"{tmp_path / 'root.yaml'}: data.root: must not be empty"
 
 
 @pytest.mark.slow  # a real subprocess run
@@ -352,7 +383,7 @@ def test_non_finite_and_out_of_range_values_in_a_file(tmp_path, text):
     f = write(tmp_path / "c.yaml", text)
     with pytest.raises(ConfigError) as info:
         load_config(f)
-    assert str(info.value).startswith(text.split(":")[0] + ".")
+    assert str(info.value).startswith(f"{f}: " + text.split(":")[0] + ".")
     assert "\n" not in str(info.value)
 
 

@@ -78,7 +78,7 @@ def test_extra_overrides_come_last_and_do_not_rename_runs(tmp_path):
     assert [e.name for e in s.elements] == ["seed0", "seed1"]
     cfg = load_config(s.elements[1].config, s.elements[1].overrides)
     assert cfg.train.epochs == 1 and cfg.dist.device == "cpu" and cfg.train.seed == 1
-    assert s.elements[0].config == REPO / "configs" / "default.yaml"  # no config: the default, as train_dist.py
+    assert s.elements[0].config == (REPO / "configs" / "default.yaml").resolve()  # no config: the default, as train_dist.py
 
 
 def test_override_text_reads_back_to_the_value():
