@@ -227,7 +227,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     module imported), the others list it in ``mnistdist --help``."""
     parser = _Parser(prog="mnistdist", description="The MNIST MLP: train it, then evaluate, predict, plot, "
                                                    "sweep and compare (each command takes --help).")
-    parser.add_argument("--version", action="version", version=version_string())
+    parser.add_argument("--version", action="store_true", help="print the version (and git commit) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parsers = {}
     for c in COMMANDS.values():
@@ -240,6 +240,9 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
 def main(argv: list[str] | None = None) -> int:
     """``mnistdist <command> ...``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:
+        print(version_string())
+        return 0
     name = argv[0] if argv and argv[0] in COMMANDS else None
     parser, parsers = build_parser(name)
     if name is None:

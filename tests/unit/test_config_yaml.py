@@ -142,7 +142,7 @@ def test_other_scalars_are_unchanged(tmp_path: Path, text: str, expected: object
 
 
 def test_sweep_grid_1e_3_and_1_0e_3_are_the_same_value(tmp_path: Path):
-    from mnistdist import sweep
+    from mnistdist.tools import sweep
 
     f = tmp_path / "s.yaml"
     f.write_text("grid:\n  train.lr: [1e-3, 1.0e-3]\n")
@@ -151,7 +151,7 @@ def test_sweep_grid_1e_3_and_1_0e_3_are_the_same_value(tmp_path: Path):
 
 
 def test_sweep_grid_exponent_floats_name_runs_like_dotted_ones(tmp_path: Path):
-    from mnistdist import sweep
+    from mnistdist.tools import sweep
 
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("grid:\n  train.lr: [1e-3, 2e-2]\n")
