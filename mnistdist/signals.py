@@ -132,22 +132,18 @@ class FaultInjector:
             self.step = int(spec["step"])
             self.action = spec["action"]
 
-    def wrap(self, step: Callable[..., bool], steps_done: int) -> Callable[..., bool]:
-        """``step`` with the fault added at step ``self.step`` (``steps_done``: the steps taken
-        before the first call, i.e. the resumed step)."""
+    def wrap(self, step: Callable[..., bool]) -> Callable[..., bool]:
+        """``step`` with the fault added at step number ``self.step``."""
         if self.step < 0:
             return step
-        count = steps_done
 
-        def faulty_step(x: Any, y: Any, lr: float) -> bool:
-            nonlocal count
-            count += 1
-            if count == self.step and self.action == "nan":
+        def faulty_step(x: Any, y: Any, lr: float, number: int) -> bool:
+            if number == self.step and self.action == "nan":
                 x = x * float("nan")
-            stop = step(x, y, lr)
-            if count == self.step and self.action == "raise":
-                raise RuntimeError(f"injected fault after step {count}")
-            if count == self.step and self.action != "nan":
+            stop = step(x, y, lr, number)
+            if number == self.step and self.action == "raise":
+                raise RuntimeError(f"injected fault after step {number}")
+            if number == self.step and self.action != "nan":
                 os.kill(os.getpid(), getattr(signal, f"SIG{self.action}"))
             return stop
 

@@ -109,7 +109,7 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str, signals: StopSignals,
         rundir.start(run, to_yaml(cfg), resumed_step=pos.step if snap else None)
 
     step = build_step(cfg, dist, model, optimizer, meter, batches, pos, signals)
-    step = FaultInjector(dist.rank).wrap(step, pos.step)  # test hook; `step` itself when unset
+    step = FaultInjector(dist.rank).wrap(step)  # test hook; `step` itself when unset
     dist.print(
         f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}; "
         f"global batch {t.global_batch_size} = {dist.world_size} x {per_process_batch}; "
@@ -152,7 +152,7 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str, signals: StopSignals,
                 if pos.step >= last_step:
                     break
                 lr = lr_at(pos.step, schedule_steps, t.lr, t.lr_schedule, t.warmup_steps)
-                stop = step(x, y, lr)  # forward, backward (DDP all-reduce), NaN check, update
+                stop = step(x, y, lr, pos.step + 1)  # forward, backward (DDP all-reduce), NaN check, update
                 pos.step += 1
                 pos.batch_in_epoch += 1
                 meter.window_steps += 1
@@ -304,11 +304,11 @@ def make_loss_fn(cfg: Config, model: torch.nn.Module, device: torch.device) -> C
 def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                meter: LossMeter, batches: TrainBatches, pos: Position,
                signals: StopSignals) -> EagerStep | GraphedStep:
-    """``step(x, y, lr) -> stop``: the eager step, or the CUDA-graph one when
+    """``step(x, y, lr, number) -> stop``: the eager step, or the CUDA-graph one when
     ``dist.cuda_graph`` asks and it can work."""
     eager = EagerStep(dist, model, optimizer, make_loss_fn(cfg, model, dist.device), meter,
                       stop_requested=lambda: signals.received is not None,
-                      check_every=cfg.train.stop_check_every_steps, step=pos.step)
+                      check_every=cfg.train.stop_check_every_steps)
     if not cfg.dist.cuda_graph:
         return eager
     why_not = ("it needs CUDA" if dist.device.type != "cuda" else

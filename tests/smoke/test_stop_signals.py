@@ -43,11 +43,11 @@ def test_ctrl_c_during_the_final_writes_does_not_fail_a_finished_run(tmp_path, d
 
 
 def test_fault_injector_is_the_step_itself_when_unset():
-    def step(x, y, lr):
+    def step(x, y, lr, number):
         return False
 
-    assert FaultInjector(rank=0, env="").wrap(step, steps_done=0) is step
-    assert FaultInjector(rank=1, env="step=3,rank=0,action=TERM").wrap(step, steps_done=0) is step
+    assert FaultInjector(rank=0, env="").wrap(step) is step
+    assert FaultInjector(rank=1, env="step=3,rank=0,action=TERM").wrap(step) is step
 
 
 def test_a_run_directory_in_use_by_another_job_is_refused_naming_the_holder(tmp_path, data, one_process_env):  # noqa: F811
