@@ -1,5 +1,5 @@
-"""Why training stops early: stop requests (SIGTERM, SIGUSR1, Ctrl-C), the exceptions and exit
-codes that report it, and a test-only fault injector.
+"""Why training stops early: stop requests (SIGTERM, SIGUSR1, Ctrl-C), and the exceptions and
+exit codes that report it.
 
 A signal handler only records the request; the training loop reads it at a step boundary and
 all ranks agree (one all-reduce) on the step at which they stop, checkpoint and exit with
@@ -19,9 +19,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, resume to continue
 EXIT_NONFINITE = 3  # a loss or gradient was NaN/Inf: stopped before the optimizer step
@@ -111,40 +109,3 @@ def _stop_when_orphaned(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(ORPHAN_GRACE_S)
     os._exit(1)
-
-
-class FaultInjector:
-    """Test hook: ``MNISTDIST_FAULT="step=K,rank=R,action=A"`` makes rank R do A at step K.
-
-    Actions: ``KILL``/``TERM``/``USR1``/``STOP`` send that signal to this process after step K,
-    ``raise`` raises after step K, ``nan`` feeds step K a NaN batch (so its loss and gradients
-    are NaN). Used by the tests to interrupt runs at an exact step. It wraps the step from the
-    outside (``wrap``); unset, the step is returned as it is and costs nothing.
-    """
-
-    def __init__(self, rank: int, env: str | None = None) -> None:
-        self.step, self.action = -1, ""
-        text = os.environ.get("MNISTDIST_FAULT", "") if env is None else env
-        if not text:
-            return
-        spec = dict(part.split("=", 1) for part in text.split(","))
-        if int(spec.get("rank", 0)) == rank:
-            self.step = int(spec["step"])
-            self.action = spec["action"]
-
-    def wrap(self, step: Callable[..., bool]) -> Callable[..., bool]:
-        """``step`` with the fault added at step number ``self.step``."""
-        if self.step < 0:
-            return step
-
-        def faulty_step(x: Any, y: Any, lr: float, number: int) -> bool:
-            if number == self.step and self.action == "nan":
-                x = x * float("nan")
-            stop = step(x, y, lr, number)
-            if number == self.step and self.action == "raise":
-                raise RuntimeError(f"injected fault after step {number}")
-            if number == self.step and self.action != "nan":
-                os.kill(os.getpid(), getattr(signal, f"SIG{self.action}"))
-            return stop
-
-        return faulty_step

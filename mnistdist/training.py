@@ -32,7 +32,7 @@ from mnistdist.model import MLP
 from mnistdist.progress import Progress
 from mnistdist.rundir import RunDir
 from mnistdist.schedule import lr_at
-from mnistdist.signals import FaultInjector, Interrupted, NonFiniteLoss, Preempted, StopSignals
+from mnistdist.signals import Interrupted, NonFiniteLoss, Preempted, StopSignals
 from mnistdist.step import EagerStep, GraphedStep
 from mnistdist.tracking import Tracker
 
@@ -109,7 +109,6 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str, signals: StopSignals,
         rundir.start(run, to_yaml(cfg), resumed_step=pos.step if snap else None)
 
     step = build_step(cfg, dist, model, optimizer, meter, batches, pos, signals)
-    step = FaultInjector(dist.rank).wrap(step)  # test hook; `step` itself when unset
     dist.print(
         f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}; "
         f"global batch {t.global_batch_size} = {dist.world_size} x {per_process_batch}; "

@@ -15,15 +15,15 @@ import pytest
 
 from mnistdist import checkpoint
 from mnistdist.data import MNIST_FILES, raw_dir
-from tests.conftest import REPO, child_env, data_root, launch_cmd, run_cmd, train_cmd
+from tests.conftest import FAULT_TRAIN, REPO, child_env, data_root, launch_cmd, run_cmd, train_cmd
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 TIMEOUT_S = 10  # dist.timeout_s for these runs
 
 
-def wrapped(num_processes: int, *args: str) -> list[str]:
-    cmd = launch_cmd(num_processes, *args)
+def wrapped(num_processes: int, *args: str, script: Path | None = None) -> list[str]:
+    cmd = launch_cmd(num_processes, *args, script=script)
     return [sys.executable, "-m", "mnistdist.launch", *cmd[2:]]
 
 
@@ -53,7 +53,7 @@ def test_a_failing_rank_ends_the_whole_job_quickly_and_is_named(tmp_path, action
     env = child_env(MNISTDIST_FAULT=f"step=60,rank=1,action={action}")
     proc = subprocess.Popen(
         wrapped(2, "train.epochs=1", "checkpoint.every_steps=50", f"dist.timeout_s={TIMEOUT_S}",
-                "--run-dir", str(run_dir)),
+                "--run-dir", str(run_dir), script=FAULT_TRAIN),
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # The fault fires 10 steps after the step-50 checkpoint appears (a few ms per step).
     seen = wait_for(run_dir / "checkpoints" / "step-00000050", proc)

@@ -16,7 +16,7 @@ import pytest
 
 from mnistdist import checkpoint
 from mnistdist.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
-from tests.conftest import REPO, child_env, launch_cmd, train_cmd
+from tests.conftest import FAULT_TRAIN, REPO, child_env, launch_cmd, train_cmd
 from tests.faults.test_faults import wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -142,7 +142,7 @@ def test_the_main_process_finishes_wandb_before_the_job_ends(tmp_path):
     after a preemption every rank must wait until rank 0 has finished W&B."""
     run_dir, marker = tmp_path / "run", tmp_path / "wandb-finished"
     env = stub_wandb_env(marker, finish_s=4, MNISTDIST_FAULT="step=60,rank=1,action=TERM")
-    proc = start(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env)
+    proc = start(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=env)
     _, stderr = proc.communicate(timeout=180)
     assert marker.is_file(), f"W&B never finished on rank 0:\n{stderr[-3000:]}"
     assert marker.read_text().strip() == f"finished with exit code {EXIT_PREEMPTED}"

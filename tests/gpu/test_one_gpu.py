@@ -24,6 +24,7 @@ from mnistdist.config import load_config
 from mnistdist.data import load_tensors, normalize
 from mnistdist.model import MLP
 from mnistdist.signals import NonFiniteLoss
+from tests.fault_train import injected
 from tests.synthetic_mnist import write_synthetic_mnist
 
 DEVICE = os.environ.get("MNISTDIST_GPU_TESTS_DEVICE", "cuda")
@@ -120,13 +121,9 @@ def test_nan_stops_the_run_and_is_never_applied(one_process_env, data, tmp_path,
     with the graph, which skipped the update in the graph); no checkpoint holds a non-finite
     weight and no final model is written."""
     run_dir = tmp_path / "run"
-    one_process_env.setenv("MNISTDIST_FAULT", "step=5,action=nan")
-    try:
-        with pytest.raises(NonFiniteLoss, match="non-finite loss or gradient at step"):
-            train(data, run_dir, f"dist.cuda_graph={str(graph_step).lower()}", "train.log_every_steps=100",
-                  "checkpoint.every_steps=4")
-    finally:
-        one_process_env.delenv("MNISTDIST_FAULT")
+    with pytest.raises(NonFiniteLoss, match="non-finite loss or gradient at step"), injected("step=5,action=nan"):
+        train(data, run_dir, f"dist.cuda_graph={str(graph_step).lower()}", "train.log_every_steps=100",
+              "checkpoint.every_steps=4")
     saved = checkpoint.list_checkpoints(run_dir)
     assert saved, "the checkpoint before the NaN step is missing"
     for path in saved:
@@ -144,7 +141,7 @@ def test_bf16_trains(data, tmp_path):
     from tests.conftest import REPO
 
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in child_env().items() if k not in ("MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT")}
+    env = {k: v for k, v in child_env().items() if k != "MNISTDIST_DATA_ROOT"}
     result = subprocess.run([sys.executable, str(REPO / "train_dist.py"), "--run-dir", str(run_dir),
                              *overrides(data, "dist.mixed_precision=bf16")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
