@@ -77,7 +77,7 @@ class EagerStep:
         # gradients, so every rank reaches the same verdict on them without communicating,
         # and a NaN/Inf update is never applied. (A rank's own loss is not part of the
         # verdict: it may differ between ranks; the logged, all-reduced loss is checked
-        # in training.log_training.) One host sync per step; the collective every ``check_every`` steps.
+        # in training.train_record.) One host sync per step; the collective every ``check_every`` steps.
         nonfinite = self.grads_not_finite()
         if number % self.check_every == 0:
             nonfinite, stop = self.dist.any_flags([nonfinite, self.stop_requested()])

@@ -67,8 +67,8 @@ def test_a_failing_rank_ends_the_whole_job_quickly_and_is_named(tmp_path, action
         expected = "rank 1 (exit -9, SIGKILL)" if action == "KILL" else "rank 1 (exit 1)"
         assert f"first rank to exit: {expected}" in stderr, stderr[-3000:]
     assert not leftover_processes(str(run_dir)), "orphan processes remain"
-    newest = checkpoint.find_latest_valid(run_dir)
-    assert newest is not None and checkpoint.load_checkpoint(newest).step == 50
+    newest = checkpoint.load_latest(run_dir)
+    assert newest is not None and newest.step == 50
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "summary.json").exists()
 
 
@@ -129,8 +129,8 @@ def test_disk_full_at_a_save_keeps_the_previous_checkpoint_and_fails(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode not in (0, 75)
     assert "cannot write checkpoint in" in stderr and "File too large" in stderr
-    newest = checkpoint.find_latest_valid(run_dir)
-    assert newest is not None and checkpoint.load_checkpoint(newest).step >= 20
+    newest = checkpoint.load_latest(run_dir)
+    assert newest is not None and newest.step >= 20
     assert not (run_dir / "summary.json").exists()  # never a false success
     assert not leftover_processes(str(run_dir))
 
