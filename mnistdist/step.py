@@ -46,8 +46,8 @@ class EagerStep:
         self.dist, self.model, self.loss_fn = dist, model, loss_fn
         self.stop_requested, self.check_every = stop_requested, check_every
         # accelerate's optimizer wrapper only matters for gradient accumulation and fp16 loss
-        # scaling, neither of which we use; calling the torch optimizer directly saves ~0.3 ms
-        # a step on CPU (the wrapper looks up an optional package on every step()).
+        # scaling, neither of which we use; the torch optimizer is called directly (the wrapper
+        # looks up an optional package on every step(): docs/benchmarks.md).
         self.optimizer = dist.raw_optimizer(optimizer)
         self.params = list(model.parameters())
         self.window_sum, self.epoch_sum = meter.window_sum, meter.epoch_sum
@@ -58,8 +58,7 @@ class EagerStep:
         """1.0 (a 1-element tensor, no host sync) if any gradient holds NaN/Inf.
 
         One fused kernel, the one ``GradScaler`` uses (it "unscales" by 1.0, which leaves the
-        gradients unchanged): 0.04 ms a step on CPU instead of ~0.4 ms for an ``isfinite``
-        per parameter.
+        gradients unchanged), instead of an ``isfinite`` per parameter (docs/benchmarks.md).
         """
         self._found.zero_()
         grads = [p.grad for p in self.params if p.grad is not None]

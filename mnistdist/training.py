@@ -277,8 +277,8 @@ def make_loss_fn(cfg: Config, model: torch.nn.Module, device: torch.device) -> C
         return loss_fn
     if device.type != "cuda":
         # On a CPU the step is bound by the matrix products, which inductor's C++ code calls as
-        # eager does: compiled/eager epoch time 1.0x on 2 cores, after 3-27 s of compiling, and
-        # not bitwise (scripts/compile_cpu_check.py, docs/benchmarks.md). Not worth adopting.
+        # eager does: no faster after seconds of compiling, and not bitwise
+        # (scripts/compile_cpu_check.py, docs/benchmarks.md). Not worth adopting.
         warn_main(f"dist.compile={cfg.dist.compile} is used on GPUs only; training eagerly on {device.type}")
         return loss_fn
     return torch.compile(loss_fn, mode=cfg.dist.compile)
