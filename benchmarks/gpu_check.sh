@@ -64,9 +64,9 @@ t=/tmp/graphcheck; rm -rf "$t"; mkdir -p "$t"
 common=(train.epochs=1 train.log_every_steps=1 "dist.device=$device" checkpoint.every_steps=100)
 python3 train_dist.py --run-dir "$t/eager" "${common[@]}" > "$t/eager.log" 2>&1; echo "eager exit $?"
 python3 train_dist.py --run-dir "$t/graph" "${common[@]}" dist.cuda_graph=true > "$t/graph.log" 2>&1; echo "graph exit $?"
-MNISTDIST_FAULT="step=150,action=TERM" python3 train_dist.py --run-dir "$t/graph_r" "${common[@]}" dist.cuda_graph=true > "$t/graph_r1.log" 2>&1; echo "graph interrupted exit $?"
+MNISTDIST_FAULT="step=150,action=TERM" python3 tests/fault_train.py --run-dir "$t/graph_r" "${common[@]}" dist.cuda_graph=true > "$t/graph_r1.log" 2>&1; echo "graph interrupted exit $?"
 python3 train_dist.py --run-dir "$t/graph_r" "${common[@]}" dist.cuda_graph=true > "$t/graph_r2.log" 2>&1; echo "graph resumed exit $?"
-MNISTDIST_FAULT="step=50,action=nan" python3 train_dist.py --run-dir "$t/graph_nan" "${common[@]}" dist.cuda_graph=true > "$t/graph_nan.log" 2>&1; echo "graph nan exit $? (want 3)"
+MNISTDIST_FAULT="step=50,action=nan" python3 tests/fault_train.py --run-dir "$t/graph_nan" "${common[@]}" dist.cuda_graph=true > "$t/graph_nan.log" 2>&1; echo "graph nan exit $? (want 3)"
 grep -a -h -E "error|warning|stopped" "$t"/*.log | cut -c1-300
 python3 - "$t" <<'PY' 2>&1 | tee "$out/graph_check.txt"
 import json, sys, torch

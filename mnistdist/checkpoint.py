@@ -3,12 +3,15 @@
 Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000600/``:
 
     model.safetensors       the model's state dict (also loadable by ``mnistdist evaluate``)
-    optimizer.safetensors   the optimizer's tensors (SGD momentum buffers)
-    ranks.safetensors       each rank's torch RNG states
-    state.json              step, epoch, position in the epoch, world size, global batch,
-                            optimizer hyper-parameters, per-rank Python/NumPy RNG and loss sums,
-                            the W&B run id, the config
+    optimizer.safetensors   the optimizer's tensors: each parameter's SGD momentum buffer
+    state.json              step, epoch, position in the epoch, world size, global batch, each
+                            rank's loss sums, the W&B run id, the config
     manifest.json           size and sha256 of every file above: written last
+
+That is all a run needs to continue exactly. No random number decides anything after the
+start (the sampler's shuffle is seeded by ``train.seed`` + epoch, the model has no dropout), so
+no RNG state is kept; the optimizer's hyper-parameters are the config's (the learning rate is
+set before every step from the schedule), so only its tensors are.
 
 Commit protocol: everything is written into ``checkpoints/.tmp-step-...``, fsynced, the manifest
 last, then the directory is renamed into place and ``checkpoints/`` is fsynced. A directory
@@ -17,21 +20,21 @@ previous checkpoint as the newest valid one. Older checkpoints are pruned only a
 is in place. Replacing a directory of the same step never leaves the step without a copy (see
 ``save_checkpoint``).
 
-Loading trusts nothing: the manifest names only the files above, and every field of
-``state.json`` and every tensor name of the safetensors files is checked for its type and
-range before use. Whatever is wrong is a ``CheckpointError`` naming the file, and auto-resume
-skips such a checkpoint as it skips a damaged one.
-
-Nothing here unpickles: tensors go through safetensors, everything else through JSON.
+Loading trusts nothing: the manifest may name only the files above, each must match its size
+and sha256, and every field of ``state.json`` is checked for its type and range before use.
+Whatever is wrong is a ``CheckpointError`` naming the file; auto-resume skips such a checkpoint
+as it skips a damaged one. Nothing here unpickles: tensors go through safetensors, the rest
+through JSON. Checkpoints of the first format still load (they also held each rank's RNG
+state, in ``ranks.safetensors`` and ``state.json``, which is not read).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import stat
@@ -40,23 +43,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mnistdist.config import ConfigError
+from mnistdist.config import Config, ConfigError
+from mnistdist.metrics import LossMeter
 from mnistdist.rundir import CHECKPOINTS, fsync_dir
 
 if TYPE_CHECKING:
     from mnistdist.distributed import Dist
 
 MANIFEST = "manifest.json"
-FORMAT = "mnistdist-checkpoint-1"
-FILES = ("model.safetensors", "optimizer.safetensors", "ranks.safetensors", "state.json")
+FORMAT = "mnistdist-checkpoint-2"
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 """The files a checkpoint has besides its manifest; the manifest lists exactly these."""
-_PREFIX = "step-"
+OLD_FORMATS = {"mnistdist-checkpoint-1": (*FILES, "ranks.safetensors")}
+"""Earlier formats that still load, with the files their manifests list."""
+_STEP = re.compile(r"step-[0-9]+")
 _TRASH = ".trash-"
+_TRASHED_STEP = re.compile(r"\.trash-(step-[0-9]+)-[0-9]+")
+"""The old copy of step N moved aside while a save replaces it (see ``save_checkpoint``)."""
 _LOSS_KEYS = ("window_sum", "window_steps", "epoch_sum")
 """What ``metrics.LossMeter.state_dict()`` saves per rank, and ``load_state_dict`` reads."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -68,7 +75,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Snapshot:
-    """Everything needed to continue a run exactly where it stopped."""
+    """A checkpoint in memory: what ``save_checkpoint`` writes and ``load_checkpoint`` reads."""
 
     step: int
     """Optimizer steps done since the start of the run."""
@@ -79,10 +86,10 @@ class Snapshot:
     world_size: int
     global_batch_size: int
     model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    """``optimizer.state_dict()``."""
-    ranks: list[dict[str, Any]]
-    """Per rank: ``{"rng": rng_state(), "loss": {...}}``, in rank order."""
+    optimizer: dict[int, dict[str, torch.Tensor]]
+    """``optimizer.state_dict()["state"]``: each parameter's tensors, by parameter index."""
+    losses: list[dict[str, Any]]
+    """Each rank's ``LossMeter.state_dict()``, in rank order."""
     tracking: dict[str, Any] = field(default_factory=dict)
     """E.g. the W&B run id, so a resumed job continues the same W&B run."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -90,40 +97,11 @@ class Snapshot:
     path: Path | None = None
     """The directory it was read from (None before it is saved)."""
 
-
-# --------------------------------------------------------------------------------------
-# RNG state of one process (pure torch/random/numpy; no files)
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if state.get("torch_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-def _rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
-    version, internal, gauss = state["python"]
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    return {"python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def _rng_from_json(data: dict[str, Any]) -> dict[str, Any]:
-    version, internal, gauss = data["python"]
-    kind, keys, pos, has_gauss, cached = data["numpy"]
-    return {"python": (version, tuple(internal), gauss),
-            "numpy": (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)}
+    def train_state(self, rank: int, world_size: int) -> dict[str, Any]:
+        """What rank ``rank`` of ``world_size`` resumes with: ``TrainState.load_state_dict``'s
+        argument (the loss sums re-split when the world size differs: ``LossMeter.for_rank``)."""
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "loss": LossMeter.for_rank(self.losses, rank, world_size)}
 
 
 # --------------------------------------------------------------------------------------
@@ -131,7 +109,7 @@ def _rng_from_json(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"{_PREFIX}{step:08d}"
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
 
 
 def _sha256(path: Path) -> str:
@@ -158,36 +136,6 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.fsync(f.fileno())
 
 
-def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` -> (tensors for safetensors, the JSON-able rest)."""
-    tensors, scalars = {}, {}
-    for index, per_param in state["state"].items():
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    # A CUDA-graph step keeps lr as a device tensor; store the number.
-    groups = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in g.items()} for g in state["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _param_index(name: Any) -> int | None:
-    """``"3.momentum_buffer"`` -> 3; None for a name that is not ``<index>.<key>``."""
-    if not isinstance(name, str):
-        return None
-    index, dot, key = name.partition(".")
-    return int(index) if dot and key and index.isascii() and index.isdigit() else None
-
-
-def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in [*tensors.items(), *rest["scalars"].items()]:
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
-
-
 def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
     """Write ``snap`` atomically as ``checkpoints/step-XXXXXXXX`` and prune older ones."""
     final = checkpoint_dir(run_dir, snap.step)
@@ -200,22 +148,13 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    optimizer_tensors, optimizer_rest = _split_optimizer(snap.optimizer)
-    rank_tensors = {}
-    rank_json = []
-    for r, rank in enumerate(snap.ranks):
-        rank_tensors[f"{r}.torch_cpu"] = rank["rng"]["torch_cpu"]
-        if rank["rng"].get("torch_cuda") is not None:
-            rank_tensors[f"{r}.torch_cuda"] = rank["rng"]["torch_cuda"]
-        rank_json.append({"rng": _rng_to_json(rank["rng"]), "loss": rank["loss"]})
-
     _save_tensors(tmp / "model.safetensors", snap.model)
-    _save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
-    _save_tensors(tmp / "ranks.safetensors", rank_tensors)
+    _save_tensors(tmp / "optimizer.safetensors",  # SGD's state is tensors only
+                  {f"{index}.{key}": value for index, tensors in snap.optimizer.items() for key, value in tensors.items()})
     _write_json(tmp / "state.json", {
         "format": FORMAT, "step": snap.step, "epoch": snap.epoch, "batch_in_epoch": snap.batch_in_epoch,
         "world_size": snap.world_size, "global_batch_size": snap.global_batch_size,
-        "optimizer": optimizer_rest, "ranks": rank_json, "tracking": snap.tracking, "config": snap.config,
+        "ranks": [{"loss": loss} for loss in snap.losses], "tracking": snap.tracking, "config": snap.config,
         "saved_at": time.time(),
     })
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -229,9 +168,8 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
         # between the two renames must not leave the step without a copy, so while no step-N
         # exists, list_checkpoints counts .trash-step-N-PID as step N (it is still verified
         # and fully loaded before use), and the next save's prune() renames it back.
-        # Why not an atomic swap (Linux renameat2 RENAME_EXCHANGE)? It exists on Linux only
-        # and not on every filesystem (older NFS, some FUSE), so a fallback that needs this
-        # same recovery would remain anyway; one mechanism everywhere is simpler to trust.
+        # (Linux's atomic swap, renameat2 RENAME_EXCHANGE, is not on every filesystem, so a
+        # fallback needing this same recovery would remain; one mechanism everywhere.)
         trash = root / f"{_TRASH}{final.name}-{os.getpid()}"
         if trash.exists():  # left by an earlier failed save of this process; step-N exists
             shutil.rmtree(trash)
@@ -249,25 +187,19 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
 def prune(run_dir: Path, keep_last: int) -> None:
     """Keep the ``keep_last`` newest checkpoints (0 = keep all); drop leftovers of dead saves."""
     root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return
-    restored = False
-    for leftover in root.glob(".t*-*"):
+    for leftover in root.glob(".t*-*") if root.is_dir() else ():
         if not leftover.name.startswith((".tmp-", _TRASH)) or leftover.name.endswith(f"-{os.getpid()}"):
             continue
-        name = _trashed_step(leftover.name)
-        if name is not None and not (root / name).exists():
+        trashed = _TRASHED_STEP.fullmatch(leftover.name)
+        if trashed and not (root / trashed[1]).exists():
             # The old copy of a step whose replacement died between its two renames (see
-            # save_checkpoint): the only copy of that step, so it gets its name back.
-            try:
-                os.rename(leftover, root / name)
-                restored = True
-            except OSError:
-                pass  # still listed under its trash name; the next save tries again
-            continue
-        shutil.rmtree(leftover, ignore_errors=True)
-    if restored:
-        fsync_dir(root)
+            # save_checkpoint): the only copy of that step, so it gets its name back (if that
+            # fails, it is still listed under its trash name and the next save tries again).
+            with contextlib.suppress(OSError):
+                os.rename(leftover, root / trashed[1])
+                fsync_dir(root)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
@@ -277,35 +209,19 @@ def prune(run_dir: Path, keep_last: int) -> None:
 # Finding and loading
 
 
-def _is_step_name(name: str) -> bool:
-    return name.startswith(_PREFIX) and name[len(_PREFIX):].isascii() and name[len(_PREFIX):].isdigit()
-
-
-def _trashed_step(name: str) -> str | None:
-    """``.trash-step-00000600-1234`` -> ``step-00000600``; None for any other name."""
-    if not name.startswith(_TRASH):
-        return None
-    step, dash, pid = name[len(_TRASH):].rpartition("-")
-    return step if dash and pid.isdigit() and _is_step_name(step) else None
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Committed-looking checkpoint directories, newest first (validity not checked).
 
     Besides ``step-N``, the old copy ``.trash-step-N-PID`` of a step counts while no ``step-N``
     exists: a save that replaced step N died between its two renames (see save_checkpoint)."""
     root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
     found = []
-    for p in root.iterdir():
-        if not p.is_dir():
-            continue
-        if _is_step_name(p.name):
-            found.append((int(p.name[len(_PREFIX):]), p))
-        elif (name := _trashed_step(p.name)) is not None and not (root / name).exists():
-            found.append((int(name[len(_PREFIX):]), p))
-    return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].name), reverse=True)]
+    for p in root.iterdir() if root.is_dir() else ():
+        trashed = _TRASHED_STEP.fullmatch(p.name)
+        name = trashed[1] if trashed else p.name
+        if p.is_dir() and _STEP.fullmatch(name) and not (trashed and (root / name).exists()):
+            found.append((int(name[len("step-"):]), p.name, p))
+    return [p for *_, p in sorted(found, reverse=True)]
 
 
 class _Malformed(ValueError):
@@ -319,6 +235,10 @@ def _check(ok: Any, what: str) -> None:
 
 def _is_int(value: Any, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_format(value: Any) -> bool:
+    return isinstance(value, str) and (value == FORMAT or value in OLD_FORMATS)
 
 
 def _is_number(value: Any) -> bool:
@@ -348,25 +268,23 @@ def _read_json(file: Path, what: str) -> Any:
         raise CheckpointError(f"{file}: {what} (not JSON: {type(e).__name__}: {e})") from None
 
 
-def _check_manifest(manifest: Any) -> dict[str, dict[str, Any]]:
-    """The ``files`` of a manifest whose every field has its type; _Malformed otherwise."""
+def _check_manifest(manifest: Any) -> None:
+    """Every field of a manifest has its type, and it lists exactly its format's files."""
     _check(isinstance(manifest, dict), "not a JSON object")
-    _check(manifest.get("format") == FORMAT, f"format {manifest.get('format')!r}, expected {FORMAT}")
+    _check(_is_format(manifest.get("format")), f"format {manifest.get('format')!r}, expected {FORMAT}")
+    names = OLD_FORMATS.get(manifest["format"], FILES)
     _check(_is_int(manifest.get("step")), "step: not an integer >= 0")
     files = manifest.get("files")
     _check(isinstance(files, dict), "files: not an object")
     for name, meta in files.items():
-        # Only plain names of the checkpoint's own files: nothing else is ever opened, so a
+        # Only the checkpoint's own files, by plain name: nothing else is ever opened, so a
         # manifest cannot make verify read (or vouch for) a file outside its directory.
-        _check(name not in ("", ".", "..") and "/" not in name and "\0" not in name
-               and (os.altsep is None or os.altsep not in name) and not os.path.isabs(name),
-               f"files: {name!r} is a path, not the name of a file in the checkpoint")
-        _check(name in FILES, f"files: {name!r} is not a file of a checkpoint ({', '.join(FILES)})")
-        _check(isinstance(meta, dict), f"files: {name}: not an object")
-        _check(_is_int(meta.get("bytes")), f"files: {name}: bytes is not an integer >= 0")
-        _check(isinstance(meta.get("sha256"), str) and _SHA256.fullmatch(meta["sha256"]),
-               f"files: {name}: sha256 is not 64 hex digits")
-    return files
+        _check(name in names, f"files: {name!r} is not a file of a checkpoint ({', '.join(names)})")
+        _check(isinstance(meta, dict) and _is_int(meta.get("bytes")) and isinstance(meta.get("sha256"), str)
+               and _SHA256.fullmatch(meta["sha256"]),
+               f"files: {name}: not an object of bytes (an integer >= 0) and sha256 (64 hex digits)")
+    missing = [name for name in names if name not in files]
+    _check(not missing, f"files: {', '.join(missing)} not listed")
 
 
 def verify(path: Path) -> dict[str, Any]:
@@ -380,14 +298,11 @@ def verify(path: Path) -> dict[str, Any]:
     _regular_file(manifest_path)
     manifest = _read_json(manifest_path, "unreadable manifest")
     try:
-        files = _check_manifest(manifest)
+        _check_manifest(manifest)
     except _Malformed as e:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
-    for required in FILES:
-        if required not in files:
-            raise CheckpointError(f"{path / required}: not listed in the manifest")
-    for name in FILES:
-        meta, file = files[name], path / name
+    for name, meta in manifest["files"].items():
+        file = path / name
         size = _regular_file(file).st_size
         if size != meta["bytes"]:
             raise CheckpointError(f"{file}: {size} bytes, manifest says {meta['bytes']} (truncated or damaged)")
@@ -400,155 +315,65 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_rng(data: Any) -> dict[str, Any]:
-    """One rank's Python and NumPy RNG state from JSON, tried on throwaway generators (the
-    global ones are untouched) so that ``set_rng_state`` cannot fail on it later."""
-    _check(isinstance(data, dict), "not an object")
-    try:
-        rng = _rng_from_json(data)
-        gauss = rng["python"][2]
-        _check(gauss is None or _is_number(gauss), "python: the cached gauss is not a number or null")
-        random.Random().setstate(rng["python"])
-        np.random.RandomState().set_state(rng["numpy"])
-    except _Malformed:
-        raise
-    except Exception as e:  # noqa: BLE001 - random and numpy say what they refuse in many types
-        raise _Malformed(f"not a Python/NumPy RNG state ({type(e).__name__}: {e})") from None
-    return rng
-
-
-def _check_state(state: Any, manifest_step: int) -> list[dict[str, Any]]:
-    """Check every field of state.json that loading and resuming use; return the ranks'
-    Python/NumPy RNG states. _Malformed otherwise."""
+def _check_state(state: Any, manifest_step: int) -> None:
+    """Every field of state.json that resuming reads has its type and range."""
     _check(isinstance(state, dict), "not a JSON object")
-    _check(state.get("format") == FORMAT, f"format {state.get('format')!r}, expected {FORMAT}")
-    for key in ("step", "epoch", "batch_in_epoch"):
-        _check(_is_int(state.get(key)), f"{key}: not an integer >= 0")
-    for key in ("world_size", "global_batch_size"):
-        _check(_is_int(state.get(key), 1), f"{key}: not an integer >= 1")
+    _check(_is_format(state.get("format")), f"format {state.get('format')!r}, expected {FORMAT}")
+    for key, minimum in (("step", 0), ("epoch", 0), ("batch_in_epoch", 0), ("world_size", 1), ("global_batch_size", 1)):
+        _check(_is_int(state.get(key), minimum), f"{key}: not an integer >= {minimum}")
     _check(state["step"] == manifest_step, f"step {state['step']}, but the manifest says {manifest_step}")
-
-    optimizer = state.get("optimizer")
-    _check(isinstance(optimizer, dict), "optimizer: not an object")
-    groups = optimizer.get("param_groups")
-    _check(isinstance(groups, list) and groups and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                                       for g in groups),
-           "optimizer.param_groups: not a list of objects with params")
-    params = [p for g in groups for p in g["params"]]
-    _check(all(_is_int(p) for p in params) and len(set(params)) == len(params),
-           "optimizer.param_groups: params are not distinct integers >= 0")
-    for group in groups:  # hyper-parameters: optimizer.load_state_dict takes them as they are
-        for key, value in group.items():
-            _check(key == "params" or value is None or isinstance(value, (bool, str)) or _is_number(value)
-                   or (isinstance(value, list) and all(_is_number(v) for v in value)),
-                   f"optimizer.param_groups: {key}: not a finite number, flag, string or list of numbers")
-        for key in ("lr", "initial_lr", "momentum", "dampening", "weight_decay"):
-            _check(key not in group or (_is_number(group[key]) and group[key] >= 0),
-                   f"optimizer.param_groups: {key}: not a finite number >= 0")
-    scalars = optimizer.get("scalars")
-    _check(isinstance(scalars, dict), "optimizer.scalars: not an object")
-    for name, value in scalars.items():
-        _check(_param_index(name) in params, f"optimizer.scalars: {name!r} is not <parameter index>.<key>")
-        _check(value is None or isinstance(value, (bool, int, float, str)),
-               f"optimizer.scalars: {name}: not a number, string or null")
-
-    world_size = state["world_size"]
     ranks = state.get("ranks")
-    _check(isinstance(ranks, list) and len(ranks) == world_size,
-           f"ranks: not a list of world_size ({world_size}) entries")
-    rngs = []
+    _check(isinstance(ranks, list) and len(ranks) == state["world_size"],
+           f"ranks: not a list of world_size ({state['world_size']}) entries")
     for r, rank in enumerate(ranks):
-        _check(isinstance(rank, dict), f"ranks[{r}]: not an object")
-        try:
-            rngs.append(_check_rng(rank.get("rng")))
-        except _Malformed as e:
-            raise _Malformed(f"ranks[{r}].rng: {e}") from None
-        loss = rank.get("loss")
+        loss = rank.get("loss") if isinstance(rank, dict) else None
         _check(isinstance(loss, dict) and all(_is_number(loss.get(k)) for k in _LOSS_KEYS)
                and _is_int(loss["window_steps"]),
                f"ranks[{r}].loss: not an object of the finite numbers {', '.join(_LOSS_KEYS)}")
-
     tracking = state.get("tracking", {})
-    _check(isinstance(tracking, dict), "tracking: not an object")
-    _check(isinstance(tracking.get("wandb_run_id"), (str, type(None))), "tracking.wandb_run_id: not a string")
+    _check(isinstance(tracking, dict) and isinstance(tracking.get("wandb_run_id"), (str, type(None))),
+           "tracking: not an object with a string or null wandb_run_id")
     _check(isinstance(state.get("config", {}), dict), "config: not an object")
-    return rngs
 
 
-def _check_rank_tensors(tensors: dict[str, torch.Tensor], world_size: int) -> None:
-    names = {f"{r}.{kind}" for r in range(world_size) for kind in ("torch_cpu", "torch_cuda")}
-    for name in tensors:
-        _check(name in names, f"{name!r} belongs to no rank of world_size {world_size}")
-    for r in range(world_size):
-        cpu, cuda = tensors.get(f"{r}.torch_cpu"), tensors.get(f"{r}.torch_cuda")
-        _check(cpu is not None, f"{r}.torch_cpu: missing")
-        for name, t in ((f"{r}.torch_cpu", cpu), (f"{r}.torch_cuda", cuda)):
-            _check(t is None or (t.dtype == torch.uint8 and t.dim() == 1), f"{name}: not a 1-d uint8 RNG state")
-        try:
-            torch.Generator().set_state(cpu)  # a throwaway generator checks the size
-        except Exception as e:  # noqa: BLE001
-            raise _Malformed(f"{r}.torch_cpu: not a torch RNG state ({e})") from None
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of finite tensors (no checkpoint is ever saved with NaN/Inf)."""
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - the checksum matched, but the content is not ours
+        raise CheckpointError(f"{file}: unreadable checkpoint content ({type(e).__name__}: {e})") from None
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{file}: unreadable checkpoint content ({key} holds NaN or Inf, "
+                                  "which no saved checkpoint does)")
+    return tensors
 
 
 def load_checkpoint(path: Path) -> Snapshot:
     """Verify, then read a checkpoint (safetensors and JSON only). Anything wrong with it is a
     CheckpointError naming the file."""
     path = Path(path)
-    manifest = verify(path)
-    try:
-        return _load_verified(path, manifest["step"])
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a last net: the checks above should leave nothing for it
-        raise CheckpointError(f"{path}: unreadable checkpoint content ({type(e).__name__}: {e})") from None
-
-
-def _load_verified(path: Path, manifest_step: int) -> Snapshot:
-    def content_error(name: str, reason: Any) -> CheckpointError:
-        return CheckpointError(f"{path / name}: unreadable checkpoint content ({reason})")
-
+    step = verify(path)["step"]
     state = _read_json(path / "state.json", "unreadable checkpoint content")
     try:
-        rngs = _check_state(state, manifest_step)
+        _check_state(state, step)
     except _Malformed as e:
-        raise content_error("state.json", e) from None
-
-    tensors = {}
-    for name in ("model.safetensors", "optimizer.safetensors", "ranks.safetensors"):
-        try:
-            tensors[name] = load_file(str(path / name))
-        except Exception as e:  # noqa: BLE001 - checksums matched but the content is not ours
-            raise content_error(name, f"{type(e).__name__}: {e}") from None
-
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        for key, t in tensors[name].items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise content_error(name, f"{key} holds NaN or Inf, which no saved checkpoint does")
-    params = {p for g in state["optimizer"]["param_groups"] for p in g["params"]}
-    for name in tensors["optimizer.safetensors"]:
-        if _param_index(name) not in params:
-            raise content_error("optimizer.safetensors", f"{name!r} is not <parameter index>.<key> of param_groups")
-    rank_tensors = tensors["ranks.safetensors"]
-    try:
-        _check_rank_tensors(rank_tensors, state["world_size"])
-    except _Malformed as e:
-        raise content_error("ranks.safetensors", e) from None
-
-    ranks = []
-    for r, (rank, rng) in enumerate(zip(state["ranks"], rngs)):
-        rng["torch_cpu"] = rank_tensors[f"{r}.torch_cpu"]
-        rng["torch_cuda"] = rank_tensors.get(f"{r}.torch_cuda")
-        ranks.append({"rng": rng, "loss": rank["loss"]})
-    return Snapshot(
-        step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
-        world_size=state["world_size"], global_batch_size=state["global_batch_size"],
-        model=tensors["model.safetensors"],
-        optimizer=_join_optimizer(tensors["optimizer.safetensors"], state["optimizer"]),
-        ranks=ranks, tracking=state.get("tracking", {}), config=state.get("config", {}), path=path,
-    )
+        raise CheckpointError(f"{path / 'state.json'}: unreadable checkpoint content ({e})") from None
+    model = _load_tensors(path / "model.safetensors")
+    optimizer: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in _load_tensors(path / "optimizer.safetensors").items():
+        index, _, key = name.partition(".")  # "<parameter index>.<key>", e.g. "3.momentum_buffer"
+        if not (index.isascii() and index.isdigit() and key):
+            raise CheckpointError(f"{path / 'optimizer.safetensors'}: unreadable checkpoint content "
+                                  f"({name!r} is not <parameter index>.<key>)")
+        optimizer.setdefault(int(index), {})[key] = tensor
+    return Snapshot(step=step, epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+                    world_size=state["world_size"], global_batch_size=state["global_batch_size"],
+                    model=model, optimizer=optimizer, losses=[rank["loss"] for rank in state["ranks"]],
+                    tracking=state.get("tracking", {}), config=state.get("config", {}), path=path)
 
 
-def _latest_loadable(run_dir: Path, warn: Any = print) -> Snapshot | None:
+def load_latest(run_dir: Path, warn: Any = print) -> Snapshot | None:
     """The newest checkpoint that loads completely; the others are reported through ``warn``."""
     for path in list_checkpoints(run_dir):
         try:
@@ -556,13 +381,6 @@ def _latest_loadable(run_dir: Path, warn: Any = print) -> Snapshot | None:
         except CheckpointError as e:
             warn(f"warning: skipping damaged checkpoint: {e}")
     return None
-
-
-def find_latest_valid(run_dir: Path, warn: Any = print) -> Path | None:
-    """The newest checkpoint that loads (verified, and every field checked); damaged or
-    malformed ones are reported through ``warn`` and skipped."""
-    snap = _latest_loadable(run_dir, warn)
-    return snap.path if snap is not None else None
 
 
 # --------------------------------------------------------------------------------------
@@ -591,13 +409,18 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # rank gets the same outcome (``Dist.on_main``): an error is raised on all ranks together.
 
 
-def save(dist: Dist, run_dir: Path, keep_last: int, snap: Snapshot, loss_state: dict[str, Any]) -> Path:
-    """Write ``snap`` (its ``ranks`` filled here with every rank's RNG and ``loss_state``)."""
-    snap.ranks = dist.gather_object({"rng": rng_state(), "loss": loss_state})
+def save(dist: Dist, run_dir: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         train_state: dict[str, Any], tracking: dict[str, Any]) -> Path:
+    """Checkpoint the run as it stands: ``train_state`` is this rank's ``TrainState.state_dict()``;
+    the loss sums of every rank are gathered, and rank 0 writes."""
+    snap = Snapshot(step=train_state["step"], epoch=train_state["epoch"], batch_in_epoch=train_state["batch_in_epoch"],
+                    world_size=dist.world_size, global_batch_size=cfg.train.global_batch_size,
+                    model=model.state_dict(), optimizer=optimizer.state_dict()["state"],
+                    losses=dist.gather_object(train_state["loss"]), tracking=tracking, config=cfg.to_dict())
 
     def write() -> Path:
         try:
-            return save_checkpoint(run_dir, snap, keep_last)
+            return save_checkpoint(run_dir, snap, cfg.checkpoint.keep_last)
         except OSError as e:
             raise CheckpointError(f"cannot write checkpoint in {Path(run_dir) / CHECKPOINTS}: {e.strerror or e}") from None
 
@@ -623,10 +446,7 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
                 raise ConfigError(f"--resume never: {Path(run_dir) / CHECKPOINTS} already holds checkpoints; "
                                   "use another --run-dir or --resume auto")
             return None
-        if resume == "auto":
-            snap = _latest_loadable(run_dir, warn=lambda m: print(m, flush=True))
-        else:
-            snap = load_checkpoint(Path(resume))
+        snap = load_latest(run_dir, warn=lambda m: print(m, flush=True)) if resume == "auto" else load_checkpoint(Path(resume))
         if snap is None:
             return None
         chosen.append(snap)
@@ -647,27 +467,25 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
     return snap
 
 
-def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
-    """Load the weights, the optimizer state and rank ``rank``'s RNG state of ``snap``.
-
-    On another number of processes than wrote it, a rank without a saved RNG state takes rank
-    0's: no random number decides anything in training (the sampler's shuffle is seeded from
-    ``train.seed`` and the epoch, the model has no dropout), so this does not change the run.
-
-    A checkpoint of another model (other layer names or shapes, other parameter groups) is a
-    CheckpointError naming the file, raised on every rank alike (they all restore the same
-    snapshot into the same model)."""
+def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load ``snap``'s weights into ``model`` and its tensors into ``optimizer``, which keeps its
+    own hyper-parameters (the config's). A checkpoint of another model (other layer names,
+    shapes or number of parameters) is a CheckpointError naming the file, raised on every rank
+    alike (they all restore the same snapshot into the same model)."""
     where = snap.path if snap.path is not None else Path("checkpoint")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def load_optimizer() -> None:
-        optimizer.load_state_dict(snap.optimizer)
-        # load_state_dict does not compare shapes; a wrong one would fail at the first step.
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in optimizer.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
-                        raise ValueError(f"{key} of shape {tuple(value.shape)} "
-                                         f"for a parameter of shape {tuple(p.shape)}")
+        for index, tensors in snap.optimizer.items():  # load_state_dict checks neither
+            if index >= len(params):
+                raise ValueError(f"state of parameter {index}, but the model has {len(params)} parameters")
+            for key, value in tensors.items():
+                if value.shape != params[index].shape:
+                    raise ValueError(f"{key} of shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(params[index].shape)}")
+        # This optimizer's own param_groups: the saved tensors go to its parameters (moved to
+        # their device and dtype by load_state_dict), its hyper-parameters stay as they are.
+        optimizer.load_state_dict({"state": snap.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
 
     for name, what, load in (("model.safetensors", "model", lambda: model.load_state_dict(snap.model)),
                              ("optimizer.safetensors", "optimizer", load_optimizer)):
@@ -676,4 +494,3 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, KeyError...
             reason = " ".join(str(e).split())[:300] or type(e).__name__
             raise CheckpointError(f"{where / name}: does not fit this run's {what} ({reason})") from None
-    set_rng_state(snap.ranks[rank if rank < snap.world_size else 0]["rng"])

@@ -1,4 +1,5 @@
-"""What training shows while it runs (``tracking.progress``), on the main process only.
+"""What training shows while it runs (``tracking.progress``), on the main process only, and
+the throughput it reports (timed on every process).
 
 * ``bar``: a tqdm bar per epoch on stderr (the training loss of the last log in its postfix).
 * ``lines``: a plain line on stdout every ``train.log_every_steps`` steps (the values of the
@@ -19,13 +20,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
-
-if TYPE_CHECKING:
-    from mnistdist.metrics import EvalCounts
 
 FALSE_VALUES = ("", "0", "false", "no", "off")
 
@@ -48,47 +47,72 @@ def resolve(mode: str, stderr: TextIO | None = None, environ: Mapping[str, str] 
 
 
 class Progress:
-    """The progress output of one run: ``start_epoch``, then ``step`` after each optimizer step,
-    ``log`` with each training record, ``epoch_end`` with the evaluation; ``close`` (or leaving
-    the ``with`` block) removes a bar still drawn. Silent where ``enabled`` is false (every
-    process but the main one)."""
+    """The progress output of one run, and its throughput: ``start_epoch``, then ``step`` after
+    each optimizer step, ``log`` with each training record, ``epoch_end`` with the epoch's
+    evaluation record; ``close`` (or leaving the ``with`` block) removes a bar still drawn. It
+    prints only where ``enabled`` (the main process), and times on every process.
 
-    def __init__(self, mode: str, enabled: bool, epochs: int, last_step: int):
+    Training time runs from ``start_epoch`` to the latest ``log``: a record is logged after the
+    loss was all-reduced and read, so the steps before it have finished (on a GPU too), and
+    evaluation and checkpoints, which come after an epoch's last record, are not counted."""
+
+    def __init__(self, mode: str, enabled: bool, epochs: int, last_step: int, global_batch_size: int):
         self.mode = resolve(mode) if enabled else "off"
         self.enabled = enabled
-        self.epochs, self.last_step = epochs, last_step
+        self.epochs, self.last_step, self.global_batch_size = epochs, last_step, global_batch_size
+        self.train_time_s = 0.0
+        """Training time of the epochs ended so far (seconds)."""
         self._bar: Any = None
+        self._epoch_start = self._window_start = self._trained_until = time.perf_counter()
+        self._epoch_steps = self._window_steps = 0
 
     def start_epoch(self, epoch: int, steps: int) -> None:
         """Epoch ``epoch`` (0-based) begins; ``steps`` of it are left to run."""
         self.close()
+        self._epoch_start = self._window_start = self._trained_until = time.perf_counter()
+        self._epoch_steps = self._window_steps = 0
         if self.mode == "bar":
             self._bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, disable=False,
                              mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
 
     def step(self) -> None:
         """One optimizer step done."""
+        self._epoch_steps += 1
+        self._window_steps += 1
         if self._bar is not None:
             self._bar.update()
 
-    def log(self, record: Mapping[str, Any]) -> None:
-        """A training record (``epoch`` 1-based, ``step``, ``train_loss``, ``lr``, ``samples_per_s``)."""
+    def log(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """A training record (``epoch`` 1-based, ``step``, ``train_loss``, ``lr``), returned with
+        ``samples_per_s`` since the previous one; shown in the bar or printed as a line."""
+        now = time.perf_counter()
+        samples_per_s = self.global_batch_size * self._window_steps / (now - self._window_start)
+        record = {**record, "samples_per_s": samples_per_s}
+        self._window_start = self._trained_until = now
+        self._window_steps = 0
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['train_loss']:.4f}", refresh=False)
         elif self.mode == "lines":
             self._print(f"epoch {record['epoch']}/{self.epochs}  step {record['step']}/{self.last_step}  "
                         f"train_loss {record['train_loss']:.4f}  lr {record['lr']:.4g}  "
-                        f"{record['samples_per_s']:,.0f} samples/s")
+                        f"{samples_per_s:,.0f} samples/s")
+        return record
 
-    def epoch_end(self, epoch: int, train_loss: float, counts: EvalCounts, samples_per_s: float,
-                  epoch_time_s: float) -> None:
-        """The summary line of epoch ``epoch`` (0-based), in every mode."""
+    def epoch_end(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """An epoch's evaluation record (``epoch`` 1-based, ``train_loss_epoch``, ``test_loss``,
+        ``test_acc``, ``test_correct``, ``test_total``), returned with the epoch's training time
+        ``epoch_time_s`` and ``samples_per_s``; its summary line is printed in every mode."""
         self.close()
+        epoch_time_s = self._trained_until - self._epoch_start
+        self.train_time_s += epoch_time_s
+        samples_per_s = self.global_batch_size * self._epoch_steps / epoch_time_s if self._epoch_steps else 0.0
+        record = {**record, "epoch_time_s": epoch_time_s, "samples_per_s": samples_per_s}
         if self.enabled:
-            self._print(f"epoch {epoch + 1}/{self.epochs}  train_loss {train_loss:.4f}  "
-                        f"test_loss {counts.mean_loss:.4f}  test_acc {100 * counts.accuracy:.2f}% "
-                        f"({counts.correct}/{counts.total})  {samples_per_s:,.0f} samples/s  "
+            self._print(f"epoch {record['epoch']}/{self.epochs}  train_loss {record['train_loss_epoch']:.4f}  "
+                        f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_acc']:.2f}% "
+                        f"({record['test_correct']}/{record['test_total']})  {samples_per_s:,.0f} samples/s  "
                         f"{epoch_time_s:.1f} s")
+        return record
 
     def close(self) -> None:
         """Remove the bar, if one is drawn (safe to call twice)."""

@@ -1,5 +1,5 @@
-"""Why training stops early: stop requests (SIGTERM, SIGUSR1, Ctrl-C), the exceptions and exit
-codes that report it, and a test-only fault injector.
+"""Why training stops early: stop requests (SIGTERM, SIGUSR1, Ctrl-C), and the exceptions and
+exit codes that report it.
 
 A signal handler only records the request; the training loop reads it at a step boundary and
 all ranks agree (one all-reduce) on the step at which they stop, checkpoint and exit with
@@ -19,9 +19,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
-from typing import Any
 
 EXIT_USAGE = 2  # bad input (config, flags, data, checkpoint): nothing was started
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, resume to continue
@@ -101,6 +100,14 @@ class StopSignals:
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "none"
 
+    def stopped(self, step: int, checkpoint: Path) -> Preempted:
+        """What ends a run whose ranks agreed to stop after ``step`` and wrote ``checkpoint``:
+        Interrupted after Ctrl-C here, else Preempted (a signal here or on another rank)."""
+        why = self.name if self.received else "a stop signal on another rank"
+        stop = Interrupted if self.received == signal.SIGINT else Preempted
+        return stop(f"stopped by {why} after step {step}; checkpoint written to {checkpoint}; "
+                    "run again with the same --run-dir to resume")
+
 
 def _stop_when_orphaned(parent: int) -> None:
     """A worker whose launcher is gone (SIGKILLed, OOM-killed) must not train on unwatched:
@@ -112,44 +119,3 @@ def _stop_when_orphaned(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(ORPHAN_GRACE_S)
     os._exit(1)
-
-
-class FaultInjector:
-    """Test hook: ``MNISTDIST_FAULT="step=K,rank=R,action=A"`` makes rank R do A at step K.
-
-    Actions: ``KILL``/``TERM``/``USR1``/``STOP`` send that signal to this process after step K,
-    ``raise`` raises after step K, ``nan`` feeds step K a NaN batch (so its loss and gradients
-    are NaN). Used by the tests to interrupt runs at an exact step. It wraps the step from the
-    outside (``wrap``); unset, the step is returned as it is and costs nothing.
-    """
-
-    def __init__(self, rank: int, env: str | None = None) -> None:
-        self.step, self.action = -1, ""
-        text = os.environ.get("MNISTDIST_FAULT", "") if env is None else env
-        if not text or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-            return  # the fault happens once: not again in the workers an elastic agent restarts
-        spec = dict(part.split("=", 1) for part in text.split(","))
-        if int(spec.get("rank", 0)) == rank:
-            self.step = int(spec["step"])
-            self.action = spec["action"]
-
-    def wrap(self, step: Callable[..., bool], steps_done: int) -> Callable[..., bool]:
-        """``step`` with the fault added at step ``self.step`` (``steps_done``: the steps taken
-        before the first call, i.e. the resumed step)."""
-        if self.step < 0:
-            return step
-        count = steps_done
-
-        def faulty_step(x: Any, y: Any, lr: float) -> bool:
-            nonlocal count
-            count += 1
-            if count == self.step and self.action == "nan":
-                x = x * float("nan")
-            stop = step(x, y, lr)
-            if count == self.step and self.action == "raise":
-                raise RuntimeError(f"injected fault after step {count}")
-            if count == self.step and self.action != "nan":
-                os.kill(os.getpid(), getattr(signal, f"SIG{self.action}"))
-            return stop
-
-        return faulty_step

@@ -1,9 +1,10 @@
 """One optimizer step: forward, backward, the ranks' stop agreement, update.
 
-A step is called as ``step(x, y, lr) -> stop``: it takes optimizer step number ``self.step``
-(counted from the resumed step), adds its loss to the ``LossMeter``'s sums, and returns True
-when the ranks agreed to stop after it (every ``check_every`` steps they agree on the stop
-requests of ``stop_requested()``: one tiny all-reduce).
+A step is called as ``step(x, y, lr, number) -> stop``: it takes optimizer step ``number``
+(1-based, counted over the whole run, resumes included), adds its loss to the ``LossMeter``'s
+sums, and returns True when the ranks agreed to stop after it (at every ``check_every``-th step
+they agree on the stop requests of ``stop_requested()``: one tiny all-reduce). The caller keeps
+the count; a step keeps none.
 
 ``EagerStep`` is the reference. ``GraphedStep`` records the same step once as a CUDA graph
 and replays it: on a GPU this tiny model is bound by kernel-launch and Python overhead, not
@@ -30,9 +31,9 @@ def not_finite(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Te
     return torch.stack(flags).any()
 
 
-def _nonfinite_error(step: int) -> NonFiniteLoss:
+def _nonfinite_error(number: int) -> NonFiniteLoss:
     return NonFiniteLoss(
-        f"non-finite loss or gradient at step {step}; stopped before the optimizer step; "
+        f"non-finite loss or gradient at step {number}; stopped before the optimizer step; "
         "lower train.lr or check the data"
     )
 
@@ -41,14 +42,12 @@ class EagerStep:
     """The step as plain PyTorch calls."""
 
     def __init__(self, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                 meter: LossMeter, stop_requested: Callable[[], bool], check_every: int, step: int) -> None:
+                 meter: LossMeter, stop_requested: Callable[[], bool], check_every: int) -> None:
         self.dist, self.model, self.loss_fn = dist, model, loss_fn
         self.stop_requested, self.check_every = stop_requested, check_every
-        self.step = step
-        """Optimizer steps taken so far (the resumed step at the start)."""
         # accelerate's optimizer wrapper only matters for gradient accumulation and fp16 loss
-        # scaling, neither of which we use; calling the torch optimizer directly saves ~0.3 ms
-        # a step on CPU (the wrapper looks up an optional package on every step()).
+        # scaling, neither of which we use; the torch optimizer is called directly (the wrapper
+        # looks up an optional package on every step(): docs/benchmarks.md).
         self.optimizer = dist.raw_optimizer(optimizer)
         self.params = list(model.parameters())
         self.window_sum, self.epoch_sum = meter.window_sum, meter.epoch_sum
@@ -59,17 +58,15 @@ class EagerStep:
         """1.0 (a 1-element tensor, no host sync) if any gradient holds NaN/Inf.
 
         One fused kernel, the one ``GradScaler`` uses (it "unscales" by 1.0, which leaves the
-        gradients unchanged): 0.04 ms a step on CPU instead of ~0.4 ms for an ``isfinite``
-        per parameter.
+        gradients unchanged), instead of an ``isfinite`` per parameter (docs/benchmarks.md).
         """
         self._found.zero_()
         grads = [p.grad for p in self.params if p.grad is not None]
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
         return self._found
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> bool:
-        """Take the next optimizer step; return True if the ranks agreed to stop after it."""
-        self.step += 1
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, number: int) -> bool:
+        """Take optimizer step ``number``; return True if the ranks agreed to stop after it."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.loss_fn(x, y)
@@ -79,14 +76,14 @@ class EagerStep:
         # gradients, so every rank reaches the same verdict on them without communicating,
         # and a NaN/Inf update is never applied. (A rank's own loss is not part of the
         # verdict: it may differ between ranks; the logged, all-reduced loss is checked
-        # in training.log_training.) One host sync per step; the collective every ``check_every`` steps.
+        # in training.train_record.) One host sync per step; the collective every ``check_every`` steps.
         nonfinite = self.grads_not_finite()
-        if self.step % self.check_every == 0:
+        if number % self.check_every == 0:
             nonfinite, stop = self.dist.any_flags([nonfinite, self.stop_requested()])
         else:
             nonfinite, stop = bool(nonfinite.item()), False
         if nonfinite:
-            raise _nonfinite_error(self.step)
+            raise _nonfinite_error(number)
         self.optimizer.step()
         self.window_sum += loss.detach()
         self.epoch_sum += loss.detach()
@@ -164,28 +161,26 @@ class GraphedStep:
         self.eager.window_sum.add_(loss)
         self.eager.epoch_sum.add_(loss)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> bool:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, number: int) -> bool:
         if x.shape != self.x.shape:
-            return self._fallback(x, y, lr)
-        eager = self.eager
-        eager.step += 1
+            return self._fallback(x, y, lr, number)
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
         self.lr.fill_(lr)
         self.graph.replay()
-        if eager.step % eager.check_every != 0:
+        if number % self.eager.check_every != 0:
             return False
-        nonfinite, stop = self.dist.any_flags([self.nonfinite_seen, eager.stop_requested()])
+        nonfinite, stop = self.dist.any_flags([self.nonfinite_seen, self.eager.stop_requested()])
         if nonfinite:
-            raise _nonfinite_error(eager.step)
+            raise _nonfinite_error(number)
         return stop
 
-    def _fallback(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> bool:
+    def _fallback(self, x: torch.Tensor, y: torch.Tensor, lr: float, number: int) -> bool:
         lr_tensor = self.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         try:
-            return self.eager(x, y, lr)
+            return self.eager(x, y, lr, number)
         finally:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_tensor

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,6 @@ from typing import Any
 import torch
 
 from mnistdist import checkpoint, rundir
-from mnistdist.checkpoint import Snapshot
 from mnistdist.config import Config, ConfigError, to_yaml, trajectory_changes
 from mnistdist.data import MnistTensors, TrainBatches, eval_shard, load_tensors, normalize, prepare_mnist
 from mnistdist.distributed import Dist, warn_main
@@ -32,21 +29,41 @@ from mnistdist.model import MLP
 from mnistdist.progress import Progress
 from mnistdist.rundir import RunDir
 from mnistdist.schedule import lr_at
-from mnistdist.signals import FaultInjector, Interrupted, NonFiniteLoss, Preempted, StopSignals
+from mnistdist.signals import NonFiniteLoss, Preempted, StopSignals
 from mnistdist.step import EagerStep, GraphedStep
 from mnistdist.tracking import Tracker
 
 
 @dataclass
-class Position:
-    """Where training stands; with the weights, optimizer, RNG and loss sums, a checkpoint."""
+class TrainState:
+    """Where training stands and this rank's loss sums: with the weights and the optimizer's
+    tensors, what a checkpoint holds. ``state_dict``/``load_state_dict`` as in torch."""
 
+    loss: LossMeter
     step: int = 0
     """Optimizer steps done since the start of the run (the global step of every log)."""
     epoch: int = 0
     """The epoch in progress, 0-based."""
     batch_in_epoch: int = 0
     """Batches of ``epoch`` done; a resumed run continues with the next batch."""
+
+    def advance(self) -> None:
+        """One optimizer step done (the step itself added its loss to the sums)."""
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.loss.window_steps += 1
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.loss.epoch_sum.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "loss": self.loss.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.loss.load_state_dict(state["loss"])
 
 
 def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
@@ -62,8 +79,8 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
     with StopSignals() as signals:
         dist = Dist(cfg.dist)
         try:
-            with rundir.claim(run_dir, dist) as run:
-                return fit(cfg, dist, run, resume, signals, allow_config_change)
+            with rundir.claim(run_dir, dist) as claimed:
+                return fit(cfg, dist, claimed, resume, signals, allow_config_change)
         except (Preempted, NonFiniteLoss):
             # Every rank stopped at the same step. Leave together, once rank 0 has finished W&B
             # (bounded by tracking.finish_timeout_s): a rank that exits first makes torchrun
@@ -74,7 +91,7 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
             dist.close()
 
 
-def fit(cfg: Config, dist: Dist, run: RunDir, resume: str, signals: StopSignals,
+def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSignals,
         allow_config_change: bool = False) -> dict[str, Any]:
     """Train and evaluate; return the summary. Collective: every rank calls it."""
     t = cfg.train
@@ -83,174 +100,146 @@ def fit(cfg: Config, dist: Dist, run: RunDir, resume: str, signals: StopSignals,
     # this rank's batches of every epoch come from torch's DistributedSampler.
     prepare_mnist(cfg.data, dist.is_local_main, dist.barrier)
     tensors = load_tensors(cfg.data.root).to(dist.device)
-    per_process_batch = t.global_batch_size // dist.world_size  # divisibility was validated
-    batches = TrainBatches(cfg.data, tensors, per_process_batch, dist.rank, dist.world_size, t.seed, dist.device)
-    steps_per_epoch = len(batches)
+    batches = TrainBatches(cfg.data, tensors, t.global_batch_size // dist.world_size,  # divisibility was validated
+                           dist.rank, dist.world_size, t.seed, dist.device)
     # The LR schedule spans all epochs; train.max_steps only stops early, so a short run is an
     # exact prefix of the full one.
-    schedule_steps = steps_per_epoch * t.epochs
-    last_step = min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps
+    total_steps = len(batches) * t.epochs
+    last_step = min(total_steps, t.max_steps or total_steps)
 
-    # Model and optimizer: the same seed gives every rank the same initial weights.
+    # Model and optimizer: the same seed gives every rank the same initial weights. Then fresh,
+    # or continue where a checkpoint left off.
     dist.seed(t.seed)
     model = build_model(cfg, dist.device)
     model, optimizer = dist.prepare(model, build_optimizer(cfg, model))
-
-    # Fresh, or continue where a checkpoint left off (the same checkpoint on every rank).
-    pos, meter = Position(), LossMeter(dist.device, getattr(torch, cfg.model.dtype))
-    snap = checkpoint.resume(dist, run.root, resume, t.global_batch_size)
-    changes = config_changes(snap, cfg, allow_config_change)  # ConfigError unless allowed
-    if snap is not None:
-        checkpoint.restore(snap, dist.unwrap(model), optimizer, dist.rank)
-        set_hyperparameters(optimizer, cfg)  # the config's values win over the checkpoint's
-        pos = Position(snap.step, snap.epoch, snap.batch_in_epoch)
-        meter.load_state_dict(LossMeter.for_rank([r["loss"] for r in snap.ranks], dist.rank, dist.world_size))
-    if dist.is_main:
-        rundir.start(run, to_yaml(cfg), resumed_step=pos.step if snap else None)
-
-    step = build_step(cfg, dist, model, optimizer, meter, batches, pos, signals)
-    step = FaultInjector(dist.rank).wrap(step, pos.step)  # test hook; `step` itself when unset
-    dist.print(
-        f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}; "
-        f"global batch {t.global_batch_size} = {dist.world_size} x {per_process_batch}; "
-        f"{steps_per_epoch} steps/epoch; run dir {run.root}"
-    )
-    if snap is not None:  # a line of its own: paths can be long, and log lines stay short
-        dist.print(f"resumed from {snap.path} at step {pos.step}"
-                   + (f" (written by {snap.world_size} process(es))" if snap.world_size != dist.world_size else ""))
-
-    run_id = snap.tracking.get("wandb_run_id") if snap else None
-    # After a stop the other ranks wait at a barrier (bounded by dist.timeout_s) while the main
-    # process finishes W&B: its wait must end well before theirs.
-    tracking = dataclasses.replace(cfg.tracking,
-                                   finish_timeout_s=min(cfg.tracking.finish_timeout_s, 0.8 * cfg.dist.timeout_s))
-    tracker = Tracker(tracking, run, cfg.to_dict(), enabled=dist.is_main, run_id=run_id,
-                      resumed_step=pos.step if snap else None)
-    if changes:
-        dist.print(f"continuing with changed config (--allow-config-change): "
-                   + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
-        tracker.log({"step": pos.step, "config_changes": {k: [old, new] for k, old, new in changes}})
+    state = TrainState(LossMeter(dist.device, getattr(torch, cfg.model.dtype)))
+    resumed = resume_from(cfg, dist, run_dir, resume, allow_config_change, dist.unwrap(model), optimizer, state)
+    train_step = build_step(cfg, dist, model, optimizer, state, batches, signals)
+    dist.print(f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}; "
+               f"global batch {t.global_batch_size} = {dist.world_size} x {batches.batch_size}; "
+               f"{len(batches)} steps/epoch; run dir {run_dir.root}")
+    tracker = start_tracking(cfg, dist, run_dir, resumed, state.step)
 
     def save_checkpoint() -> Path:  # collective
-        state = Snapshot(step=pos.step, epoch=pos.epoch, batch_in_epoch=pos.batch_in_epoch,
-                         world_size=dist.world_size, global_batch_size=t.global_batch_size,
-                         model=dist.unwrap(model).state_dict(), optimizer=optimizer.state_dict(), ranks=[],
-                         config=cfg.to_dict(), tracking={"wandb_run_id": tracker.run_id})
-        return checkpoint.save(dist, run.root, cfg.checkpoint.keep_last, state, meter.state_dict())
+        return checkpoint.save(dist, run_dir.root, cfg, dist.unwrap(model), optimizer, state.state_dict(),
+                               {"wandb_run_id": tracker.run_id})
 
-    counts: EvalCounts | None = None
-    best_acc, train_time_s = 0.0, 0.0
-    progress = Progress(cfg.tracking.progress, dist.is_main, t.epochs, last_step)  # bar, lines or off
-    with tracker, progress, dist.diagnose_failures(run.heartbeat, lambda: f"at step {pos.step}"):
+    counts, best_acc = None, 0.0
+    progress = Progress(cfg.tracking.progress, dist.is_main, t.epochs, last_step, t.global_batch_size)
+    with tracker, progress, dist.diagnose_failures(run_dir.heartbeat, lambda: f"at step {state.step}"):
         # (A run stopped right after the last batch of an epoch still owes its evaluation.)
-        while pos.step < last_step or pos.batch_in_epoch == steps_per_epoch:
-            # -- train the rest of this epoch ---------------------------------------------
-            epoch_start, steps_before, window_start = time.perf_counter(), pos.step, time.perf_counter()
-            progress.start_epoch(pos.epoch, steps=min(steps_per_epoch - pos.batch_in_epoch, last_step - pos.step))
-            stop = False
-            for x, y in batches.epoch(pos.epoch, start_batch=pos.batch_in_epoch):
-                if pos.step >= last_step:
-                    break
-                lr = lr_at(pos.step, schedule_steps, t.lr, t.lr_schedule, t.warmup_steps)
-                stop = step(x, y, lr)  # forward, backward (DDP all-reduce), NaN check, update
-                pos.step += 1
-                pos.batch_in_epoch += 1
-                meter.window_steps += 1
+        while state.step < last_step or state.batch_in_epoch == len(batches):
+            progress.start_epoch(state.epoch, steps=min(len(batches) - state.batch_in_epoch, last_step - state.step))
+            for x, y in batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
+                lr = lr_at(state.step, total_steps, t.lr, t.lr_schedule, t.warmup_steps)
+                stop = train_step(x, y, lr, state.step + 1)  # forward, backward (DDP all-reduce), NaN check, update
+                state.advance()
                 progress.step()
-                end_of_epoch = pos.batch_in_epoch == steps_per_epoch or pos.step == last_step
-                if pos.step % t.log_every_steps == 0 or end_of_epoch:
-                    progress.log(log_training(dist, tracker, meter, pos, lr, t.global_batch_size, window_start))
-                    window_start = time.perf_counter()
-                if stop:
+                end_of_epoch = state.batch_in_epoch == len(batches) or state.step == last_step
+                if state.step % t.log_every_steps == 0 or end_of_epoch:
+                    tracker.log(progress.log(train_record(dist, state, lr)))
+                if stop:  # the ranks agreed on a stop request: all leave after this same step
+                    raise signals.stopped(state.step, save_checkpoint())
+                if end_of_epoch:  # (train.max_steps may end it early); saved below, after its evaluation
                     break
-                every = cfg.checkpoint.every_steps
-                if every and pos.step % every == 0 and not end_of_epoch:  # epoch ends save anyway
+                if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                     save_checkpoint()
-            epoch_time_s = time.perf_counter() - epoch_start
-            train_time_s += epoch_time_s
-            if stop:
-                where = save_checkpoint()
-                why = signals.name if signals.received else "a stop signal on another rank"
-                stopped = Interrupted if signals.received == signal.SIGINT else Preempted
-                raise stopped(f"stopped by {why} after step {pos.step}; checkpoint written to {where}; "
-                              "run again with the same --run-dir to resume")
 
-            # -- evaluate, log, checkpoint --------------------------------------------------
-            # Each rank's loss is a mean over an equal-sized batch, so the mean over ranks is
-            # the mean over the global batch.
-            train_loss = (dist.all_reduce_sum(meter.epoch_sum) / (dist.world_size * pos.batch_in_epoch)).item()
             counts = evaluate(cfg, dist, dist.unwrap(model), tensors)
             best_acc = max(best_acc, counts.accuracy)
-            steps_done = pos.step - steps_before
-            samples_per_s = steps_done * t.global_batch_size / epoch_time_s if steps_done else 0.0
-            tracker.log({"epoch": pos.epoch + 1, "step": pos.step, **counts.as_record(),
-                         "train_loss_epoch": train_loss, "epoch_time_s": epoch_time_s,
-                         "samples_per_s": samples_per_s, "per_class_acc": counts.per_class_accuracy(),
-                         "confusion": counts.confusion.tolist()})
-            progress.epoch_end(pos.epoch, train_loss, counts, samples_per_s, epoch_time_s)  # the summary line
-            if pos.batch_in_epoch == steps_per_epoch:
-                pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-                meter.epoch_sum.zero_()
+            tracker.log(progress.epoch_end(epoch_record(dist, state, counts)))  # and its summary line
+            if state.batch_in_epoch == len(batches):
+                state.next_epoch()
             save_checkpoint()
 
         if counts is None:  # resumed from the final checkpoint: nothing left to train
             counts = evaluate(cfg, dist, dist.unwrap(model), tensors)
-        summary = {
-            "final_test_acc": counts.accuracy,
-            "best_test_acc": max(best_acc, counts.accuracy),
-            "final_test_loss": counts.mean_loss,
-            "test_correct": counts.correct,
-            "test_total": counts.total,
-            "steps": pos.step,
-            "epochs": pos.epoch,
-            "train_time_s": train_time_s,
-            "world_size": dist.world_size,
-            "run_dir": str(run.root),
-        }
+        summary = {"final_test_acc": counts.accuracy, "best_test_acc": max(best_acc, counts.accuracy),
+                   "final_test_loss": counts.mean_loss, "test_correct": counts.correct, "test_total": counts.total,
+                   "steps": state.step, "epochs": state.epoch, "train_time_s": progress.train_time_s,
+                   "world_size": dist.world_size, "run_dir": str(run_dir.root)}
         if dist.is_main:
-            write_results(run, dist.unwrap(model), summary, counts, tracker, pos.step)
+            write_results(run_dir, dist.unwrap(model), summary, counts, tracker, state.step)
     dist.barrier()  # nobody exits (and tears down the group) while rank 0 still writes
     return summary
 
 
-def config_changes(snap: Snapshot | None, cfg: Config, allowed: bool) -> list[tuple[str, Any, Any]]:
-    """The trajectory keys whose values differ from the checkpoint's (the same on every rank):
-    a ConfigError listing them, unless ``allowed``."""
+def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_config_change: bool,
+                model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                state: TrainState) -> checkpoint.Snapshot | None:
+    """Continue from the checkpoint that ``--resume`` chooses (the same one on every rank):
+    its weights, optimizer tensors and train state are loaded (the optimizer keeps the config's
+    hyper-parameters), and the run directory's logs are cut back to its step. Returns it, or
+    None for a fresh start. A checkpoint written with other values of keys that change training
+    is a ConfigError listing them, unless ``allow_config_change``."""
+    snap = checkpoint.resume(dist, run_dir.root, resume, cfg.train.global_batch_size)
     changes = trajectory_changes(snap.config, cfg) if snap is not None else []
-    if changes and not allowed:
+    if changes and not allow_config_change:
         raise ConfigError(f"{snap.path}: written with other values of keys that change training: "
                           + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
                           + "; continue with the new values with --allow-config-change, or use another --run-dir")
-    return changes
+    if snap is not None:
+        checkpoint.restore(snap, model, optimizer)
+        state.load_state_dict(snap.train_state(dist.rank, dist.world_size))
+        dist.print(f"resumed from {snap.path} at step {state.step}"
+                   + (f" (written by {snap.world_size} process(es))" if snap.world_size != dist.world_size else ""))
+    if dist.is_main:
+        rundir.start(run_dir, to_yaml(cfg), resumed_step=state.step if snap is not None else None)
+    return snap
 
 
-def log_training(dist: Dist, tracker: Tracker, meter: LossMeter, pos: Position, lr: float,
-                 global_batch_size: int, window_start: float) -> dict[str, Any]:
-    """Log the mean training loss since the last line (all-reduced: a sync point that every
-    rank reaches at the same step) and start a new window. Returns the logged record."""
-    steps = meter.window_steps
-    loss = (dist.all_reduce_sum(meter.window_sum) / (dist.world_size * steps)).item()
-    if not math.isfinite(loss):  # the same value on every rank: all stop together
-        raise NonFiniteLoss(f"non-finite training loss in steps {pos.step - steps + 1}-{pos.step} "
+def start_tracking(cfg: Config, dist: Dist, run_dir: RunDir, resumed: checkpoint.Snapshot | None,
+                   step: int) -> Tracker:
+    """The run's tracker (metrics.jsonl, W&B, TensorBoard), continuing the W&B run of the
+    checkpoint ``resumed`` from; a config change allowed on resume is printed and logged."""
+    # After a stop the other ranks wait at a barrier (bounded by dist.timeout_s) while the main
+    # process finishes W&B: its wait must end well before theirs.
+    tracking = dataclasses.replace(cfg.tracking,
+                                   finish_timeout_s=min(cfg.tracking.finish_timeout_s, 0.8 * cfg.dist.timeout_s))
+    tracker = Tracker(tracking, run_dir, cfg.to_dict(), enabled=dist.is_main,
+                      run_id=resumed.tracking.get("wandb_run_id") if resumed else None,
+                      resumed_step=step if resumed else None)
+    changes = trajectory_changes(resumed.config, cfg) if resumed else []
+    if changes:
+        dist.print("continuing with changed config (--allow-config-change): "
+                   + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
+        tracker.log({"step": step, "config_changes": {k: [old, new] for k, old, new in changes}})
+    return tracker
+
+
+def train_record(dist: Dist, state: TrainState, lr: float) -> dict[str, Any]:
+    """The training line of the steps since the last one, whose sums it resets: their mean loss
+    over all ranks (all-reduced: a sync point every rank reaches at the same step). A NaN/Inf
+    mean is the same on every rank: all raise NonFiniteLoss together."""
+    meter = state.loss
+    loss = (dist.all_reduce_sum(meter.window_sum) / (dist.world_size * meter.window_steps)).item()
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"non-finite training loss in steps {state.step - meter.window_steps + 1}-{state.step} "
                             "(the gradients were finite); lower train.lr or check the data")
-    record = {"epoch": pos.epoch + 1, "step": pos.step, "train_loss": loss, "lr": lr,
-              "samples_per_s": global_batch_size * steps / (time.perf_counter() - window_start)}
-    tracker.log(record)
     meter.window_sum.zero_()
     meter.window_steps = 0
-    return record
+    return {"epoch": state.epoch + 1, "step": state.step, "train_loss": loss, "lr": lr}
 
 
-def write_results(run: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
+def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts) -> dict[str, Any]:
+    """The evaluation line of the epoch: the test counts, and the epoch's mean training loss
+    (all-reduced). Each rank's loss is a mean over an equal share of the global batch, so the
+    mean over ranks is the mean over the global batch."""
+    train_loss = (dist.all_reduce_sum(state.loss.epoch_sum) / (dist.world_size * state.batch_in_epoch)).item()
+    return {"epoch": state.epoch + 1, "step": state.step, **counts.as_record(), "train_loss_epoch": train_loss,
+            "per_class_acc": counts.per_class_accuracy(), "confusion": counts.confusion.tolist()}
+
+
+def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
                   tracker: Tracker, step: int) -> None:
     """Main process: the final weights, summary.json, the W&B summary and the plots."""
-    checkpoint.save_model(model, run.model)
-    rundir.write_summary(run, summary)
+    checkpoint.save_model(model, run_dir.model)
+    rundir.write_summary(run_dir, summary)
     tracker.summary({k: v for k, v in summary.items() if k != "run_dir"})
     from mnistdist.plots import write_run_plots  # matplotlib: imported only here
 
     try:
-        paths = write_run_plots(run.root, confusion=counts.confusion.tolist())
+        paths = write_run_plots(run_dir.root, confusion=counts.confusion.tolist())
     except Exception as e:  # noqa: BLE001 - a plot must never turn a finished training into a failure
         warn_main(f"could not write plots: {type(e).__name__}: {e}")
         return
@@ -266,14 +255,8 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> MLP:
     return MLP(final_relu=cfg.model.final_relu).to(device=device, dtype=getattr(torch, cfg.model.dtype))
 
 
-def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
-    """The config's SGD settings in every parameter group (``load_state_dict`` brings back the
-    checkpoint's; the learning rate is set before every step from the schedule)."""
-    for group in optimizer.param_groups:
-        group.update(momentum=cfg.train.momentum, nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
-
-
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with the config's hyper-parameters (the learning rate is set before every step)."""
     t = cfg.train
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.SGD(
@@ -294,21 +277,20 @@ def make_loss_fn(cfg: Config, model: torch.nn.Module, device: torch.device) -> C
         return loss_fn
     if device.type != "cuda":
         # On a CPU the step is bound by the matrix products, which inductor's C++ code calls as
-        # eager does: compiled/eager epoch time 1.0x on 2 cores, after 3-27 s of compiling, and
-        # not bitwise (scripts/compile_cpu_check.py, docs/benchmarks.md). Not worth adopting.
+        # eager does: no faster after seconds of compiling, and not bitwise
+        # (benchmarks/compile_cpu_check.py, docs/benchmarks.md). Not worth adopting.
         warn_main(f"dist.compile={cfg.dist.compile} is used on GPUs only; training eagerly on {device.type}")
         return loss_fn
     return torch.compile(loss_fn, mode=cfg.dist.compile)
 
 
 def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               meter: LossMeter, batches: TrainBatches, pos: Position,
-               signals: StopSignals) -> EagerStep | GraphedStep:
-    """``step(x, y, lr) -> stop``: the eager step, or the CUDA-graph one when
+               state: TrainState, batches: TrainBatches, signals: StopSignals) -> EagerStep | GraphedStep:
+    """``step(x, y, lr, number) -> stop``: the eager step, or the CUDA-graph one when
     ``dist.cuda_graph`` asks and it can work."""
-    eager = EagerStep(dist, model, optimizer, make_loss_fn(cfg, model, dist.device), meter,
+    eager = EagerStep(dist, model, optimizer, make_loss_fn(cfg, model, dist.device), state.loss,
                       stop_requested=lambda: signals.received is not None,
-                      check_every=cfg.train.stop_check_every_steps, step=pos.step)
+                      check_every=cfg.train.stop_check_every_steps)
     if not cfg.dist.cuda_graph:
         return eager
     why_not = ("it needs CUDA" if dist.device.type != "cuda" else
@@ -318,7 +300,7 @@ def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch
     if why_not:
         warn_main(f"dist.cuda_graph: {why_not}; using the eager step")
         return eager
-    example_x, example_y = next(iter(batches.epoch(pos.epoch)))
+    example_x, example_y = next(iter(batches.epoch(state.epoch)))
     return GraphedStep(eager, dist.raw_optimizer(optimizer), example_x, example_y)
 
 

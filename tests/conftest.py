@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 CPU_LAUNCH_CONFIG = REPO / "configs" / "accelerate" / "cpu.yaml"
+FAULT_TRAIN = TESTS / "fault_train.py"
+"""train_dist.py with ``MNISTDIST_FAULT`` injected (see tests/fault_train.py): ``script=FAULT_TRAIN``."""
 
 # `slow`: left out of `make test-fast` (pytest -m "not slow"). Every test in these
 # directories starts several processes, a Slurm cluster or reads real MNIST.
@@ -49,7 +51,7 @@ def synthetic_mnist(tmp_path: Path) -> Path:
 
 
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT")
+                      "MNISTDIST_DATA_ROOT")
 
 
 def as_one_process(mp: pytest.MonkeyPatch, wandb_mode: str | None = "disabled") -> pytest.MonkeyPatch:
@@ -95,9 +97,9 @@ def run_cmd(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = N
     return subprocess.run(cmd, cwd=cwd, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def train_cmd(*args: str) -> list[str]:
-    """``python train_dist.py ...`` (one process, no launcher)."""
-    return [sys.executable, str(REPO / "train_dist.py"), *args]
+def train_cmd(*args: str, script: Path | None = None) -> list[str]:
+    """``python train_dist.py ...`` (or ``script``; one process, no launcher)."""
+    return [sys.executable, str(script or REPO / "train_dist.py"), *args]
 
 
 def launch_cmd(num_processes: int, *args: str, module: bool = False, script: Path | None = None) -> list[str]:

@@ -1,7 +1,7 @@
 """Exact resume through the real launcher: interrupted runs end bitwise equal to a golden run.
 
-Interruptions are injected at exact steps with MNISTDIST_FAULT (see mnistdist/signals.py),
-which sends the real signal to one rank; one case sends SIGUSR1 from outside to the launcher.
+Interruptions are injected at exact steps with MNISTDIST_FAULT by tests/fault_train.py (run in
+place of train_dist.py), which sends the real signal to one rank; one case sends SIGUSR1 from outside to the launcher.
 
 The runs train on the tiny synthetic MNIST in the real IDX format (tests/synthetic_mnist.py):
 what is proven here is the exactness of resume, not accuracy, and a run then costs little more
@@ -29,7 +29,7 @@ import torch
 from mnistdist import checkpoint
 from mnistdist.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 from mnistdist.rundir import read_metrics
-from tests.conftest import REPO, agreed_stop, assert_same_run, check, child_env, launch_cmd, outcome, run_cmd, train_cmd
+from tests.conftest import FAULT_TRAIN, REPO, agreed_stop, assert_same_run, check, child_env, launch_cmd, outcome, run_cmd, train_cmd
 from tests.synthetic_mnist import write_synthetic_mnist
 
 pytestmark = pytest.mark.distributed
@@ -80,7 +80,7 @@ def test_interrupted_then_resumed_equals_golden(data, golden, tmp_path, case):
     rank, step, sig = CASES[case]
     run_dir = tmp_path / "run"
     fault = env(data, MNISTDIST_FAULT=f"step={step},rank={rank},action={sig}")
-    first = run_cmd(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))), env=fault)
+    first = run_cmd(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN)), env=fault)
     if sig == "TERM":
         # Every rank finished the same step, checkpointed, and exited 75.
         assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_external_sigusr1_to_the_launcher(data, golden, tmp_path):
     test sends SIGUSR1 to the launcher, waits until the launcher has passed it on to that
     worker (pending there), and lets the worker continue; the ranks then agree to stop at 10."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))), cwd=REPO,
+    proc = subprocess.Popen(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN)), cwd=REPO,
                             env=env(data, MNISTDIST_FAULT="step=5,rank=0,action=STOP"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -151,7 +151,8 @@ def test_external_sigusr1_to_the_launcher(data, golden, tmp_path):
 def test_one_process_sigterm_and_resume(data, tmp_path):
     check(run_cmd(train_cmd(*ARGS, "--run-dir", str(tmp_path / "golden")), env=env(data)))
     run_dir = tmp_path / "run"
-    first = run_cmd(train_cmd(*ARGS, "--run-dir", str(run_dir)), env=env(data, MNISTDIST_FAULT="step=45,action=TERM"))
+    first = run_cmd(train_cmd(*ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN),
+                    env=env(data, MNISTDIST_FAULT="step=45,action=TERM"))
     assert first.returncode == EXIT_PREEMPTED and f"stopped by SIGTERM after step {agreed_stop(45)}" in first.stderr
     check(run_cmd(train_cmd(*ARGS, "--run-dir", str(run_dir)), env=env(data)))
     assert_same_run(outcome(tmp_path / "golden"), outcome(run_dir))
@@ -192,7 +193,7 @@ def test_global_batch_change_is_refused(data, golden, tmp_path):
 def test_nan_on_one_rank_stops_all_ranks_at_that_step(data, tmp_path):
     run_dir = tmp_path / "run"
     fault = env(data, MNISTDIST_FAULT="step=50,rank=1,action=nan")
-    result = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=fault)
+    result = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=fault)
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"[rank {rank}] error: non-finite loss or gradient at step 50" in result.stderr

@@ -17,6 +17,7 @@ only the test accuracy is compared.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from safetensors.torch import load_file
 from mnistdist import checkpoint
 from mnistdist.rundir import read_metrics
 from mnistdist.signals import EXIT_PREEMPTED
-from tests.conftest import REPO, agreed_stop, check, child_env, launch_cmd, run_cmd, train_cmd
+from tests.conftest import FAULT_TRAIN, REPO, agreed_stop, check, child_env, launch_cmd, run_cmd, train_cmd
 from tests.synthetic_mnist import write_synthetic_mnist
 
 pytestmark = pytest.mark.distributed
@@ -37,8 +38,8 @@ STEPS_PER_EPOCH = 1200 // 120
 SIZES = [2, 3, 4, 6]
 
 
-def cmd(num_processes: int, *args: str) -> list[str]:
-    return train_cmd(*args) if num_processes == 1 else launch_cmd(num_processes, *args)
+def cmd(num_processes: int, *args: str, script: Path | None = None) -> list[str]:
+    return train_cmd(*args, script=script) if num_processes == 1 else launch_cmd(num_processes, *args, script=script)
 
 
 def params(run_dir):
@@ -115,7 +116,7 @@ def test_resume_on_another_number_of_processes_is_exact(synthetic, tmp_path, cut
     run_dir = tmp_path / "run"
     for n, step in ((2, 15), (3, 27)):
         env = {**synthetic, "MNISTDIST_FAULT": f"step={step},rank=1,action={cut}"}
-        first = run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), env=env, timeout=600)
+        first = run_cmd(cmd(n, *args, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=env, timeout=600)
         if cut == "TERM":
             assert first.returncode == EXIT_PREEMPTED or f"exitcode: {EXIT_PREEMPTED}" in first.stderr, first.stderr[-3000:]
             assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{agreed_stop(step):08d}"

@@ -15,15 +15,15 @@ import pytest
 
 from mnistdist import checkpoint
 from mnistdist.data import MNIST_FILES, raw_dir
-from tests.conftest import REPO, child_env, data_root, launch_cmd, run_cmd, train_cmd
+from tests.conftest import FAULT_TRAIN, REPO, child_env, data_root, launch_cmd, run_cmd, train_cmd
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 TIMEOUT_S = 10  # dist.timeout_s for these runs
 
 
-def wrapped(num_processes: int, *args: str) -> list[str]:
-    cmd = launch_cmd(num_processes, *args)
+def wrapped(num_processes: int, *args: str, script: Path | None = None) -> list[str]:
+    cmd = launch_cmd(num_processes, *args, script=script)
     return [sys.executable, "-m", "mnistdist.launch", *cmd[2:]]
 
 
@@ -53,7 +53,7 @@ def test_a_failing_rank_ends_the_whole_job_quickly_and_is_named(tmp_path, action
     env = child_env(MNISTDIST_FAULT=f"step=60,rank=1,action={action}")
     proc = subprocess.Popen(
         wrapped(2, "train.epochs=1", "checkpoint.every_steps=50", f"dist.timeout_s={TIMEOUT_S}",
-                "--run-dir", str(run_dir)),
+                "--run-dir", str(run_dir), script=FAULT_TRAIN),
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # The fault fires 10 steps after the step-50 checkpoint appears (a few ms per step).
     seen = wait_for(run_dir / "checkpoints" / "step-00000050", proc)
@@ -67,8 +67,8 @@ def test_a_failing_rank_ends_the_whole_job_quickly_and_is_named(tmp_path, action
         expected = "rank 1 (exit -9, SIGKILL)" if action == "KILL" else "rank 1 (exit 1)"
         assert f"first rank to exit: {expected}" in stderr, stderr[-3000:]
     assert not leftover_processes(str(run_dir)), "orphan processes remain"
-    newest = checkpoint.find_latest_valid(run_dir)
-    assert newest is not None and checkpoint.load_checkpoint(newest).step == 50
+    newest = checkpoint.load_latest(run_dir)
+    assert newest is not None and newest.step == 50
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "summary.json").exists()
 
 
@@ -129,8 +129,8 @@ def test_disk_full_at_a_save_keeps_the_previous_checkpoint_and_fails(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode not in (0, 75)
     assert "cannot write checkpoint in" in stderr and "File too large" in stderr
-    newest = checkpoint.find_latest_valid(run_dir)
-    assert newest is not None and checkpoint.load_checkpoint(newest).step >= 20
+    newest = checkpoint.load_latest(run_dir)
+    assert newest is not None and newest.step >= 20
     assert not (run_dir / "summary.json").exists()  # never a false success
     assert not leftover_processes(str(run_dir))
 

@@ -17,7 +17,7 @@ import pytest
 
 from mnistdist import checkpoint
 from mnistdist.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
-from tests.conftest import REPO, child_env, launch_cmd, train_cmd
+from tests.conftest import FAULT_TRAIN, REPO, child_env, launch_cmd, train_cmd
 from tests.faults.test_faults import wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -103,7 +103,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert "Traceback" not in stderr
     assert stderr.count("interrupted again: exiting now without a checkpoint") == 1, stderr[-3000:]
     assert not marker.exists()  # it really did not wait for W&B
-    checkpoint.verify(checkpoint.find_latest_valid(run_dir))  # the newest checkpoint stays valid
+    checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[0])  # the newest checkpoint stays valid
 
 
 def test_sigterm_to_the_launcher_exits_75_after_the_workers_checkpointed(tmp_path):
@@ -134,8 +134,8 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
     assert not alive, f"workers still running {took:.1f} s after their launcher died"
     assert took < 10, took
     print(f"workers gone {took:.1f} s after the launcher's SIGKILL")
-    newest = checkpoint.find_latest_valid(run_dir)
-    assert newest is not None and int(newest.name.split("-")[1]) > 50  # they checkpointed on the way out
+    newest = checkpoint.load_latest(run_dir)
+    assert newest is not None and newest.step > 50  # they checkpointed on the way out
 
 
 def test_the_main_process_finishes_wandb_before_the_job_ends(tmp_path):
@@ -143,7 +143,7 @@ def test_the_main_process_finishes_wandb_before_the_job_ends(tmp_path):
     after a preemption every rank must wait until rank 0 has finished W&B."""
     run_dir, marker = tmp_path / "run", tmp_path / "wandb-finished"
     env = stub_wandb_env(marker, finish_s=4, MNISTDIST_FAULT="step=60,rank=1,action=TERM")
-    proc = start(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env)
+    proc = start(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=env)
     _, stderr = proc.communicate(timeout=180)
     assert marker.is_file(), f"W&B never finished on rank 0:\n{stderr[-3000:]}"
     assert marker.read_text().strip() == f"finished with exit code {EXIT_PREEMPTED}"

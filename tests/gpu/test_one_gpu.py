@@ -1,5 +1,5 @@
 """One GPU (issue 17): training eager and as a CUDA graph, bf16, exact evaluation, exact resume,
-the NaN stop, eager vs graph equality, and the device-side batch and schedule blocks.
+the NaN stop, eager vs graph equality.
 
 Marked ``gpu``; skipped without CUDA. ``benchmarks/gpu_check.sh`` runs them on a lent GPU machine
 with the benchmark. In this process, on the tiny synthetic MNIST of the smoke tests (1000
@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 from mnistdist import checkpoint, training
 from mnistdist.config import load_config
-from mnistdist.data import TrainBatches, gather_normalized, load_tensors, normalize
+from mnistdist.data import load_tensors, normalize
 from mnistdist.model import MLP
-from mnistdist.schedule import DeviceSchedule, lr_at
 from mnistdist.signals import NonFiniteLoss
+from tests.fault_train import injected
 from tests.synthetic_mnist import write_synthetic_mnist
 
 DEVICE = os.environ.get("MNISTDIST_GPU_TESTS_DEVICE", "cuda")
@@ -121,13 +121,9 @@ def test_nan_stops_the_run_and_is_never_applied(one_process_env, data, tmp_path,
     with the graph, which skipped the update in the graph); no checkpoint holds a non-finite
     weight and no final model is written."""
     run_dir = tmp_path / "run"
-    one_process_env.setenv("MNISTDIST_FAULT", "step=5,action=nan")
-    try:
-        with pytest.raises(NonFiniteLoss, match="non-finite loss or gradient at step"):
-            train(data, run_dir, f"dist.cuda_graph={str(graph_step).lower()}", "train.log_every_steps=100",
-                  "checkpoint.every_steps=4")
-    finally:
-        one_process_env.delenv("MNISTDIST_FAULT")
+    with pytest.raises(NonFiniteLoss, match="non-finite loss or gradient at step"), injected("step=5,action=nan"):
+        train(data, run_dir, f"dist.cuda_graph={str(graph_step).lower()}", "train.log_every_steps=100",
+              "checkpoint.every_steps=4")
     saved = checkpoint.list_checkpoints(run_dir)
     assert saved, "the checkpoint before the NaN step is missing"
     for path in saved:
@@ -145,7 +141,7 @@ def test_bf16_trains(data, tmp_path):
     from tests.conftest import REPO
 
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in child_env().items() if k not in ("MNISTDIST_FAULT", "MNISTDIST_DATA_ROOT")}
+    env = {k: v for k, v in child_env().items() if k != "MNISTDIST_DATA_ROOT"}
     result = subprocess.run([sys.executable, str(REPO / "train_dist.py"), "--run-dir", str(run_dir),
                              *overrides(data, "dist.mixed_precision=bf16")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -171,20 +167,3 @@ def test_evaluation_is_exact_on_the_gpu(one_process_env, data, eager):
         logits = model(normalize(tensors.test_images, cfg.data.normalize_mean, cfg.data.normalize_std))
     assert int((logits.argmax(1) == tensors.test_labels).sum()) == counts.correct
     assert counts.confusion.sum() == 200
-
-
-def test_device_batches_and_schedule_equal_the_cpu_bitwise(data):
-    """The device-side building blocks give on the GPU bitwise what the CPU path gives."""
-    cfg = load_config(None, overrides(data)).data
-    tensors = load_tensors(data)
-    cpu = TrainBatches(cfg, tensors, 50, 0, 1, 0, torch.device("cpu"))
-    dev = TrainBatches(cfg, tensors.to(torch.device(DEVICE)), 50, 0, 1, 0, torch.device(DEVICE))
-    images_u8 = tensors.train_images.to(DEVICE)
-    for (x, y), chunk in zip(cpu.epoch(1), dev.index_batches(1)):
-        gx, gy = dev.gather(chunk)
-        assert torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
-        assert torch.equal(gather_normalized(images_u8, chunk, cfg.normalize_mean, cfg.normalize_std).cpu(), x)
-    schedule, buffer = DeviceSchedule(500, 0.1, "cosine", 20, device=DEVICE), torch.zeros((), device=DEVICE)
-    for s in range(500):
-        assert schedule.lr_into(buffer).item() == torch.tensor(lr_at(s, 500, 0.1, "cosine", 20), dtype=torch.float32).item()
-        schedule.advance()

@@ -9,7 +9,7 @@ an uninterrupted run, and every line is one JSON object.
   next record.
 
 The real training loop runs in this process on tiny synthetic MNIST; a "kill" is the fault
-hook ``MNISTDIST_FAULT="step=K,action=raise"`` (training raises after step K) and, for a
+``injected("step=K,action=raise")`` of tests/fault_train.py (training raises after step K) and, for a
 half-written line, text appended to metrics.jsonl afterwards.
 """
 
@@ -22,6 +22,7 @@ import pytest
 
 from mnistdist import training
 from mnistdist.config import load_config
+from tests.fault_train import injected
 from tests.synthetic_mnist import write_synthetic_mnist
 
 STEPS_PER_EPOCH, EPOCHS = 10, 2  # 1000 synthetic images in batches of 100
@@ -48,9 +49,8 @@ def train(data: Path, run_dir: Path, *extra: str, fault_after: int | None = None
                              "train.log_every_steps=1", *extra])
     if fault_after is None:
         return training.run(cfg, run_dir, resume="auto")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MNISTDIST_FAULT", f"step={fault_after},action=raise")
-        with pytest.raises(RuntimeError, match=f"injected fault after step {fault_after}"):
+    with pytest.raises(RuntimeError, match=f"injected fault after step {fault_after}"):
+        with injected(f"step={fault_after},action=raise"):
             training.run(cfg, run_dir, resume="auto")
     return None
 

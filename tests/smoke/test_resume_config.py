@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
-from mnistdist import checkpoint, training
+from mnistdist import training
 from mnistdist.config import ConfigError, load_config
 from mnistdist.rundir import read_metrics
+from mnistdist.schedule import lr_at
 from tests.smoke.test_train_smoke import data, overrides  # noqa: F401 - fixtures
 
 
@@ -44,7 +43,15 @@ def test_keys_that_do_not_change_the_trajectory_just_apply(stopped_run, data):  
     assert not [r for r in read_metrics(stopped_run) if "config_changes" in r]
 
 
-def test_allowed_changes_really_apply_and_are_recorded(stopped_run, data):  # noqa: F811
+def test_allowed_changes_really_apply_and_are_recorded(stopped_run, data, monkeypatch):  # noqa: F811
+    optimizers = []  # the optimizer's settings after the resume, before the first step
+    build_step = training.build_step
+
+    def recording_build_step(cfg, dist, model, optimizer, *args, **kwargs):
+        optimizers.append({k: v for k, v in optimizer.param_groups[0].items() if k != "params"})
+        return build_step(cfg, dist, model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(training, "build_step", recording_build_step)
     summary = resume(stopped_run, data, "train.momentum=0.5", "train.weight_decay=0", "train.lr=0.05", allow=True)
     assert summary["steps"] == 40
     changes = [r for r in read_metrics(stopped_run) if "config_changes" in r]
@@ -52,7 +59,8 @@ def test_allowed_changes_really_apply_and_are_recorded(stopped_run, data):  # no
                                                        "train.weight_decay": [0.0005, 0.0]}}]
     saved = yaml.safe_load((stopped_run / "config.yaml").read_text())
     assert saved["train"]["momentum"] == 0.5 and saved["train"]["lr"] == 0.05
-    # The optimizer ran with the new values, not the checkpoint's.
-    state = json.loads((checkpoint.list_checkpoints(stopped_run)[0] / "state.json").read_text())
-    group = state["optimizer"]["param_groups"][0]
-    assert (group["momentum"], group["weight_decay"]) == (0.5, 0.0)
+    # The optimizer ran with the new values, not the checkpoint's, and every step's lr is the new schedule's.
+    assert (optimizers[0]["momentum"], optimizers[0]["weight_decay"]) == (0.5, 0.0)
+    t = load_config(None, overrides(data, "train.lr=0.05")).train
+    logged = [(r["step"], r["lr"]) for r in read_metrics(stopped_run) if "lr" in r and r["step"] > 13]
+    assert logged and all(lr == lr_at(step - 1, 40, 0.05, t.lr_schedule, t.warmup_steps) for step, lr in logged)

@@ -10,17 +10,16 @@ import pytest
 
 from mnistdist import checkpoint, training
 from mnistdist.config import load_config
-from mnistdist.signals import EXIT_INTERRUPTED, FaultInjector, Interrupted
+from mnistdist.signals import EXIT_INTERRUPTED, Interrupted
+from tests.fault_train import injected
 from tests.smoke.test_train_smoke import data, overrides  # noqa: F401 - fixtures
 
 
-def test_ctrl_c_mid_training_stops_after_that_step_with_a_checkpoint(tmp_path, data, one_process_env,  # noqa: F811
-                                                                     monkeypatch):
-    monkeypatch.setenv("MNISTDIST_FAULT", "step=7,action=INT")
+def test_ctrl_c_mid_training_stops_after_that_step_with_a_checkpoint(tmp_path, data, one_process_env):  # noqa: F811
     # Python's default_int_handler, or SIG_IGN when the suite runs in the background (`cmd &`
     # in a script: the shell starts it with SIGINT ignored).
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(Interrupted) as stopped:
+    with pytest.raises(Interrupted) as stopped, injected("step=7,action=INT"):
         training.run(load_config(None, overrides(data)), tmp_path / "run", resume="never")
     assert stopped.value.exit_code == EXIT_INTERRUPTED
     # The request is agreed at the next agreement (every 10 steps): stopped after step 10.
@@ -40,14 +39,6 @@ def test_ctrl_c_during_the_final_writes_does_not_fail_a_finished_run(tmp_path, d
     monkeypatch.setattr(training, "write_results", interrupted_write_results)
     summary = training.run(load_config(None, overrides(data)), tmp_path / "run", resume="never")
     assert summary["steps"] == 40 and (tmp_path / "run" / "summary.json").is_file()
-
-
-def test_fault_injector_is_the_step_itself_when_unset():
-    def step(x, y, lr):
-        return False
-
-    assert FaultInjector(rank=0, env="").wrap(step, steps_done=0) is step
-    assert FaultInjector(rank=1, env="step=3,rank=0,action=TERM").wrap(step, steps_done=0) is step
 
 
 def test_a_run_directory_in_use_by_another_job_is_refused_naming_the_holder(tmp_path, data, one_process_env):  # noqa: F811

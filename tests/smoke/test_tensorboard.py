@@ -6,7 +6,7 @@ global steps, read back with TensorBoard's own reader (``EventAccumulator``, the
   more; the final plots are images;
 * ``tracking.tensorboard`` and W&B's ``tracking.mode`` are independent (either, both, neither);
   ``tracking.tensorboard=false`` writes no tensorboard directory;
-* after stops and resumes (``train.max_steps``, the ``MNISTDIST_FAULT`` raise hook after a
+* after stops and resumes (``train.max_steps``, an injected ``raise`` (tests/fault_train.py) after a
   checkpoint), and after a rerun of a run killed before its first checkpoint, each step holds
   exactly one value, the one metrics.jsonl holds;
 * a TensorBoard call that raises is reported once and training finishes.

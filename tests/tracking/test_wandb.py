@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from mnistdist.config import TrackingConfig
 from mnistdist.rundir import read_metrics
 from mnistdist.tracking import resolve_mode
-from tests.conftest import check, child_env, launch_cmd, run_cmd, train_cmd
+from tests.conftest import FAULT_TRAIN, check, child_env, launch_cmd, run_cmd, train_cmd
 from tests.tracking.wandb_reader import summarize
 
 SENTINEL = "mnistdistSENTINELkey0123456789abcdef01234567"
@@ -122,7 +122,7 @@ def test_disabled_mode_writes_no_wandb_dir_and_trains_identically(tmp_path):
 def test_resumed_job_continues_the_same_wandb_run(tmp_path):
     run_dir = tmp_path / "run"
     env = child_env(WANDB_MODE="offline", MNISTDIST_FAULT="step=30,action=TERM")
-    first = run_cmd(train_cmd(*SHORT, "--run-dir", str(run_dir)), env=env)
+    first = run_cmd(train_cmd(*SHORT, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=env)
     assert first.returncode == 75, first.stderr
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     (run_dir / "wandb_run_id").unlink()  # the checkpoint alone must carry the id

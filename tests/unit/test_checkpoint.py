@@ -1,16 +1,16 @@
-"""Checkpoint files: atomic commit, verification, pruning, RNG round trip, no pickle."""
+"""Checkpoint files: atomic commit, verification, pruning, restoring, no pickle, the first format."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import random
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,15 +19,17 @@ from mnistdist.checkpoint import CheckpointError, Snapshot
 from tests.conftest import REPO
 
 
+FORMAT_1 = Path(__file__).parent / "checkpoint-format-1" / "step-00000005"
+"""A checkpoint written by the first format's code (with RNG states) from the model of make_snapshot."""
+
+
 def make_snapshot(step: int) -> Snapshot:
     torch.manual_seed(step)
     model = {"w": torch.randn(4, 3), "b": torch.zeros(4)}
-    optimizer = {"state": {0: {"momentum_buffer": torch.randn(4, 3)}, 1: {"momentum_buffer": None}},
-                 "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0, 1]}]}
-    ranks = [{"rng": checkpoint.rng_state(), "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}}
-             for _ in range(2)]
+    optimizer = {0: {"momentum_buffer": torch.randn(4, 3)}, 1: {"momentum_buffer": torch.randn(4)}}
+    losses = [{"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}, {"window_sum": 0.5, "window_steps": 3, "epoch_sum": 1.5}]
     return Snapshot(step=step, epoch=1, batch_in_epoch=7, world_size=2, global_batch_size=200,
-                    model=model, optimizer=optimizer, ranks=ranks, tracking={"wandb_run_id": "abc"},
+                    model=model, optimizer=optimizer, losses=losses, tracking={"wandb_run_id": "abc"},
                     config={"train": {"lr": 0.1}})
 
 
@@ -38,30 +40,32 @@ def test_save_load_round_trip(tmp_path):
     back = checkpoint.load_checkpoint(path)
     assert (back.step, back.epoch, back.batch_in_epoch, back.world_size, back.global_batch_size) == (12, 1, 7, 2, 200)
     assert all(torch.equal(back.model[k], snap.model[k]) for k in snap.model)
-    assert torch.equal(back.optimizer["state"][0]["momentum_buffer"], snap.optimizer["state"][0]["momentum_buffer"])
-    assert back.optimizer["state"][1]["momentum_buffer"] is None
-    assert back.optimizer["param_groups"] == snap.optimizer["param_groups"]
-    assert back.ranks[1]["loss"] == snap.ranks[1]["loss"]
+    assert back.optimizer.keys() == {0, 1}
+    assert all(torch.equal(back.optimizer[i]["momentum_buffer"], snap.optimizer[i]["momentum_buffer"]) for i in (0, 1))
+    assert back.losses == snap.losses
     assert back.tracking == {"wandb_run_id": "abc"}
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors", "optimizer.safetensors",
+                                                      "state.json"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
-def test_rng_state_round_trip(tmp_path):
-    torch.manual_seed(1), random.seed(1), np.random.seed(1)
-    path = checkpoint.save_checkpoint(tmp_path, _with_current_rng(1), 0)
-    expected = (torch.rand(3), random.random(), np.random.rand())
-    torch.manual_seed(99), random.seed(99), np.random.seed(99)
-    checkpoint.set_rng_state(checkpoint.load_checkpoint(path).ranks[0]["rng"])
-    assert torch.equal(torch.rand(3), expected[0])
-    assert random.random() == expected[1] and np.random.rand() == expected[2]
-
-
-def _with_current_rng(step: int) -> Snapshot:
-    state = checkpoint.rng_state()
-    snap = make_snapshot(step)
-    snap.ranks[0]["rng"] = state
-    checkpoint.set_rng_state(state)
-    return snap
+def test_a_checkpoint_of_the_first_format_still_loads_and_restores(tmp_path):
+    """Written by the code before RNG states were dropped: ranks.safetensors (listed in its
+    manifest and verified) and the RNG fields of state.json are not read."""
+    snap = checkpoint.load_checkpoint(FORMAT_1)
+    assert (snap.step, snap.epoch, snap.batch_in_epoch, snap.world_size) == (5, 1, 7, 1)
+    assert snap.losses == [{"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}] and snap.tracking["wandb_run_id"] == "abc"
+    model = WB()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    checkpoint.restore(snap, model, optimizer)
+    assert torch.equal(model.w.detach(), make_snapshot(5).model["w"])
+    assert torch.equal(optimizer.state[model.b]["momentum_buffer"], snap.optimizer[1]["momentum_buffer"])
+    assert optimizer.param_groups[0]["lr"] == 0.3 and optimizer.param_groups[0]["momentum"] == 0.5  # the config's
+    copy_of = tmp_path / "step-00000005"
+    shutil.copytree(FORMAT_1, copy_of)
+    (copy_of / "ranks.safetensors").write_bytes(b"damaged")
+    with pytest.raises(CheckpointError, match="ranks.safetensors"):  # still verified
+        checkpoint.load_checkpoint(copy_of)
 
 
 def test_prune_keeps_newest_only_after_new_is_complete(tmp_path):
@@ -82,7 +86,7 @@ def damage(path, name, how):
         file.unlink()
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "ranks.safetensors", "state.json"])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "state.json"])
 @pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
 def test_damage_is_detected_and_names_the_file(tmp_path, name, how):
     path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
@@ -99,12 +103,12 @@ def test_missing_manifest_means_not_a_checkpoint(tmp_path):
         checkpoint.verify(path)
 
 
-def test_find_latest_valid_skips_damaged_and_says_so(tmp_path):
+def test_load_latest_skips_damaged_and_says_so(tmp_path):
     checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
     newest = checkpoint.save_checkpoint(tmp_path, make_snapshot(20), keep_last=0)
     damage(newest, "model.safetensors", "truncate")
     said = []
-    assert checkpoint.find_latest_valid(tmp_path, warn=said.append).name == "step-00000010"
+    assert checkpoint.load_latest(tmp_path, warn=said.append).path.name == "step-00000010"
     assert len(said) == 1 and "skipping damaged checkpoint" in said[0] and "step-00000020" in said[0]
 
 
@@ -127,9 +131,8 @@ def test_sigkill_during_save_leaves_previous_checkpoint_valid(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO)
     assert result.returncode == -9
     assert list((tmp_path / "checkpoints").glob(".tmp-step-00000020-*"))  # the half-written save
-    found = checkpoint.find_latest_valid(tmp_path)
-    assert found.name == "step-00000010"
-    assert checkpoint.load_checkpoint(found).step == 10
+    found = checkpoint.load_latest(tmp_path)
+    assert found.path.name == "step-00000010" and found.step == 10
     # The next successful save cleans the leftover up.
     checkpoint.save_checkpoint(tmp_path, make_snapshot(30), keep_last=1)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
@@ -145,7 +148,7 @@ def pickle_bomb(marker) -> bytes:
     return pickle.dumps({"model": Bomb()})
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "ranks.safetensors", "state.json"])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "state.json"])
 def test_pickle_bomb_with_matching_manifest_is_never_executed(tmp_path, name):
     path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
     marker = tmp_path / "pwned"
@@ -205,11 +208,7 @@ BAD_STATES = {
     "ranks an object": _set(["ranks"], {"0": {}}),
     "fewer ranks than world_size": lambda s: s.update(ranks=s["ranks"][:1]),
     "a rank not an object": _set(["ranks", 1], 3),
-    "rank without rng": _delete(["ranks", 0, "rng"]),
-    "python rng too short": _set(["ranks", 0, "rng", "python"], [3, [1, 2], None]),
-    "python rng gauss a string": _set(["ranks", 0, "rng", "python", 2], "x"),
-    "numpy rng a string": _set(["ranks", 0, "rng", "numpy"], "MT19937"),
-    "numpy rng keys too short": _set(["ranks", 0, "rng", "numpy", 1], [1, 2, 3]),
+    "rank without loss": _delete(["ranks", 0, "loss"]),
     "loss sums missing": _delete(["ranks", 0, "loss", "window_steps"]),
     "loss sum a string": _set(["ranks", 1, "loss", "epoch_sum"], "2.5"),
     "step a string": _set(["step"], "12"),
@@ -217,19 +216,12 @@ BAD_STATES = {
     "negative batch_in_epoch": _set(["batch_in_epoch"], -1),
     "world_size zero": _set(["world_size"], 0),
     "global_batch_size a float": _set(["global_batch_size"], 200.0),
-    "no optimizer": _delete(["optimizer"]),
-    "param_groups an object": _set(["optimizer", "param_groups"], {}),
-    "params not integers": _set(["optimizer", "param_groups", 0, "params"], ["a"]),
-    "scalars a list": _set(["optimizer", "scalars"], []),
-    "scalar name without index": _set(["optimizer", "scalars"], {"momentum_buffer": None}),
-    "scalar of an unknown parameter": _set(["optimizer", "scalars"], {"7.momentum_buffer": None}),
-    "lr a string": _set(["optimizer", "param_groups", 0, "lr"], "0.1"),
-    "momentum negative": _set(["optimizer", "param_groups", 0, "momentum"], -0.9),
     "tracking a list": _set(["tracking"], []),
     "wandb run id a number": _set(["tracking", "wandb_run_id"], 7),
     "config a string": _set(["config"], "x"),
     "a list, not an object": lambda s: [],
     "wrong format": _set(["format"], "something-else"),
+    "format a list": _set(["format"], ["mnistdist-checkpoint-2"]),
     "step differs from the manifest": _set(["step"], 6),
 }
 
@@ -253,39 +245,18 @@ def test_state_json_that_is_not_a_state_is_a_checkpoint_error(tmp_path, data):
     assert str(path / "state.json") in str(info.value)
 
 
-def _bad_ranks():
-    return {
-        "rank 1's torch state missing": {"0.torch_cpu": torch.get_rng_state()},
-        "torch state not bytes": {"0.torch_cpu": torch.zeros(5056), "1.torch_cpu": torch.get_rng_state()},
-        "torch state too short": {"0.torch_cpu": torch.zeros(7, dtype=torch.uint8),
-                                  "1.torch_cpu": torch.get_rng_state()},
-        "cuda state of a rank that does not exist": {"0.torch_cpu": torch.get_rng_state(),
-                                                     "1.torch_cpu": torch.get_rng_state(),
-                                                     "2.torch_cuda": torch.zeros(16, dtype=torch.uint8)},
-    }
-
-
-@pytest.mark.parametrize("case", list(_bad_ranks()))
-def test_malformed_ranks_safetensors_is_a_checkpoint_error_naming_it(tmp_path, case):
-    from safetensors.torch import save_file
-
-    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
-    save_file(_bad_ranks()[case], str(tmp_path / "ranks"))
-    rewrite(path, "ranks.safetensors", (tmp_path / "ranks").read_bytes())
-    with pytest.raises(CheckpointError) as info:
-        checkpoint.load_checkpoint(path)
-    assert str(path / "ranks.safetensors") in str(info.value)
-
-
-@pytest.mark.parametrize("name", ["momentum_buffer", "7.momentum_buffer", "x.momentum_buffer"])
+@pytest.mark.parametrize("name", ["momentum_buffer", "7.momentum_buffer", "x.momentum_buffer", "-1.momentum_buffer"])
 def test_optimizer_tensor_of_no_parameter_is_a_checkpoint_error_naming_it(tmp_path, name):
+    """At load for a name that is not <parameter index>.<key>; at restore, where the number of
+    parameters is known, for an index beyond it."""
     from safetensors.torch import save_file
 
     path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
     save_file({name: torch.zeros(3)}, str(tmp_path / "optimizer"))
     rewrite(path, "optimizer.safetensors", (tmp_path / "optimizer").read_bytes())
+    model = WB()
     with pytest.raises(CheckpointError) as info:
-        checkpoint.load_checkpoint(path)
+        checkpoint.restore(checkpoint.load_checkpoint(path), model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert str(path / "optimizer.safetensors") in str(info.value)
 
 
@@ -302,6 +273,10 @@ BAD_MANIFESTS = {  # changed in place
     "no step": lambda m: m.pop("step"),
     "step a string": lambda m: m.update(step="5"),
     "wrong format": lambda m: m.update(format="other"),
+    "format an object": lambda m: m.update(format={}),
+    "a file not listed": lambda m: m["files"].pop("optimizer.safetensors"),
+    "the first format's files, the second's format": lambda m: m["files"].update(
+        {"ranks.safetensors": m["files"]["model.safetensors"]}),
 }
 NOT_MANIFESTS = {"a list": b"[]", "null": b"null", "a string": b'"files"', "deeply nested": DEEP,
                  "not UTF-8": b"\xff\xfe\xfa{}"}
@@ -345,9 +320,6 @@ def test_auto_resume_skips_a_newest_checkpoint_that_does_not_load(tmp_path, caps
     assert snap is not None and snap.step == 10 and snap.path.name == "step-00000010"
     out = capsys.readouterr().out
     assert "skipping damaged checkpoint" in out and str(newest / "state.json") in out
-    said = []
-    assert checkpoint.find_latest_valid(tmp_path, warn=said.append).name == "step-00000010"
-    assert len(said) == 1 and "step-00000020" in said[0]
 
 
 def test_auto_resume_with_only_malformed_checkpoints_starts_fresh(tmp_path, capsys):
@@ -365,12 +337,27 @@ def test_resume_of_a_named_malformed_checkpoint_is_a_checkpoint_error(tmp_path):
 
 
 def test_save_and_resume_through_a_dist_round_trip(tmp_path):
+    from mnistdist.config import load_config
+
     dist = OneProcess()
-    snap = make_snapshot(10)
-    loss = snap.ranks[0]["loss"]
-    path = checkpoint.save(dist, tmp_path, 2, snap, loss)
+    cfg = load_config(None, ["checkpoint.keep_last=2", "train.global_batch_size=200"])
+    model = WB()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    (model.w.sum() + 2 * model.b.sum()).backward()
+    optimizer.step()  # momentum buffers
+    loss = {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}
+    path = checkpoint.save(dist, tmp_path, cfg, model, optimizer,
+                           {"step": 10, "epoch": 1, "batch_in_epoch": 4, "loss": loss}, {"wandb_run_id": None})
     back = checkpoint.resume(dist, tmp_path, "auto", 200)
-    assert back.path == path and back.step == 10 and back.ranks[1]["loss"] == loss
+    assert back.path == path and back.step == 10 and back.losses == [loss, loss]
+    assert back.train_state(0, 1) == {"step": 10, "epoch": 1, "batch_in_epoch": 4,
+                                      "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}}
+    assert back.train_state(1, 2)["loss"] == loss  # its own sums on the world size that saved them
+    fresh = WB()
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    checkpoint.restore(back, fresh, fresh_optimizer)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q) and torch.equal(optimizer.state[p]["momentum_buffer"], fresh_optimizer.state[q]["momentum_buffer"])
 
 
 # --------------------------------------------------------------------------------------
@@ -432,7 +419,7 @@ def test_checkpoint_files_and_directories_are_fsynced(tmp_path, fsynced):
     path = checkpoint.save_checkpoint(run, make_snapshot(5), keep_last=0)
     root = os.path.realpath(path.parent)
     names = [os.path.basename(p) for p in fsynced]
-    for name in ("model.safetensors", "optimizer.safetensors", "ranks.safetensors", "state.json", "manifest.json"):
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json", "manifest.json"):
         assert name in names
     tmp_dir = next(i for i, p in enumerate(fsynced) if os.path.basename(p).startswith(".tmp-step-00000005"))
     assert root in fsynced[tmp_dir:]  # the rename into checkpoints/ is made durable
@@ -478,7 +465,7 @@ def test_sigkill_while_replacing_a_step_leaves_a_copy_of_that_step(tmp_path):
     listed = checkpoint.list_checkpoints(tmp_path)
     assert len(listed) == 1
     assert checkpoint.load_checkpoint(listed[0]).step == 10
-    assert checkpoint.find_latest_valid(tmp_path) == listed[0]
+    assert checkpoint.load_latest(tmp_path).path == listed[0]
     # The next save puts the copy back under its own name and removes the leftovers.
     checkpoint.save_checkpoint(tmp_path, make_snapshot(20), keep_last=2)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000020", "step-00000010"]
@@ -491,7 +478,7 @@ def test_a_checkpoint_of_another_model_is_a_checkpoint_error_at_restore(tmp_path
     snap = checkpoint.load_checkpoint(path)  # keys w and b; this model has weight and bias
     model = torch.nn.Linear(3, 4)
     with pytest.raises(CheckpointError) as info:
-        checkpoint.restore(snap, model, torch.optim.SGD(model.parameters(), lr=0.1), rank=0)
+        checkpoint.restore(snap, model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert str(path / "model.safetensors") in str(info.value)
 
 
@@ -516,12 +503,18 @@ class WB(torch.nn.Module):
 
 
 def test_restore_into_the_model_it_was_saved_from(tmp_path):
+    """Weights and momentum come from the checkpoint, the hyper-parameters stay the optimizer's
+    (the config's): nothing needs setting again after a resume."""
     path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
-    model = WB()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    checkpoint.restore(checkpoint.load_checkpoint(path), model, optimizer, rank=1)
-    assert torch.equal(model.w.detach(), make_snapshot(5).model["w"])
-    assert optimizer.param_groups[0]["lr"] == 0.1
+    model = WB().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.8, nesterov=True, weight_decay=1e-3)
+    groups = copy.deepcopy(optimizer.param_groups[0])
+    checkpoint.restore(checkpoint.load_checkpoint(path), model, optimizer)
+    assert torch.equal(model.w.detach(), make_snapshot(5).model["w"].double())
+    buffer = optimizer.state[model.w]["momentum_buffer"]
+    assert buffer.dtype == torch.float64 and torch.equal(buffer, make_snapshot(5).optimizer[0]["momentum_buffer"].double())
+    assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == \
+        {k: v for k, v in groups.items() if k != "params"}
 
 
 def test_optimizer_state_of_another_shape_is_a_checkpoint_error_at_restore(tmp_path):
@@ -533,5 +526,5 @@ def test_optimizer_state_of_another_shape_is_a_checkpoint_error_at_restore(tmp_p
     model = WB()
     with pytest.raises(CheckpointError) as info:
         checkpoint.restore(checkpoint.load_checkpoint(path), model,
-                           torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rank=0)
+                           torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     assert str(path / "optimizer.safetensors") in str(info.value)

@@ -199,6 +199,25 @@ def test_both_pipelines_yield_the_same_batches(tensors, num_replicas, rank):
         assert xa.shape == (per_process, 1, 28, 28)
 
 
+@pytest.mark.parametrize("batch,rank,world,epoch,start", [(50, 0, 1, 0, 0), (50, 0, 1, 3, 7), (30, 2, 3, 1, 0),
+                                                          (64, 1, 2, 2, 5)])  # 64: a last partial batch
+def test_tensor_batches_are_the_samplers_indices_bitwise(synthetic_mnist, batch, rank, world, epoch, start):
+    """The tensor pipeline spelled out: normalize every image once, take this rank's
+    DistributedSampler indices from ``start`` batches on, index_select batch by batch."""
+    tensors, mean, std = load_tensors(synthetic_mnist), 0.1307, 0.3081
+    cfg = DataConfig(pipeline="tensor", normalize_mean=mean, normalize_std=std)
+    got = list(TrainBatches(cfg, tensors, batch, rank, world, seed=0, device=torch.device("cpu")).epoch(epoch, start))
+    sampler = torch.utils.data.DistributedSampler(range(len(tensors.train_labels)), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=0, drop_last=False)
+    sampler.set_epoch(epoch)
+    indices = torch.tensor(list(sampler), dtype=torch.long)[start * batch:].split(batch)
+    images = normalize(tensors.train_images, mean, std)
+    assert len(got) == len(indices) > 0
+    for (x, y), chunk in zip(got, indices):
+        assert torch.equal(x, images.index_select(0, chunk)) and x.dtype == torch.float32
+        assert torch.equal(y, tensors.train_labels.index_select(0, chunk))
+
+
 @pytest.mark.slow
 def test_start_batch_skips_exactly(tensors):
     cfg = DataConfig(root=str(data_root()))

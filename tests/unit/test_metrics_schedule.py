@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mnistdist.metrics import EvalCounts, per_sample_loss
-from mnistdist.schedule import DeviceSchedule, lr_at, lr_table
+from mnistdist.schedule import lr_at
 
 
 def test_cross_entropy_matches_torch():
@@ -83,42 +83,3 @@ def test_loss_sums_resume_on_any_number_of_ranks():
     meter = LossMeter(torch.device("cpu"), torch.float64)
     meter.load_state_dict(LossMeter.for_rank(saved, 0, 3))
     assert meter.window_sum.dtype == torch.float64 and meter.state_dict()["window_sum"] == 6.0
-
-
-SCHEDULES = [  # (total_steps, base_lr, kind, warmup_steps)
-    (3000, 0.1, "cosine", 0),
-    (3000, 0.1, "cosine", 100),
-    (12345, 0.3, "cosine", 7),
-    (50, 0.01, "constant", 0),
-    (1, 0.05, "cosine", 0),
-]
-
-
-@pytest.mark.parametrize("total,base,kind,warmup", SCHEDULES)
-def test_lr_table_is_lr_at_bitwise(total, base, kind, warmup):
-    table = lr_table(total, base, kind, warmup)
-    assert table.dtype == torch.float64 and table.shape == (total,)
-    assert table.tolist() == [lr_at(s, total, base, kind, warmup) for s in range(total)]  # exact
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("total,base,kind,warmup", SCHEDULES)
-def test_device_schedule_equals_the_host_schedule_bitwise(total, base, kind, warmup, dtype):
-    """What a captured step reads from the device is what the eager step gets from lr_at."""
-    schedule, buffer, host = DeviceSchedule(total, base, kind, warmup), torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype)
-    for s in range(total):
-        schedule.lr_into(buffer)
-        host.fill_(lr_at(s, total, base, kind, warmup))
-        assert torch.equal(buffer, host), (s, buffer.item(), host.item())
-        schedule.advance()
-    assert int(schedule.step) == total
-
-
-def test_device_schedule_resumes_at_a_step():
-    total, base = 1000, 0.1
-    schedule, buffer = DeviceSchedule(total, base, "cosine", 10, step=637), torch.zeros((), dtype=torch.float64)
-    assert schedule.lr_into(buffer).item() == lr_at(637, total, base, "cosine", 10)
-    schedule.set_step(12)
-    assert schedule.lr_into(buffer).item() == lr_at(12, total, base, "cosine", 10)
-    with pytest.raises(ValueError):
-        DeviceSchedule(total, base, "cosine", step=total + 1)

@@ -37,11 +37,32 @@ def test_resolve(mode, terminal, tqdm_disable, expected):
 
 @pytest.mark.parametrize("mode", ["auto", "bar", "lines", "off"])
 def test_only_the_main_process_writes(mode, capsys):
-    progress = Progress(mode, enabled=False, epochs=2, last_step=20)
+    progress = Progress(mode, enabled=False, epochs=2, last_step=20, global_batch_size=100)
     with progress:
         progress.start_epoch(0, steps=10)
         for step in range(1, 11):
             progress.step()
-            progress.log({"epoch": 1, "step": step, "train_loss": 0.5, "lr": 0.1, "samples_per_s": 1000.0})
-        progress.epoch_end(0, 0.5, None, 1000.0, 1.0)  # counts are not even looked at
+            progress.log({"epoch": 1, "step": step, "train_loss": 0.5, "lr": 0.1})
+        progress.epoch_end({"epoch": 1, "step": 10})  # the evaluation is not even looked at
     assert capsys.readouterr() == ("", "")
+
+
+def test_throughput_counts_the_steps_since_the_last_record_and_training_time_only(monkeypatch):
+    """samples/s of a training record: the steps since the previous record (or the epoch's start);
+    of an epoch: all its steps over the time to its last record, so what follows (evaluation,
+    checkpoints) is not training time."""
+    now = [100.0]
+    monkeypatch.setattr("mnistdist.progress.time.perf_counter", lambda: now[0])
+    progress = Progress("off", enabled=True, epochs=1, last_step=6, global_batch_size=50)
+    progress.start_epoch(0, steps=6)
+    for step, at in ((1, 101.0), (2, 102.0), (3, 102.0), (4, 103.0), (5, 104.0), (6, 105.0)):
+        now[0] = at
+        progress.step()
+        if step in (2, 6):
+            record = progress.log({"epoch": 1, "step": step, "train_loss": 0.5, "lr": 0.1})
+            assert record["samples_per_s"] == (50 * 2 / 2.0 if step == 2 else 50 * 4 / 3.0)
+    now[0] = 200.0  # evaluating, then the epoch record
+    record = progress.epoch_end({"epoch": 1, "step": 6, "train_loss_epoch": 0.5, "test_loss": 0.4, "test_acc": 0.9,
+                                 "test_correct": 9, "test_total": 10})
+    assert record["epoch_time_s"] == 5.0 and record["samples_per_s"] == 50 * 6 / 5.0
+    assert progress.train_time_s == 5.0

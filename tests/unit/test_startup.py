@@ -29,9 +29,9 @@ seen = {}
 build_step = training.build_step
 def recording_build_step(*args, **kwargs):
     step = build_step(*args, **kwargs)
-    def first(x, y, lr):
+    def first(x, y, lr, number):
         seen.setdefault("first_step", sorted({m.split(".")[0] for m in sys.modules}))
-        return step(x, y, lr)
+        return step(x, y, lr, number)
     return first
 training.build_step = recording_build_step
 training.run(load_config(None, sys.argv[2:]), sys.argv[1], resume="never")
