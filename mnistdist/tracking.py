@@ -3,14 +3,16 @@
 ``Tracker.log`` writes each record to metrics.jsonl and, with the same global step, to
 TensorBoard (``tracking.tensorboard``) and W&B (``tracking.mode``), so all three hold the same
 numbers. Either, both or neither of TensorBoard and W&B: the two keys are independent.
+metrics.jsonl is the run's record: when it cannot be written, training stops
+(``MetricsWriteError``, one line naming the file).
 
 TensorBoard (``TensorBoardLog``): event files in ``RUN_DIR/tensorboard/`` through
 ``torch.utils.tensorboard.SummaryWriter``; tags: ``tensorboard_scalars``. Each step once, as
 TensorBoard reads them, across restarts: a resumed run opens its writer with ``purge_step`` =
 resumed step + 1 (TensorBoard then discards what the killed attempt wrote from that step on), and
 a fresh start sets an earlier directory aside as ``tensorboard.old-N``, as metrics.jsonl is set
-aside. Written after metrics.jsonl and flushed with every record; a failure after start-up is
-reported once (``tensorboard: ...``) and TensorBoard is off for the rest of the run.
+aside. Written after metrics.jsonl and flushed with every record; a failure (at start-up too) is
+reported in one line (``tensorboard: ...``) and TensorBoard is off for the rest of the run.
 
 W&B can never hold the job hostage:
 
@@ -60,6 +62,7 @@ from tqdm.auto import tqdm
 
 from mnistdist.config import TrackingConfig
 from mnistdist.rundir import RunDir, read_metrics, set_aside
+from mnistdist.signals import TrainingStopped
 
 
 def _jsonable(value: Any) -> Any:
@@ -79,26 +82,61 @@ def _ends_mid_line(path: Path) -> bool:
         return False
 
 
+class MetricsWriteError(TrainingStopped):
+    """metrics.jsonl cannot be written: training stops at once, without a new checkpoint (exit 1)."""
+
+
 class MetricsLog:
-    """Appends one JSON object per line to ``run_dir/metrics.jsonl``; a no-op off the main rank."""
+    """Appends one JSON object per line to ``run_dir/metrics.jsonl``; a no-op off the main rank.
+
+    A failed write (a full disk, ...) raises ``MetricsWriteError``, naming the file: a run that
+    cannot record its history stops. Not with a checkpoint of the step reached: resuming from the
+    newest earlier checkpoint logs the lost records again, so the history stays complete.
+    """
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.enabled = enabled
         self.path = path
-        self._file = open(self.path, "a", buffering=1) if enabled else None  # line-buffered
-        if self._file is not None and _ends_mid_line(self.path):
-            # A half-written line left by a killed run (rundir.start normally removes it): never
-            # glue the next record to it.
-            self._file.write("\n")
+        self._file = None
+        if not enabled:
+            return
+        try:
+            self._file = open(self.path, "a", buffering=1)  # line-buffered: each record written at once
+            if _ends_mid_line(self.path):
+                # A half-written line left by a killed run (rundir.start normally removes it):
+                # never glue the next record to it.
+                self._file.write("\n")
+        except OSError as e:
+            self._abandon()
+            raise MetricsWriteError(self._cannot_write(e, None)) from None
+
+    def _cannot_write(self, e: OSError, step: int | None) -> str:
+        return (f"cannot write {self.path} ({e.strerror or e})" + (f" at step {step}" if step is not None else "")
+                + "; training stopped without a new checkpoint, so that resuming from the newest one logs "
+                "every step again: make room, then run again with the same --run-dir")
 
     def log(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        if self._file is None:
+            return
+        line = json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n"
+        try:
+            self._file.write(line)
+        except OSError as e:
+            self._abandon()
+            raise MetricsWriteError(self._cannot_write(e, record.get("step"))) from None
+
+    def _abandon(self) -> None:
+        """Close after a failed write; the rest of that line cannot be written either."""
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        # Every record was flushed when it was written: closing has nothing left to write.
+        self._abandon()
 
 
 def _describe(e: BaseException) -> str:
@@ -148,6 +186,24 @@ def _wait_to_sort_last(directory: Path, longest_s: float = 2.5) -> None:
         time.sleep(0.05)
 
 
+def _keep_tensorboard_thread_errors_off_stderr() -> None:
+    """TensorBoard's event writer thread keeps an exception (a full disk, an unwritable
+    directory) for the writer's next call, where ``TensorBoardLog`` reports it in one line, and
+    also lets it reach ``threading.excepthook``, which prints it as a traceback: drop that copy.
+    Exceptions of every other thread go to the hook as before."""
+    previous = threading.excepthook
+    if getattr(previous, "keeps_tensorboard_errors", False):
+        return
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, Exception) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.keeps_tensorboard_errors = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class TensorBoardLog:
     """``RUN_DIR/tensorboard/``: each record's numbers as scalars (``tensorboard_scalars``) at its
     step, the config as text, the final plots as images. Never raises: a failure is reported
@@ -172,6 +228,7 @@ class TensorBoardLog:
                 _wait_to_sort_last(self.path)
             from torch.utils.tensorboard import SummaryWriter
 
+            _keep_tensorboard_thread_errors_off_stderr()
             self._writer = SummaryWriter(str(self.path), purge_step=None if resumed_step is None else resumed_step + 1)
             if resumed_step is None:
                 import yaml
