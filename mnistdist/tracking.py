@@ -26,7 +26,9 @@ W&B (``WandbLog``) can never hold the job hostage:
   off for the rest of the run; training goes on, and metrics.jsonl (written first, always)
   holds every record;
 * the run id lives in ``RUN_DIR/wandb_run_id`` (and in each checkpoint), so a resumed or
-  requeued job continues the same W&B run.
+  requeued job continues the same W&B run;
+* W&B prints nothing itself; the run's last line names its URL, or its offline directory and
+  the ``wandb sync`` command that uploads it.
 
 The API key is never read from the config or the command line: wandb reads it from
 ``WANDB_API_KEY`` or ``~/.netrc`` itself, and we never log the environment.
@@ -53,6 +55,7 @@ import netrc
 import os
 import queue
 import secrets
+import shlex
 import string
 import sys
 import threading
@@ -383,6 +386,10 @@ class WandbLog:
         self.cfg = cfg
         self.run = run
         self.mode = mode
+        self.url: str | None = None
+        """The run's page (online runs), once W&B has started."""
+        self.directory: Path | None = None
+        """The run's own directory under ``RUN_DIR/wandb`` (what ``wandb sync`` uploads), once started."""
         self.run_id = self._choose_run_id(run_id)
         self._wandb: Any = None
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(QUEUE_RECORDS)
@@ -480,7 +487,7 @@ class WandbLog:
             pass
 
     def close(self, exit_code: int) -> None:
-        """Finish the run (what is queued first) within ``finish_timeout_s``.
+        """Finish the run (what is queued first) within ``finish_timeout_s``; print where it is.
         Never raises. A run given up is not waited for (but ``TEARDOWN_WAIT_S`` for its teardown)."""
         if self._closed:
             return
@@ -502,6 +509,24 @@ class WandbLog:
                 self._stuck()
         if self._teardown is not None:
             self._teardown.join(TEARDOWN_WAIT_S)
+        line = self.final_line()
+        if line is not None:
+            print(line, flush=True)
+
+    @property
+    def sync_command(self) -> str | None:
+        """``wandb sync DIR`` for a run W&B has not fully uploaded (offline, or not finished)."""
+        if self.directory is None or (self.url is not None and self._finished):
+            return None
+        return f"wandb sync {shlex.quote(str(self.directory))}"
+
+    def final_line(self) -> str | None:
+        """Where the run is: its URL, or its offline directory and the command that uploads it."""
+        if self.url is not None:
+            return f"W&B run: {self.url}" + (f" (not all uploaded: {self.sync_command})" if self.sync_command else "")
+        if self.directory is not None:
+            return f"W&B offline run in {self.directory}; upload it with: {self.sync_command}"
+        return None
 
     # -- the W&B thread ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -572,9 +597,9 @@ class WandbLog:
     def _init(self, mode: str, config: dict[str, Any]) -> Any:
         """``wandb.setup`` and ``wandb.init`` of this job's run in ``mode``."""
         cfg, wandb = self.cfg, self._wandb
-        # console="off": W&B does not capture our stdout/stderr; silent: none of its own lines,
-        # also from W&B's process-wide code, which takes its settings from wandb.setup. W&B bounds
-        # its own start and its upload at the end.
+        # console="off": W&B does not capture our stdout/stderr; silent: none of its own lines
+        # (final_line says where the run is), also from W&B's process-wide code, which takes its
+        # settings from wandb.setup. W&B bounds its own start and its upload at the end.
         settings = wandb.Settings(mode=mode, init_timeout=cfg.init_timeout_s, finish_timeout=cfg.finish_timeout_s,
                                   console="off", silent=True)
         wandb.setup(settings=settings)
@@ -600,7 +625,7 @@ class WandbLog:
                 self._warn_once(f"disabled for this run: could not start ({_describe(e)})")
                 return None
             self._say(f"cannot reach W&B ({type(e).__name__}); logging offline to {self.run.root / 'wandb'} "
-                      f"instead: upload later with `wandb sync {self.run.root / 'wandb'}/offline-run-*`")
+                      "instead (the run's last line names the directory to upload with `wandb sync`)")
             try:
                 with self._bounded("did not start offline", bound):
                     self._wandb.teardown()  # forget the failed online run, so the same id can be used offline
@@ -610,7 +635,13 @@ class WandbLog:
                 if not self._given_up:
                     self._warn_once(f"disabled for this run: offline start failed too ({_describe(e2)})")
                 return None
-        return None if self._given_up else run
+        if self._given_up:
+            return None
+        sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
+        self.directory = Path(sync_dir) if sync_dir else None
+        if self.mode == "online" and not getattr(run, "offline", False):
+            self.url = getattr(run, "url", None)  # (W&B warns when an offline run is asked for it)
+        return run
 
     def _finish(self, run: Any, exit_code: int, deadline: float) -> None:
         """``run.finish``, also after a failed call (so what W&B got is flushed to its files and
@@ -653,6 +684,21 @@ class Tracker:
             self.wandb = WandbLog(cfg, run, config, self.mode, run_id)
             self.run_id = self.wandb.run_id
 
+    @property
+    def wandb_url(self) -> str | None:
+        """The W&B run's page (an online run, once W&B has started); else None."""
+        return self.wandb.url if self.wandb is not None else None
+
+    @property
+    def wandb_dir(self) -> Path | None:
+        """The W&B run's own directory under ``RUN_DIR/wandb`` (once W&B has started); else None."""
+        return self.wandb.directory if self.wandb is not None else None
+
+    @property
+    def wandb_sync_command(self) -> str | None:
+        """``wandb sync DIR`` while W&B has not uploaded everything (offline, or not finished)."""
+        return self.wandb.sync_command if self.wandb is not None else None
+
     def log(self, record: dict[str, Any]) -> None:
         """One record (with its global ``step``) to metrics.jsonl, TensorBoard and W&B."""
         self.metrics.log(record)
@@ -679,7 +725,8 @@ class Tracker:
         self.close(exit_code=0 if exc is None else getattr(exc, "exit_code", 1))
 
     def close(self, exit_code: int = 0) -> None:
-        """Close metrics.jsonl and TensorBoard, finish W&B within ``finish_timeout_s``. Never raises."""
+        """Close metrics.jsonl and TensorBoard, finish W&B within ``finish_timeout_s`` and print
+        the W&B run's last line (``WandbLog.final_line``). Never raises."""
         self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()

@@ -1,7 +1,8 @@
 """W&B can never stop or hold training: a W&B call after start-up that fails (``run.log``, a
 ``wandb.Table`` or ``wandb.Image``, ``run.summary[...] = ...``, ``run.finish``), or any W&B call
 that never returns (``wandb.init`` too), is reported once on stderr, W&B is dropped for the rest
-of the run, and training finishes with a complete metrics.jsonl and summary.json.
+of the run, and training finishes with a complete metrics.jsonl and summary.json. The last line
+of a run names its W&B run: the URL, or the offline directory and the ``wandb sync`` command.
 
 The real training loop runs in this process on tiny synthetic MNIST with ``tracking.mode=offline``
 (so the Tracker starts W&B); ``wandb.init`` returns a stand-in run that raises where we ask.
@@ -257,3 +258,36 @@ def test_a_hanging_wandb_call_is_given_up_once_and_training_finishes(hanging_wan
         if call == "log":
             assert run.logged == [1, 2, 3, 4]  # step 5 never returned; nothing was queued after it
         assert run.finished is None  # a stuck run is given up, never finished
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_the_last_line_names_the_wandb_run(monkeypatch, synthetic_mnist, tmp_path, capsys, mode):
+    """Offline: the run's own directory and the exact `wandb sync` command; online: its URL.
+    Once, at the end; W&B's own console output stays off."""
+    import wandb
+
+    as_one_process(monkeypatch, wandb_mode=None)
+    made: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> FakeRun:
+        made.append(kwargs)
+        sync_dir = f"{kwargs['dir']}/wandb/offline-run-20260101_000000-{kwargs['id']}"
+        url = f"https://wandb.ai/me/mnistdist/runs/{kwargs['id']}" if kwargs["mode"] == "online" else None
+        return FakeRun("none", 0, sync_dir=sync_dir, url=url)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(wandb, "setup", no_setup)
+    run_dir = tmp_path / "run"
+    training.run(load_config(None, [*overrides(synthetic_mnist), f"tracking.mode={mode}"]), run_dir, resume="auto")
+
+    [kwargs] = made
+    assert kwargs["settings"].silent and kwargs["settings"].console == "off"
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("W&B")]
+    assert len(lines) == 1 and out.rstrip().endswith(lines[0]), out
+    if mode == "online":
+        assert lines[0] == f"W&B run: https://wandb.ai/me/mnistdist/runs/{run_id}"
+    else:
+        sync_dir = run_dir / "wandb" / f"offline-run-20260101_000000-{run_id}"
+        assert lines[0] == f"W&B offline run in {sync_dir}; upload it with: wandb sync {sync_dir}"

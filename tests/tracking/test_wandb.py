@@ -37,14 +37,22 @@ def wandb_file(run: Path) -> Path:
     return f
 
 
+def last_line(result, run: Path) -> None:
+    """The run's output names its offline W&B run and the exact command that uploads it, once."""
+    expected = f"W&B offline run in {run}; upload it with: wandb sync {run}"
+    assert (result.stdout + result.stderr).count("W&B offline run in") == 1, result.stdout[-3000:]
+    assert expected in result.stdout.splitlines(), result.stdout[-3000:]
+
+
 def test_two_process_offline_run_matches_metrics_jsonl(tmp_path):
     run_dir = tmp_path / "run"
-    check(run_cmd(launch_cmd(2, "train.epochs=1", "train.log_every_steps=25", "--run-dir", str(run_dir),
+    result = check(run_cmd(launch_cmd(2, "train.epochs=1", "train.log_every_steps=25", "--run-dir", str(run_dir),
                                       "tracking.tags=ci,offline"),
                            env=child_env(WANDB_MODE="offline"), cwd=tmp_path))
     runs = offline_runs(run_dir)
     assert len(runs) == 1, runs  # exactly one W&B run for two processes
     assert not (tmp_path / "wandb").exists()  # and no stray one from rank 1 in the working dir
+    last_line(result, runs[0])  # from the main process only
     data = summarize(wandb_file(runs[0]))
     assert data["run_id"] == (run_dir / "wandb_run_id").read_text().strip()
 
@@ -91,6 +99,7 @@ def test_unreachable_online_wandb_does_not_hold_the_job(tmp_path):
     output = result.stdout + result.stderr
     assert output.count("cannot reach W&B") == 1  # said once
     [run] = offline_runs(run_dir)
+    last_line(result, run)
     data = summarize(wandb_file(run))
     assert data["summary"]["final_test_acc"] == json.loads((run_dir / "summary.json").read_text())["final_test_acc"]
     # The API key is nowhere: not in the run directory (W&B files included), not in the output.
@@ -226,3 +235,4 @@ def test_a_hanging_wandb_init_is_given_up_after_init_timeout_s(tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("wandb:")]
     assert len(warnings) == 1 and "did not start within 10 s" in warnings[0], result.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 60
+    assert "W&B" not in result.stdout  # no W&B run to name
