@@ -149,3 +149,27 @@ def test_the_main_process_finishes_wandb_before_the_job_ends(tmp_path):
     assert marker.read_text().strip() == f"finished with exit code {EXIT_PREEMPTED}"
     # Rank 0 ended on its own, not SIGTERMed: torchrun's failure report lists each rank's code.
     assert re.search(r"rank +: 0 \(local_rank: 0\)\s+exitcode +: 75 ", stderr), stderr[-3000:]
+
+
+def test_sigterm_stops_with_a_checkpoint_while_wandb_hangs(tmp_path):
+    """A W&B call that never returns (the stub's run.log) holds neither training nor a stop:
+    SIGTERM still gives the agreed stop, a checkpoint and exit 75, with one line about W&B."""
+    run_dir, marker = tmp_path / "run", tmp_path / "wandb-stub"
+    env = stub_wandb_env(marker, finish_s=0, STUB_WANDB_HANG="log")
+    proc = start(wrapper(*ARGS, "tracking.finish_timeout_s=5", "--run-dir", str(run_dir)), env=env)
+    try:
+        wait_for(marker, proc)  # the main process's W&B is stuck in run.log from here on
+        wait_for(run_dir / "checkpoints" / "step-00000100", proc)  # and training goes on
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    steps = stop_steps(stderr)
+    assert len(steps) == 1 and checkpoint.list_checkpoints(run_dir)[0].name == f"step-{steps[0]:08d}", stderr[-3000:]
+    checkpoint.verify(checkpoint.list_checkpoints(run_dir)[0])
+    assert "Traceback" not in stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("wandb:")]
+    assert len(warnings) == 1 and "W&B is off for the rest of this run" in warnings[0], stderr[-3000:]
+    assert marker.read_text() == "hanging in log\n"  # never finished: it was given up

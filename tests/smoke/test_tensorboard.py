@@ -128,6 +128,7 @@ def test_tensorboard_and_wandb_are_independent(env, data, tmp_path, monkeypatch)
             pass
 
     monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
+    monkeypatch.setattr(wandb, "setup", lambda settings=None: None)  # no W&B process: init is faked
     for tensorboard, wandb_mode in ((True, "offline"), (False, "offline"), (False, "disabled")):
         logged.clear()
         run_dir = tmp_path / f"run-{tensorboard}-{wandb_mode}"

@@ -1,7 +1,8 @@
-"""W&B can never stop training: a failure of any W&B call after start-up (``run.log``, a
-``wandb.Table`` or ``wandb.Image``, ``run.summary[...] = ...``, ``run.finish``) is reported once
-on stderr, W&B is dropped for the rest of the run, and training finishes with a complete
-metrics.jsonl and summary.json.
+"""W&B can never stop or hold training: a W&B call after start-up that fails (``run.log``, a
+``wandb.Table`` or ``wandb.Image``, ``run.summary[...] = ...``, ``run.finish``), or any W&B call
+that never returns (``wandb.init`` too), is reported once on stderr, W&B is dropped for the rest
+of the run, and training finishes with a complete metrics.jsonl and summary.json. The last line
+of a run names its W&B run: the URL, or the offline directory and the ``wandb sync`` command.
 
 The real training loop runs in this process on tiny synthetic MNIST with ``tracking.mode=offline``
 (so the Tracker starts W&B); ``wandb.init`` returns a stand-in run that raises where we ask.
@@ -10,12 +11,13 @@ The real training loop runs in this process on tiny synthetic MNIST with ``track
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mnistdist import training
+from mnistdist import tracking, training
 from mnistdist.config import load_config
 from tests.conftest import as_one_process
 
@@ -40,13 +42,15 @@ class FakeSummary(dict):
 class FakeRun:
     """What ``wandb.init`` returns; ``fail`` names the call that raises."""
 
-    def __init__(self, fail: str, fail_after: int) -> None:
+    def __init__(self, fail: str, fail_after: int, sync_dir: str = "", url: str | None = None) -> None:
         self.fail, self.fail_after = fail, fail_after
         self.logged: list[int] = []
         self.calls_after_failure = 0
         self.failed = False
         self.summary = FakeSummary(fail == "summary")
         self.finished: int | None = None
+        self.offline, self.url = url is None, url
+        self.settings = type("Settings", (), {"sync_dir": sync_dir})()
 
     def log(self, data: dict[str, Any], step: int) -> None:
         if self.failed:
@@ -62,6 +66,10 @@ class FakeRun:
         self.finished = exit_code
 
 
+def no_setup(settings: Any = None) -> None:
+    """``wandb.setup`` without W&B's own process (only ``wandb.init`` is faked)."""
+
+
 @pytest.fixture
 def fake_wandb(monkeypatch):
     """A factory: ``fake_wandb(fail, fail_after)`` patches wandb and returns the runs it makes."""
@@ -74,13 +82,14 @@ def fake_wandb(monkeypatch):
 
         def init(**kwargs: Any) -> FakeRun:
             assert kwargs["mode"] == "offline"
-            runs.append(FakeRun(fail, fail_after))
+            runs.append(FakeRun(fail, fail_after, f"{kwargs['dir']}/wandb/offline-run-fake-{kwargs['id']}"))
             return runs[-1]
 
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise Broken(f"wandb.{fail.capitalize()} failed")
 
         monkeypatch.setattr(wandb, "init", init)
+        monkeypatch.setattr(wandb, "setup", no_setup)
         if fail in ("image", "table"):
             monkeypatch.setattr(wandb, fail.capitalize(), broken)
         return runs
@@ -149,3 +158,136 @@ def test_a_wandb_agent_run_uses_the_agents_run_id_then_keeps_its_own(fake_wandb,
     training.run(load_config(None, [*overrides(synthetic_mnist), "train.epochs=2"]), run_dir, resume="auto",
                  allow_config_change=True)
     assert ids == ["agent123", "agent123"]
+
+
+class HangingRun(FakeRun):
+    """A run whose ``hang`` call never returns (until the test ends); ``calls`` counts the calls
+    made to it."""
+
+    def __init__(self, hang: str, release: threading.Event) -> None:
+        super().__init__("none", 0)
+        self.hang, self.release = hang, release
+        self.calls = 0
+        if hang == "summary":
+            self.summary = HangingSummary(self)
+
+    def stuck(self, call: str) -> None:
+        self.calls += 1
+        if self.hang == call:
+            self.release.wait()
+
+    def log(self, data: dict[str, Any], step: int) -> None:
+        self.stuck("log" if len(self.logged) >= 4 else "")  # hangs on step 5, mid-epoch
+        super().log(data, step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.stuck("finish")
+        super().finish(exit_code)
+
+
+class HangingSummary(dict):
+    def __init__(self, run: HangingRun) -> None:
+        super().__init__()
+        self.run = run
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.run.stuck("summary")
+        super().__setitem__(key, value)
+
+
+@pytest.fixture
+def hanging_wandb(monkeypatch):
+    """``hanging_wandb(call)``: wandb whose ``call`` never returns while the test runs; returns the
+    runs it makes. The bounds are short: a call is given up after 0.3 s, a start after 0.5 s
+    (init_timeout_s 0.2 + 0.3), finishing after 1 s (finish_timeout_s)."""
+    import wandb
+
+    as_one_process(monkeypatch, wandb_mode=None)
+    monkeypatch.setattr(tracking, "CALL_TIMEOUT_S", 0.3, raising=False)
+    monkeypatch.setattr(tracking, "INIT_MARGIN_S", 0.3, raising=False)
+    release = threading.Event()
+    runs: list[HangingRun] = []
+
+    def patch(call: str) -> list[HangingRun]:
+        def init(**kwargs: Any) -> HangingRun:
+            if call == "init":
+                release.wait()
+            runs.append(HangingRun(call, release))
+            return runs[-1]
+
+        def stuck(*args: Any, **kwargs: Any) -> None:
+            release.wait()
+
+        monkeypatch.setattr(wandb, "init", init)
+        monkeypatch.setattr(wandb, "setup", no_setup)
+        if call in ("table", "image"):
+            monkeypatch.setattr(wandb, call.capitalize(), stuck)
+        return runs
+
+    yield patch
+    calls = [run.calls for run in runs]
+    release.set()  # the stuck calls return: W&B, given up, must make no call after them
+    for thread in threading.enumerate():
+        if thread.name.startswith("mnistdist-wandb"):
+            thread.join()
+    # (A stuck wandb.init returns a run when released: it gets no call either.)
+    assert [run.calls for run in runs] == calls + [0] * (len(runs) - len(calls))
+
+
+@pytest.mark.parametrize("call", ["init", "log", "table", "summary", "image", "finish"])
+def test_a_hanging_wandb_call_is_given_up_once_and_training_finishes(hanging_wandb, synthetic_mnist, tmp_path,
+                                                                     capsys, call):
+    runs = hanging_wandb(call)
+    run_dir = tmp_path / "run"
+
+    summary = training.run(load_config(None, [*overrides(synthetic_mnist), "tracking.init_timeout_s=0.2",
+                                              "tracking.finish_timeout_s=1"]), run_dir, resume="auto")
+
+    assert summary["steps"] == STEPS_PER_EPOCH * EPOCHS
+    assert json.loads((run_dir / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
+    err = capsys.readouterr().err
+    warnings = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("wandb:")]
+    assert len(warnings) == 1 and err.count("wandb:") == 1, err
+    assert "W&B is off for the rest of this run" in warnings[0], warnings
+    if call == "init":
+        assert runs == []
+    else:
+        [run] = runs
+        if call == "log":
+            assert run.logged == [1, 2, 3, 4]  # step 5 never returned; nothing was queued after it
+        assert run.finished is None  # a stuck run is given up, never finished
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_the_last_line_names_the_wandb_run(monkeypatch, synthetic_mnist, tmp_path, capsys, mode):
+    """Offline: the run's own directory and the exact `wandb sync` command; online: its URL.
+    Once, at the end; W&B's own console output stays off."""
+    import wandb
+
+    as_one_process(monkeypatch, wandb_mode=None)
+    made: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> FakeRun:
+        made.append(kwargs)
+        sync_dir = f"{kwargs['dir']}/wandb/offline-run-20260101_000000-{kwargs['id']}"
+        url = f"https://wandb.ai/me/mnistdist/runs/{kwargs['id']}" if kwargs["mode"] == "online" else None
+        return FakeRun("none", 0, sync_dir=sync_dir, url=url)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(wandb, "setup", no_setup)
+    run_dir = tmp_path / "run"
+    training.run(load_config(None, [*overrides(synthetic_mnist), f"tracking.mode={mode}"]), run_dir, resume="auto")
+
+    [kwargs] = made
+    assert kwargs["settings"].silent and kwargs["settings"].console == "off"
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("W&B")]
+    assert len(lines) == 1 and out.rstrip().endswith(lines[0]), out
+    if mode == "online":
+        assert lines[0] == f"W&B run: https://wandb.ai/me/mnistdist/runs/{run_id}"
+    else:
+        sync_dir = run_dir / "wandb" / f"offline-run-20260101_000000-{run_id}"
+        assert lines[0] == f"W&B offline run in {sync_dir}; upload it with: wandb sync {sync_dir}"
