@@ -226,11 +226,11 @@ def _launcher(argv: list[str]) -> Callable[[], object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for sig in FORWARDED_SIGNALS:  # first: a stop during the imports below is kept
+        signal.signal(sig, _on_stop_signal)
     import torch.distributed.launcher.api as launcher_api
     from torch.distributed.elastic.rendezvous import RendezvousError
 
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, _on_stop_signal)
     # Bounds the agent's own tear-downs (the default is 30 s; a checkpoint takes well under 1 s).
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "10")
     # Each round of an elastic rendezvous gives the workers a store of their own instead of the

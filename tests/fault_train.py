@@ -7,7 +7,9 @@ script=FAULT_TRAIN)``): rank R (default 0) does A at optimizer step K (1-based):
 
 * ``KILL``, ``TERM``, ``USR1``, ``STOP``, ``INT``: sends itself that signal after step K;
 * ``raise``: raises after step K;
-* ``nan``: step K gets a NaN batch, so its loss and gradients are NaN.
+* ``nan``: step K gets a NaN batch, so its loss and gradients are NaN;
+* ``KILL_IN_SAVE``: SIGKILL in the middle of writing the checkpoint of step K (its tensors are
+  written, its state and manifest not yet): rank R must be the main process, which writes it.
 
 Under an elastic agent the fault happens in the first generation of workers only.
 
@@ -24,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mnistdist import training
+from mnistdist import checkpoint, training
 
 Step = Callable[[Any, Any, float, int], bool]
 
@@ -55,10 +57,30 @@ def with_fault(step: Step, at: int, action: str) -> Step:
     return faulty_step
 
 
+def kill_in_save(at: int) -> Callable[..., None]:
+    """``checkpoint._write_json`` that SIGKILLs this process before the state of step ``at``."""
+    write_json = checkpoint._write_json
+
+    def write_json_or_die(path: Any, data: Any) -> None:
+        if path.name == "state.json" and f"step-{at:08d}" in path.parent.name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_json(path, data)
+
+    return write_json_or_die
+
+
 @contextlib.contextmanager
 def injected(spec: str) -> Iterator[None]:
     """While active, the steps of ``training.run`` in this process carry the fault ``spec``."""
     build_step = training.build_step
+    fault = parse(spec, int(os.environ.get("RANK", "0")))
+    if fault is not None and fault[1] == "KILL_IN_SAVE":
+        write_json, checkpoint._write_json = checkpoint._write_json, kill_in_save(fault[0])
+        try:
+            yield
+        finally:
+            checkpoint._write_json = write_json
+        return
 
     def build_faulty_step(cfg: Any, dist: Any, *args: Any, **kwargs: Any) -> Step:
         step = build_step(cfg, dist, *args, **kwargs)
