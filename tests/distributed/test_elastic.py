@@ -119,6 +119,13 @@ def test_a_lost_worker_is_replaced_and_the_run_ends_like_one_process(data, golde
     assert ids == {(run_dir / "wandb_run_id").read_text().strip()}  # both generations: one W&B run
 
 
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, limit_s: float = 240) -> None:
+    deadline = time.monotonic() + limit_s
+    while not (run_dir / "checkpoints" / f"step-{step:08d}").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+
+
 def test_a_requested_stop_is_not_restarted(data, tmp_path):
     """SIGTERM to the job: the workers checkpoint and exit 75, and the agent, which counts
     any non-zero exit as a failure, must not start a new generation."""
@@ -127,10 +134,7 @@ def test_a_requested_stop_is_not_restarted(data, tmp_path):
                                         launcher_args=("--max_restarts", "3")),
                             cwd=REPO, env=child_env(MNISTDIST_DATA_ROOT=str(data)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "step-00000020").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, run_dir, 20)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
@@ -170,10 +174,7 @@ def test_ctrl_c_through_the_launcher_is_one_line_with_wandb(data, tmp_path):
     proc = subprocess.Popen(wrapper_cmd(2, *ARGS, "train.epochs=20", "--run-dir", str(run_dir)), cwd=REPO,
                             env=child_env(MNISTDIST_DATA_ROOT=str(data), WANDB_MODE="offline"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "step-00000020").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, run_dir, 20)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
