@@ -91,10 +91,7 @@ def _make_agent_class() -> type:
         def signal_workers(self, signum: int) -> None:
             for proc in self.workers().values():
                 if proc.poll() is None:
-                    try:
-                        proc.send_signal(signum)
-                    except OSError:
-                        pass  # exited meanwhile
+                    _send(proc, signum)
 
         def _start_workers(self, worker_group: Any) -> dict[int, Any]:
             if _job.stop is not None:  # asked to stop while the rendezvous was going on
