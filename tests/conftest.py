@@ -41,6 +41,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _running = item
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    # This conftest's hooks see only items under tests/: forget the item, so a benchmarks/
+    # test that runs next is not judged by the marker of the last test here.
+    global _running
+    _running = None
+
+
 @pytest.fixture
 def synthetic_mnist(tmp_path: Path) -> Path:
     """A data root with a tiny learnable MNIST (1000 train, 200 test images) in the real IDX
