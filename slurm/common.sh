@@ -1,19 +1,23 @@
 # shellcheck shell=bash
 # Shared logic of the Slurm templates in this directory (single_node.sbatch, multi_node.sbatch,
-# cpu.sbatch, sweep.sbatch). Sourced by them; not meant to be run on its own.
+# cpu.sbatch, sweep.sbatch, elastic.sbatch). Sourced by them; not meant to be run on its own.
 #
 # What a job does:
 #   1. reads the knobs below (environment variables, each with a default),
 #   2. starts ONE `srun` step with one task per node; each task runs
 #        python -m mnistdist.launch --machine_rank $SLURM_NODEID ... train_dist.py ...
-#      ($SLURM_NODEID is expanded by the task on its own node, not here),
+#      ($SLURM_NODEID is expanded by the task on its own node, not here); elastic.sbatch runs
+#        python -m mnistdist.launch torchrun --nnodes MIN_NODES:NODES ... train_dist.py ...
+#      instead (torchrun's c10d rendezvous, `srun --no-kill`: a lost node does not end the
+#      step; the agents left re-form the job and resume from the newest checkpoint),
 #   3. waits for it. On SIGUSR1 (sent to this batch shell by `#SBATCH --signal=B:USR1@LEAD`
 #      before the time limit, or by `scancel --signal=USR1 --batch JOB`) it passes USR1 on to
 #      every process of the training step; the ranks finish their step, agree, write a
 #      checkpoint and exit 75; then this script requeues the job (`scontrol requeue`), which
 #      starts again later with the same job id, so the same RUN_DIR and rendezvous port, and
 #      continues from the checkpoint (--resume auto) and in the same W&B run.
-#   Exit status: 0 only when training finished; 75 when it stopped with a checkpoint written
+#   Exit status: 0 only when training finished (under elastic.sbatch also when a lost node's
+#   task made the step exit non-zero on the way); 75 when it stopped with a checkpoint written
 #   (requeued, or not requeued because MAX_REQUEUES was reached or Slurm itself is ending the
 #   job); anything else is a failure.
 #
@@ -44,17 +48,30 @@
 #                   sets the config, overrides and run directory (CONFIG and RUN_DIR are unused;
 #                   OVERRIDES still apply, after the sweep's)
 #   SWEEP_DIR       the sweep directory (default: runs/sweeps/<sweep name>)
+# elastic.sbatch only (torchrun's names; LAUNCH_ARGS are then extra torchrun arguments):
+#   MIN_NODES       the job goes on while at least this many nodes are left (default: 1)
+#   MAX_RESTARTS    new generations of workers each node's agent may start after a failure,
+#                   a lost node's included (torchrun --max-restarts; default: 3)
+#   RDZV_JOIN_TIMEOUT            seconds a rendezvous may take before the job gives up (default: 600)
+#   RDZV_LAST_CALL_TIMEOUT       seconds a round with MIN_NODES..NODES-1 nodes waits for more (default: 5)
+#   RDZV_KEEP_ALIVE_INTERVAL     seconds between an agent's keep-alives (default: 1)
+#   RDZV_KEEP_ALIVE_MAX_ATTEMPT  keep-alives missed before a node counts as lost (default: 3)
+#   MASTER_ADDR must be an address of the job's first node: its task hosts the rendezvous store.
 #
 # The numeric knobs (NODES, GPUS_PER_NODE, PROCS_PER_NODE, THREADS_PER_PROC, MASTER_PORT,
-# MAX_REQUEUES) and the Slurm variables computed with (SLURM_JOB_ID, SLURM_JOB_NUM_NODES,
-# SLURM_CPUS_PER_TASK, SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE, SLURM_ARRAY_TASK_ID) must be
-# plain decimal integers; REPO, PYTHON, CONFIG, RESUME and LAUNCH_CONFIG must exist; DEVICE is
-# gpu, cpu or auto; SLURM_JOB_ID must be set, and SLURM_JOB_NODELIST unless MASTER_ADDR is. Anything else stops the job before the training step, with one line naming
-# the variable and exit 2. (Bash arithmetic evaluates a variable's value as an expression, and
-# `x[$(cmd)]` in it runs cmd: so the templates compute nothing themselves, and ms_configure
-# checks each number before its first use.)
+# MAX_REQUEUES, MIN_NODES, MAX_RESTARTS, RDZV_*) and the Slurm variables computed with
+# (SLURM_JOB_ID, SLURM_JOB_NUM_NODES, SLURM_CPUS_PER_TASK, SLURM_RESTART_COUNT,
+# SLURM_GPUS_ON_NODE, SLURM_ARRAY_TASK_ID) must be plain decimal integers; REPO, PYTHON, CONFIG,
+# RESUME and LAUNCH_CONFIG (not used by elastic.sbatch) must exist; DEVICE is gpu, cpu or auto;
+# SLURM_JOB_ID must be set, and SLURM_JOB_NODELIST unless MASTER_ADDR is. Anything else stops
+# the job before the training step, with one line naming the variable and exit 2. (Bash
+# arithmetic evaluates a variable's value as an expression, and `x[$(cmd)]` in it runs cmd: so
+# the templates compute nothing themselves, and ms_configure checks each number before its
+# first use.)
 
 MNISTDIST_EXIT_PREEMPTED=75  # mnistdist/signals.py EXIT_PREEMPTED: stopped, checkpoint written
+# Set to 1 by elastic.sbatch after sourcing this file; never taken from the environment.
+MS_ELASTIC=0
 
 ms_log() { echo "[mnistdist-slurm $(date +%H:%M:%S)] $*"; }
 # One line whatever the message holds: a knob's value may contain newlines or escapes.
@@ -139,6 +156,20 @@ ms_configure() {
     ms_check_number MASTER_PORT 1 65535
     MAX_REQUEUES=${MAX_REQUEUES:-20}
     ms_check_number MAX_REQUEUES 0
+    if (( MS_ELASTIC )); then
+        MIN_NODES=${MIN_NODES:-1}
+        ms_check_number MIN_NODES 1 "$NODES"
+        MAX_RESTARTS=${MAX_RESTARTS:-3}
+        ms_check_number MAX_RESTARTS 0 1000
+        RDZV_JOIN_TIMEOUT=${RDZV_JOIN_TIMEOUT:-600}
+        ms_check_number RDZV_JOIN_TIMEOUT 1 86400
+        RDZV_LAST_CALL_TIMEOUT=${RDZV_LAST_CALL_TIMEOUT:-5}
+        ms_check_number RDZV_LAST_CALL_TIMEOUT 1 86400
+        RDZV_KEEP_ALIVE_INTERVAL=${RDZV_KEEP_ALIVE_INTERVAL:-1}
+        ms_check_number RDZV_KEEP_ALIVE_INTERVAL 1 86400
+        RDZV_KEEP_ALIVE_MAX_ATTEMPT=${RDZV_KEEP_ALIVE_MAX_ATTEMPT:-3}
+        ms_check_number RDZV_KEEP_ALIVE_MAX_ATTEMPT 1 1000
+    fi
     CONFIG=${CONFIG:-configs/default.yaml}
     OVERRIDES=${OVERRIDES:-}
     RESUME=${RESUME:-auto}
@@ -151,7 +182,7 @@ ms_configure() {
         auto | never) ;;
         *) [[ -e $RESUME ]] || ms_die "RESUME=$RESUME: must be auto, never or an existing checkpoint directory" ;;
     esac
-    if (( NUM_PROCESSES > 1 )) && [[ ! -f $LAUNCH_CONFIG ]]; then
+    if (( NUM_PROCESSES > 1 && ! MS_ELASTIC )) && [[ ! -f $LAUNCH_CONFIG ]]; then
         ms_die "LAUNCH_CONFIG=$LAUNCH_CONFIG: no such file (relative paths are relative to REPO=$REPO)"
     fi
     MS_SWEEP=()
@@ -186,18 +217,29 @@ ms_configure() {
     fi
 }
 
-# The srun step: one task per node; each task execs the launcher with its own machine rank.
+# The srun step: one task per node; each task execs the launcher with its own machine rank
+# (elastic.sbatch: torchrun's agent, ranks from the rendezvous).
 ms_build_command() {
-    local -a overrides=() launch_args=() launch=() program=()
+    local -a overrides=() launch=()
     # Split at any whitespace, newlines included (without -d '' read stops at the first newline
     # and the rest would be dropped); read returns 1 at the end of its input, hence || true.
     read -r -d '' -a overrides <<<"$OVERRIDES" || true
-    read -r -d '' -a launch_args <<<"$LAUNCH_ARGS" || true
+    MS_LAUNCH_ARGS=()
+    read -r -d '' -a MS_LAUNCH_ARGS <<<"$LAUNCH_ARGS" || true
     if [[ $DEVICE == cpu ]]; then overrides=(dist.device=cpu "${overrides[@]}"); fi
     if [[ -n $SWEEP ]]; then
-        program=(-m mnistdist.cli "${MS_SWEEP[@]}" --run "$SLURM_ARRAY_TASK_ID" "${overrides[@]}")
+        MS_PROGRAM=(-m mnistdist.cli "${MS_SWEEP[@]}" --run "$SLURM_ARRAY_TASK_ID" "${overrides[@]}")
     else
-        program=(train_dist.py --config "$CONFIG" --run-dir "$RUN_DIR" --resume "$RESUME" "${overrides[@]}")
+        MS_PROGRAM=(train_dist.py --config "$CONFIG" --run-dir "$RUN_DIR" --resume "$RESUME" "${overrides[@]}")
+    fi
+    # srun does not take the job's --cpus-per-task (since Slurm 22.05 it no longer reads
+    # SLURM_CPUS_PER_TASK): without it the step gets one CPU per task, and a task bound to
+    # it would run the THREADS_PER_PROC threads computed above on that one CPU.
+    MS_CPUS=()
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then MS_CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+    if (( MS_ELASTIC )); then
+        ms_build_elastic_command
+        return
     fi
     if (( NUM_PROCESSES == 1 )); then
         # One process in all: accelerate refuses --multi_gpu (and a MULTI_GPU config file) for
@@ -214,23 +256,50 @@ ms_build_command() {
     launch+=(
         --num_cpu_threads_per_process "$THREADS_PER_PROC"
         --mixed_precision no --dynamo_backend no
-        "${launch_args[@]}"
+        "${MS_LAUNCH_ARGS[@]}"
     )
-    # srun does not take the job's --cpus-per-task (since Slurm 22.05 it no longer reads
-    # SLURM_CPUS_PER_TASK): without it the step gets one CPU per task, and a task bound to
-    # it would run the THREADS_PER_PROC threads computed above on that one CPU.
-    local -a cpus=()
-    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
     # --kill-on-bad-exit=0: a node whose workers exit 75 first must not get its peers killed
     # before they have exited 75 themselves (a real crash still ends the group: the other
     # ranks' collectives fail or time out after dist.timeout_s).
     # The single quotes matter: $SLURM_NODEID must be expanded by each task on its own node.
     # shellcheck disable=SC2016  # (so shellcheck's "expressions don't expand" is intended)
     MS_COMMAND=(
-        srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 "${cpus[@]}" --kill-on-bad-exit=0
+        srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 "${MS_CPUS[@]}" --kill-on-bad-exit=0
         bash -c 'echo "[mnistdist-slurm] task on ${SLURMD_NODENAME:-$(hostname -s)}: machine rank $SLURM_NODEID"
                  exec "$0" -m mnistdist.launch --machine_rank "$SLURM_NODEID" "$@"'
-        "$PYTHON" "${launch[@]}" "${program[@]}"
+        "$PYTHON" "${launch[@]}" "${MS_PROGRAM[@]}"
+    )
+}
+
+# elastic.sbatch: one torchrun agent per node (the wrapper's `torchrun ARGS` form), MIN_NODES to
+# NODES nodes joined by torchrun's c10d rendezvous, which the first node's task hosts.
+# Invariants: the step is started with --no-kill, so Slurm neither ends the step nor the
+# allocation when a node fails (the job also asks for it with #SBATCH --no-kill); the agents
+# that are left re-form the job. Exactly one task hosts the store (is_host, decided on each
+# node from its own SLURM_NODEID): torch's own guess compares host names and addresses, which
+# can match on more than one task (nodes that share a machine) or on none. Ranks and world
+# size come from the rendezvous, so no machine rank is passed. The job's threads per process
+# reach torch through OMP_NUM_THREADS, which torchrun keeps when it is set.
+ms_build_elastic_command() {
+    local rdzv_conf="join_timeout=$RDZV_JOIN_TIMEOUT,last_call_timeout=$RDZV_LAST_CALL_TIMEOUT"
+    rdzv_conf+=",keep_alive_interval=$RDZV_KEEP_ALIVE_INTERVAL,keep_alive_max_attempt=$RDZV_KEEP_ALIVE_MAX_ATTEMPT"
+    local -a torchrun=(
+        --nnodes "$MIN_NODES:$NODES" --nproc-per-node "$PROCS_PER_NODE" --max-restarts "$MAX_RESTARTS"
+        --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"
+        "${MS_LAUNCH_ARGS[@]}"
+    )
+    # $1 of the task is the rendezvous configuration; the task adds its own is_host to it.
+    # --kill-on-bad-exit=0 as well: a lost node's task exits "badly", and a site's
+    # KillOnBadExit=1 must not end the tasks that are left.
+    # shellcheck disable=SC2016  # single quotes: expanded by each task on its own node
+    MS_COMMAND=(
+        srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 "${MS_CPUS[@]}" --no-kill --kill-on-bad-exit=0
+        "--export=ALL,OMP_NUM_THREADS=$THREADS_PER_PROC"
+        bash -c 'host=false
+                 if [[ $SLURM_NODEID == 0 ]]; then host=true; fi
+                 echo "[mnistdist-slurm] task on ${SLURMD_NODENAME:-$(hostname -s)}: node $SLURM_NODEID, rendezvous store host: $host"
+                 exec "$0" -m mnistdist.launch torchrun --rdzv-conf "$1,is_host=$host" "${@:2}"'
+        "$PYTHON" "$rdzv_conf" "${torchrun[@]}" "${MS_PROGRAM[@]}"
     )
 }
 
@@ -321,7 +390,9 @@ mnistdist_slurm_main() {
     ms_configure
     ms_build_command
     if [[ -n $SWEEP ]]; then ms_log "array task ${SLURM_ARRAY_JOB_ID:-?}_$SLURM_ARRAY_TASK_ID: run $SLURM_ARRAY_TASK_ID of $SWEEP"; fi
-    ms_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: $NODES node(s) x $PROCS_PER_NODE process(es), DEVICE=$DEVICE, head $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
+    local shape="$NODES node(s)"
+    if (( MS_ELASTIC )); then shape="elastic, $MIN_NODES..$NODES node(s)"; fi
+    ms_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: $shape x $PROCS_PER_NODE process(es), DEVICE=$DEVICE, head $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
     ms_log "running: $(printf '%q ' "${MS_COMMAND[@]}")"
     trap ms_on_usr1 USR1
     trap ms_on_term TERM
@@ -340,6 +411,12 @@ mnistdist_slurm_main() {
         # The signal came while the finished run was shutting down (a launcher that is
         # already exiting no longer handles USR1).
         ms_log "training finished (the step exited $rc on SIG$MS_STOP_SIGNAL after writing $RUN_DIR/summary.json)"
+        exit 0
+    fi
+    if (( MS_ELASTIC )) && ms_finished_since "$started"; then
+        # srun exits with the worst of its tasks' codes: a node lost on the way (its task
+        # killed or failed) makes it non-zero although the nodes left finished the training.
+        ms_log "training finished: $RUN_DIR/model.safetensors (the step exited $rc: a node's task ended early and the job went on without it; see above)"
         exit 0
     fi
     if [[ $MS_STOP_SIGNAL == TERM ]]; then

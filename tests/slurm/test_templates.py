@@ -23,8 +23,9 @@ TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
 SCRIPTS = [*TEMPLATES, REPO / "slurm" / "common.sh", REPO / "scripts" / "slurm_cluster.sh"]
 
 
-def test_the_three_templates_exist():
-    assert {p.name for p in TEMPLATES} >= {"single_node.sbatch", "multi_node.sbatch", "cpu.sbatch"}
+def test_the_templates_exist():
+    assert {p.name for p in TEMPLATES} >= {"single_node.sbatch", "multi_node.sbatch", "cpu.sbatch", "sweep.sbatch",
+                                           "elastic.sbatch"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -80,6 +81,9 @@ case $FAKE_MODE in
         sleep 60 & sleeper=$!
         wait
         exit 99 ;;
+    lost-node)  # a node's task killed (srun: the worst task's code), the others finished
+        mkdir -p "$RUN_DIR" && echo '{}' >"$RUN_DIR/summary.json"
+        exit 137 ;;
     finishing)  # training done (summary.json written), USR1 hits the shutdown
         mkdir -p "$RUN_DIR" && echo '{}' >"$RUN_DIR/summary.json"
         trap 'kill $sleeper; exit 138' USR1
@@ -192,8 +196,9 @@ def test_failure_exit_code_is_passed_through(tmp_path):
     assert not any("requeue" in c for c in calls(tmp_path))
 
 
-def test_usr1_is_forwarded_then_the_job_requeues(tmp_path):
-    proc = fake_job(tmp_path, "cpu.sbatch", "preempt")
+@pytest.mark.parametrize("template", ["cpu.sbatch", "elastic.sbatch"])
+def test_usr1_is_forwarded_then_the_job_requeues(tmp_path, template):
+    proc = fake_job(tmp_path, template, "preempt")
     wait_for_step(tmp_path, proc)
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@LEAD delivers
     out, _ = proc.communicate(timeout=60)
@@ -263,6 +268,8 @@ def test_python_defaults_to_the_checkouts_venv(tmp_path):
 # count; sweep.sbatch picks DEVICE itself from SLURM_GPUS_ON_NODE (or nvidia-smi).
 COMMON_KNOBS = ["NODES", "PROCS_PER_NODE", "THREADS_PER_PROC", "MASTER_PORT", "MAX_REQUEUES", "SLURM_CPUS_PER_TASK",
                 "SLURM_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_JOB_NUM_NODES"]
+ELASTIC_KNOBS = ["MIN_NODES", "MAX_RESTARTS", "RDZV_JOIN_TIMEOUT", "RDZV_LAST_CALL_TIMEOUT", "RDZV_KEEP_ALIVE_INTERVAL",
+                 "RDZV_KEEP_ALIVE_MAX_ATTEMPT"]
 GPUS_2 = {"GPUS_PER_NODE": "2"}
 NUMERIC_KNOBS = [
     *[("cpu.sbatch", knob, {}) for knob in COMMON_KNOBS],
@@ -271,6 +278,8 @@ NUMERIC_KNOBS = [
     *[(t, "SLURM_GPUS_ON_NODE", {}) for t in ("single_node.sbatch", "multi_node.sbatch")],
     *[("sweep.sbatch", knob, {}) for knob in [*COMMON_KNOBS, "SLURM_GPUS_ON_NODE", "SLURM_ARRAY_TASK_ID"]],
     ("sweep.sbatch", "GPUS_PER_NODE", {"DEVICE": "gpu"}),
+    *[("elastic.sbatch", knob, {}) for knob in [*COMMON_KNOBS, *ELASTIC_KNOBS, "SLURM_GPUS_ON_NODE"]],
+    ("elastic.sbatch", "GPUS_PER_NODE", {"DEVICE": "gpu"}),
 ]
 
 
@@ -419,6 +428,85 @@ def test_the_step_gets_the_jobs_cpus_per_task(tmp_path):
 def test_memory_is_a_line_to_change(template):
     [line] = [ln for ln in template.read_text().splitlines() if ln.startswith(("#SBATCH --mem", "##SBATCH --mem"))]
     assert line.startswith("#SBATCH --mem=") and "CHANGE" in line, line
+
+
+# --------------------------------------------------------------------------------------
+# elastic.sbatch: torchrun's agent on each node, c10d rendezvous, srun --no-kill
+
+def test_elastic_command_line(tmp_path):
+    proc = fake_job(tmp_path, "elastic.sbatch", "run", PYTHON="/bin/echo", OVERRIDES="train.epochs=1",
+                    SLURM_CPUS_PER_TASK="4", PROCS_PER_NODE="2")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    # --no-kill: a failed node ends neither the step nor the job; the job's CPUs; threads per
+    # process through OMP_NUM_THREADS, which torchrun keeps.
+    assert args[:args.index("bash")] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=4",
+                                         "--no-kill", "--kill-on-bad-exit=0", "--export=ALL,OMP_NUM_THREADS=2"], args
+    assert "elastic, 1..2 node(s) x 2 process(es)" in out
+    for n in (0, 1):
+        task = (tmp_path / f"task{n}.out").read_text()
+        host = "true" if n == 0 else "false"  # exactly one task hosts the rendezvous store: the first node's
+        assert f"task on node{n + 1}: node {n}, rendezvous store host: {host}" in task
+        assert ("-m mnistdist.launch torchrun --rdzv-conf join_timeout=600,last_call_timeout=5,keep_alive_interval=1,"
+                f"keep_alive_max_attempt=3,is_host={host} --nnodes 1:2 --nproc-per-node 2 --max-restarts 3 "
+                "--rdzv-backend c10d --rdzv-endpoint nodeA:24242 --rdzv-id 4242 train_dist.py --config "
+                f"configs/default.yaml --run-dir {tmp_path / 'run'} --resume auto dist.device=cpu train.epochs=1\n") in task
+        assert "--machine_rank" not in task  # ranks come from the rendezvous
+
+
+def test_elastic_knobs_reach_torchrun(tmp_path):
+    proc = fake_job(tmp_path, "elastic.sbatch", "run", PYTHON="/bin/echo", MIN_NODES="2", MAX_RESTARTS="0",
+                    RDZV_JOIN_TIMEOUT="30", RDZV_LAST_CALL_TIMEOUT="1", RDZV_KEEP_ALIVE_INTERVAL="5",
+                    RDZV_KEEP_ALIVE_MAX_ATTEMPT="2", MASTER_ADDR="head", MASTER_PORT="29500",
+                    LAUNCH_ARGS="--monitor-interval 1", LAUNCH_CONFIG="/nonexistent/unused.yaml")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    task = (tmp_path / "task1.out").read_text()
+    assert ("--rdzv-conf join_timeout=30,last_call_timeout=1,keep_alive_interval=5,keep_alive_max_attempt=2,"
+            "is_host=false --nnodes 2:2 --nproc-per-node 1 --max-restarts 0 --rdzv-backend c10d "
+            "--rdzv-endpoint head:29500 --rdzv-id 4242 --monitor-interval 1 train_dist.py ") in task, task
+
+
+@pytest.mark.parametrize("knob,value,message", [
+    ("MIN_NODES", "3", "MIN_NODES=3: must be in 1..2"),  # more than the job has
+    ("MIN_NODES", "0", "MIN_NODES=0: must be in 1..2"),
+    ("MAX_RESTARTS", "1001", "MAX_RESTARTS=1001: must be in 0..1000"),
+    ("RDZV_LAST_CALL_TIMEOUT", "0", "RDZV_LAST_CALL_TIMEOUT=0: must be in 1..86400"),  # torch refuses 0
+    ("RDZV_JOIN_TIMEOUT", "1e3", "must be a plain non-negative integer"),
+    ("RDZV_KEEP_ALIVE_INTERVAL", "0.5", "must be a plain non-negative integer"),
+    ("RDZV_KEEP_ALIVE_MAX_ATTEMPT", "0", "RDZV_KEEP_ALIVE_MAX_ATTEMPT=0: must be in 1..1000"),
+])
+def test_elastic_knob_values(tmp_path, knob, value, message):
+    line = assert_refused(fake_job(tmp_path, "elastic.sbatch", "fail", **{knob: value}), knob)
+    assert message in line, line
+    assert not (tmp_path / "srun.args").exists()
+
+
+def test_elastic_knobs_are_read_by_elastic_sbatch_only(tmp_path):
+    """A fixed-size template ignores them (and MS_ELASTIC from the environment)."""
+    proc = fake_job(tmp_path, "cpu.sbatch", "run", PYTHON="/bin/echo", MIN_NODES="x", MS_ELASTIC="1")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "--machine_rank 0 " in (tmp_path / "task0.out").read_text()
+
+
+@pytest.mark.parametrize("template,code", [("elastic.sbatch", 0), ("cpu.sbatch", 137)])
+def test_a_lost_nodes_task_after_a_finished_training(tmp_path, template, code):
+    """srun exits with its worst task's code: under elastic.sbatch a node lost on the way
+    (its task killed) while the nodes left finished the training is success; a fixed-size
+    job has no such case, and a non-zero step stays a failure."""
+    proc = fake_job(tmp_path, template, "lost-node")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code, out
+    if code == 0:
+        assert "training finished" in out and "the job went on without it" in out, out
+
+
+def test_elastic_failure_without_a_finished_training_is_passed_through(tmp_path):
+    proc = fake_job(tmp_path, "elastic.sbatch", "fail")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3 and "training failed: the step exited 3" in out, out
 
 
 def sweep_file(tmp_path: Path, text: str = "grid: {train.lr: [0.05, 0.1]}\nseeds: [0, 1]\n", name: str = "s") -> Path:
