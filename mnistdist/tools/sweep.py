@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from typing import Any
 import yaml
 
 from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, read_yaml, resolve_config_path
-from mnistdist.rundir import SUMMARY
+from mnistdist.rundir import CONFIG, SUMMARY
 
 SWEEP_KEYS = ("name", "config", "overrides", "variants", "grid", "seeds")
 VARIANT_KEYS = ("config", "overrides")
@@ -47,6 +49,12 @@ MANIFEST = "sweep.json"
 """Written into the sweep directory when runs start: what ``mnistdist compare`` reads to
 label each run with its variant and grid values."""
 MAX_RUNS = 10_000
+MANIFEST_BYTES = 64 << 20
+"""Largest manifest read (one of MAX_RUNS runs is a few MB)."""
+BOOKKEEPING_SECTIONS = ("tracking", "checkpoint")
+BOOKKEEPING_KEYS = ("data.root", "data.download", "data.num_workers", "train.log_every_steps",
+                    "train.eval_per_process_batch_size", "train.stop_check_every_steps", "dist.timeout_s")
+"""Config keys that never change what a run learns: bookkeeping, logging, where files are."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]")
 
@@ -304,11 +312,53 @@ def describe(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
+def read_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of the regular file at ``path``, or None when there is none; a ConfigError
+    naming it when it is something else (a FIFO or a device: opened without blocking and
+    refused, where reading could wait forever), unreadable or longer than ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    if len(data) > limit:
+        raise ConfigError(f"{path}: larger than {limit} bytes")
+    return data
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The resolved config a run directory holds (its config.yaml, a mapping of sections), or
+    None when it has none; a ConfigError naming the file when it is not a readable mapping
+    (a FIFO or a device is refused before it is opened: reading one could wait forever)."""
+    path = Path(run_dir) / CONFIG
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{path}: not a regular file")
+    data = read_yaml(path, "run config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a mapping of config sections")
+    return data
+
+
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     """The manifest of a sweep directory, or None when it has none (or an unreadable one)."""
     try:
-        data = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
+        text = read_file(directory / MANIFEST, MANIFEST_BYTES)
+        data = json.loads(text) if text is not None else None
+    except (ConfigError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("runs"), list) else None
 
