@@ -191,10 +191,15 @@ ms_configure() {
         ms_check_number SLURM_ARRAY_TASK_ID 0
         MS_SWEEP=(sweep "$SWEEP")
         if [[ -n $SWEEP_DIR ]]; then MS_SWEEP+=(--out "$SWEEP_DIR"); fi
-        # This also checks the whole sweep file: a bad one stops the task with its one line.
+        # This also checks the sweep file and the run's directory: a bad file, or a run directory
+        # that holds a run of other settings (stale; with the OVERRIDES the step gets), stops the
+        # task with its one line.
         local err
+        local -a sweep_overrides=()
+        read -r -d '' -a sweep_overrides <<<"$OVERRIDES" || true
         err=$(mktemp)
-        if ! RUN_DIR=$("$PYTHON" -m mnistdist.cli "${MS_SWEEP[@]}" --print-run-dir "$SLURM_ARRAY_TASK_ID" 2>"$err"); then
+        if ! RUN_DIR=$("$PYTHON" -m mnistdist.cli "${MS_SWEEP[@]}" --print-run-dir "$SLURM_ARRAY_TASK_ID" \
+                "${sweep_overrides[@]}" 2>"$err"); then
             local why
             why=$(tail -n 1 "$err")
             rm -f "$err"

@@ -559,3 +559,26 @@ def test_sweep_task_of_a_finished_run_exits_0_without_a_step(tmp_path):
     assert proc.returncode == 0, out
     assert f"run 1 (train.lr=0.05-seed1) finished before ({run_dir}/summary.json); skipped" in out
     assert not (tmp_path / "srun.args").exists()
+
+
+def test_sweep_task_of_a_stale_run_stops_in_one_line_and_sees_the_overrides(tmp_path):
+    from mnistdist.config import load_config, to_yaml
+    from mnistdist.tools import sweep
+
+    path = sweep_file(tmp_path)
+    run = sweep.load_sweep(path, tmp_path / "sw").elements[1]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.yaml").write_text(to_yaml(load_config(run.config, [*run.overrides, "train.epochs=1"])))
+    (run.run_dir / "summary.json").write_text("{}\n")
+    task = dict(SWEEP=str(path), SWEEP_DIR=str(tmp_path / "sw"), SLURM_ARRAY_TASK_ID="1", SLURM_JOB_NUM_NODES="1",
+                SLURM_JOB_NODELIST="nodeA")
+    # Trained with OVERRIDES=train.epochs=1: a task given the same OVERRIDES finds it finished.
+    proc = fake_job(tmp_path, "sweep.sbatch", "fail", OVERRIDES="train.epochs=1", **task)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "finished before" in out, out
+    # Without them the run is not what the sweep gives: never skipped as finished.
+    proc = fake_job(tmp_path, "sweep.sbatch", "fail", **task)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "train.epochs: 1 -> 10" in out and "--out DIR" in out, out
+    assert len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "srun.args").exists()

@@ -3,7 +3,9 @@ and ``mnistdist sweep --list/--print-run-dir/--run`` (in this process, on synthe
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import yaml
 
 from mnistdist import cli
 from mnistdist.tools import sweep
-from mnistdist.config import ConfigError, load_config
+from mnistdist.config import ConfigError, load_config, to_yaml
 from tests.conftest import REPO, as_one_process
 
 
@@ -201,3 +203,222 @@ grid: {{train.lr: [0.05, 0.1]}}
     assert model.stat().st_mtime_ns == before
     assert cli.main(["sweep", str(path), "--out", str(out), "--list"]) == 0
     assert "(1 finished)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# What is in the sweep directory: stale, running elsewhere, finished by another job
+
+
+def finish(e: sweep.Element, *changes: str, summary: bool = True) -> None:
+    """A run of ``e`` as training leaves it (config.yaml; summary.json when ``summary``),
+    trained with the overrides ``changes`` on top of the element's own."""
+    e.run_dir.mkdir(parents=True, exist_ok=True)
+    (e.run_dir / "config.yaml").write_text(to_yaml(load_config(e.config, [*e.overrides, *changes])))
+    if summary:
+        (e.run_dir / "summary.json").write_text(json.dumps({"final_test_acc": 0.9, "steps": 10}))
+
+
+def test_a_changed_sweep_file_makes_its_finished_runs_stale_never_done(tmp_path, capsys):
+    path = write(tmp_path, "overrides: {train.epochs: 1}\nseeds: [0, 1]\n")
+    out = tmp_path / "out"
+    for e in sweep.load_sweep(path, out).elements:
+        finish(e)
+    path.write_text("overrides: {train.epochs: 2}\nseeds: [0, 1]\n")
+    args = ["sweep", str(path), "--out", str(out)]
+    assert cli.main([*args, "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].startswith("sweep s: 2 runs (0 finished, 2 stale)"), listed
+    assert [line.split()[2] for line in listed[1:3]] == ["stale", "stale"]
+    assert any("train.epochs: 1 -> 2" in line for line in listed), listed
+    for action in (["--run", "1"], ["--print-run-dir", "1"], ["--local"]):
+        assert cli.main([*args, *action]) == 2, action
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert "train.epochs: 1 -> 2" in err and "--out" in err and "\n" not in err, (action, err)
+        assert captured.out == "", (action, captured.out)
+    assert not (out / "sweep.json").exists()  # nothing was started
+
+
+def test_bookkeeping_and_placement_changes_leave_a_run_finished(tmp_path, capsys):
+    path = write(tmp_path, "overrides: {train.epochs: 1}\nseeds: [0]\n")
+    out = tmp_path / "out"
+    [e] = sweep.load_sweep(path, out).elements
+    finish(e, "dist.device=cpu", "dist.threads_per_process=2", "tracking.project=other", "checkpoint.every_steps=5",
+           "data.root=/elsewhere", "train.log_every_steps=7")
+    assert cli.main(["sweep", str(path), "--out", str(out), "--list"]) == 0
+    assert "(1 finished)" in capsys.readouterr().out
+    assert cli.main(["sweep", str(path), "--out", str(out), "--run", "0"]) == 0
+    assert "finished before" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_is_stale_only_when_its_checkpoint_could_not_resume(tmp_path, capsys):
+    path = write(tmp_path, "overrides: {train.epochs: 1}\nseeds: [0, 1]\n")
+    out = tmp_path / "out"
+    e0, e1 = sweep.load_sweep(path, out).elements
+    path.write_text("overrides: {train.epochs: 2, train.max_steps: 30}\nseeds: [0, 1]\n")
+    finish(e0, summary=False)  # epochs changed: resuming would be refused
+    finish(e1, "train.epochs=2", summary=False)  # only max_steps changed: resuming applies it
+    assert cli.main(["sweep", str(path), "--out", str(out), "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in listed[1:3]] == ["stale", "started"], listed
+
+
+def hold(run_dir: Path, holder: str = "pid 4242 on elsewhere since 2026-12-01 10:00:00"):
+    """Hold ``run_dir``'s lock as a training job does (rundir.claim); returns the open file."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write(holder + "\n")
+    f.flush()
+    return f
+
+
+def fake_runs(monkeypatch, code: str = "pass") -> list[int]:
+    """``run_local`` starts ``python -c code`` for each run instead of training; returns the
+    indices started."""
+    started: list[int] = []
+
+    def command(s, index, processes, extra=()):
+        started.append(index)
+        return [sys.executable, "-c", code, str(s.elements[index].run_dir)]
+
+    monkeypatch.setattr(sweep, "element_command", command)
+    return started
+
+
+def test_a_run_held_by_another_job_is_running_elsewhere_not_failed(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path, "seeds: [0, 1, 2]\n")
+    out = tmp_path / "out"
+    s = sweep.load_sweep(path, out)
+    finish(s.elements[0])
+    lock = hold(s.elements[1].run_dir)
+    try:
+        started = fake_runs(monkeypatch)
+        assert cli.main(["sweep", str(path), "--out", str(out), "--list"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert [line.split()[2] for line in listed[1:4]] == ["finished", "running", "-"], listed
+        assert cli.main(["sweep", str(path), "--out", str(out), "--local"]) == 0
+        printed = capsys.readouterr().out
+    finally:
+        lock.close()
+    assert started == [2]
+    assert "[2/3] seed1: running elsewhere (pid 4242 on elsewhere since 2026-12-01 10:00:00)" in printed, printed
+    assert "1 trained, 1 skipped (finished before), 1 running elsewhere, 0 failed" in printed, printed
+
+
+def test_a_run_another_job_took_or_finished_meanwhile_is_not_failed(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path, "seeds: [0, 1]\n")
+    out = tmp_path / "out"
+    s = sweep.load_sweep(path, out)
+    # Run 0: another job claimed it between the check and our child's start (our child is refused).
+    # Run 1: another job finished it meanwhile (our child is refused, and then summary.json is there).
+    fake_runs(monkeypatch, "import pathlib, sys\nd = pathlib.Path(sys.argv[1])\n"
+                           "if d.name == 'seed1': d.mkdir(parents=True); (d / 'summary.json').write_text('{}')\n"
+                           "sys.exit(2)")
+    holders = iter([None, "pid 7 on other since 2026-12-01 10:00:00", None, None])
+    monkeypatch.setattr(sweep, "lock_holder", lambda run_dir: next(holders))
+    assert cli.main(["sweep", str(path), "--out", str(out), "--local"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] seed0: running elsewhere (pid 7 on other" in printed, printed
+    assert "[2/2] seed1: finished by another job meanwhile" in printed, printed
+    assert "0 trained, 1 skipped (finished before), 1 running elsewhere, 0 failed" in printed, printed
+
+
+def test_sigkill_of_a_local_sweep_stops_the_run_it_was_running(tmp_path):
+    """The running run gets SIGTERM (a checkpointed stop) when the sweep dies, however it dies."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    path = write(tmp_path, "seeds: [0]\n")
+    pid_file, signal_file = tmp_path / "child.pid", tmp_path / "child.signal"
+    child = (f"import os, signal, sys, time\n"
+             f"def stop(signum, frame):\n"
+             f"    open({str(signal_file)!r}, 'w').write(signal.Signals(signum).name)\n"
+             f"    sys.exit(75)\n"
+             f"signal.signal(signal.SIGTERM, stop)\n"
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+             f"time.sleep(120)\n")
+    harness = ("import sys\nfrom mnistdist.tools import sweep\n"
+               f"sweep.element_command = lambda s, i, p, extra=(): [sys.executable, '-c', {child!r}]\n"
+               f"sweep.run_local(sweep.load_sweep({str(path)!r}, {str(tmp_path / 'out')!r}))\n")
+    parent = subprocess.Popen([sys.executable, "-c", harness], cwd=REPO, stdout=subprocess.DEVNULL)
+    pid = None
+    try:
+        for _ in range(600):
+            if pid_file.is_file() and pid_file.read_text():
+                pid = int(pid_file.read_text())
+                break
+            time.sleep(0.05)
+        assert pid is not None, "the fake run did not start"
+        parent.kill()
+        parent.wait()
+        for _ in range(200):
+            if signal_file.is_file():
+                break
+            time.sleep(0.05)
+        assert signal_file.is_file() and signal_file.read_text() == "SIGTERM"
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------
+# Bad names and places, duplicates, one run's lookup
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: " + "n" * 256 + "\n", "name: at most 255 bytes"),
+    ("grid: {tracking.project: ['" + "p" * 250 + "']}\n", "run 0: its directory name tracking.project=ppp"),
+    ("grid: {train.lr: [1, 1.0]}\n", "grid: train.lr: a value is listed twice"),
+    ("grid: {train.lr: [1e-3, 1.0e-3]}\n", "grid: train.lr: a value is listed twice"),
+    ("grid: {train.lr: [0.001, '1e-3']}\n", "runs 0 (train.lr=0.001) and 1 (train.lr=1e-3) train the same config"),
+    ("variants: {a: {}, b: {overrides: {tracking.project: x}}}\n", "runs 0 (a) and 1 (b) train the same config"),
+    ("grid: {tracking.run_name: [2024-01-01, b]}\n", "grid: tracking.run_name: 2024-01-01 is a date; quote it"),
+    ("overrides: {tracking.run_name: 2024-01-01}\n", "overrides: tracking.run_name: 2024-01-01 is a date; quote it"),
+])
+def test_more_bad_sweep_files_are_one_line(tmp_path, capsys, text, message):
+    path = write(tmp_path, text)
+    assert cli.main(["sweep", str(path), "--out", str(tmp_path / "out"), "--list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+
+
+def test_an_out_that_cannot_hold_runs_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mnistdist import rundir
+
+    path = write(tmp_path, "seeds: [0]\n")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "below"):
+        for action in (["--run", "0"], ["--local"]):
+            assert cli.main(["sweep", str(path), "--out", str(out), *action]) == 2
+            err = capsys.readouterr().err.strip()
+            assert f"sweep directory {out}: cannot write there" in err and "--out DIR" in err, err
+            assert "\n" not in err, err
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(rundir, "write_text_atomic", read_only)
+    assert cli.main(["sweep", str(path), "--out", str(tmp_path / "ro"), "--run", "0"]) == 2
+    assert "cannot write there (Read-only file system)" in capsys.readouterr().err
+
+
+def test_one_runs_lookup_resolves_only_its_own_config(tmp_path, capsys, monkeypatch):
+    values = ", ".join(str(0.01 * (i + 1)) for i in range(10))
+    path = write(tmp_path, f"grid: {{train.lr: [{values}], train.weight_decay: [{values}]}}\nseeds: [{values}]\n"
+                 .replace(f"seeds: [{values}]", "seeds: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"))
+    resolved = []
+    real = sweep.load_config
+    monkeypatch.setattr(sweep, "load_config", lambda *a, **k: resolved.append(a) or real(*a, **k))
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(path), "--out", str(out), "--print-run-dir", "999"]) == 0
+    assert capsys.readouterr().out.strip() == str(out.absolute() / "train.lr=0.1-train.weight_decay=0.1-seed9")
+    assert len(resolved) == 1
