@@ -39,6 +39,7 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -410,15 +411,18 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def save(dist: Dist, run_dir: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict[str, Any], tracking: dict[str, Any]) -> Path:
+         train_state: dict[str, Any], tracking: dict[str, Any], before_writing: Callable[[], None] | None = None) -> Path:
     """Checkpoint the run as it stands: ``train_state`` is this rank's ``TrainState.state_dict()``;
-    the loss sums of every rank are gathered, and rank 0 writes."""
+    the loss sums of every rank are gathered, and rank 0 writes, after ``before_writing()`` (e.g.
+    ``RunDir.check_held``): what it raises is raised on every rank, and nothing is written."""
     snap = Snapshot(step=train_state["step"], epoch=train_state["epoch"], batch_in_epoch=train_state["batch_in_epoch"],
                     world_size=dist.world_size, global_batch_size=cfg.train.global_batch_size,
                     model=model.state_dict(), optimizer=optimizer.state_dict()["state"],
                     losses=dist.gather_object(train_state["loss"]), tracking=tracking, config=cfg.to_dict())
 
     def write() -> Path:
+        if before_writing is not None:
+            before_writing()
         try:
             return save_checkpoint(run_dir, snap, cfg.checkpoint.keep_last)
         except OSError as e:

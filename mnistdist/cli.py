@@ -107,7 +107,8 @@ def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namesp
             report_exception(e, label="stopped")
         return e.exit_code
     except TrainingStopped as e:
-        report_exception(e)
+        if not e.agreed or is_main_process():  # one decision, raised on every rank: said once
+            report_exception(e)
         return e.exit_code
     except user_errors() as e:  # evaluated when an exception arrives, so it sees what was imported
         report_exception(e)

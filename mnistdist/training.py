@@ -81,7 +81,7 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
         try:
             with rundir.claim(run_dir, dist) as claimed:
                 return fit(cfg, dist, claimed, resume, signals, allow_config_change)
-        except (Preempted, NonFiniteLoss):
+        except (Preempted, NonFiniteLoss, rundir.RunDirLost):
             # Every rank stopped at the same step. Leave together, once rank 0 has finished W&B
             # (bounded by tracking.finish_timeout_s): a rank that exits first makes torchrun
             # SIGTERM the others.
@@ -122,7 +122,7 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
 
     def save_checkpoint() -> Path:  # collective
         return checkpoint.save(dist, run_dir.root, cfg, dist.unwrap(model), optimizer, state.state_dict(),
-                               {"wandb_run_id": tracker.run_id})
+                               {"wandb_run_id": tracker.run_id}, before_writing=run_dir.check_held)
 
     counts, best_acc = None, 0.0
     progress = Progress(cfg.tracking.progress, dist.is_main, t.epochs, last_step, t.global_batch_size)
@@ -158,9 +158,9 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
                    "final_test_loss": counts.mean_loss, "test_correct": counts.correct, "test_total": counts.total,
                    "steps": state.step, "epochs": state.epoch, "train_time_s": progress.train_time_s,
                    "world_size": dist.world_size, "run_dir": str(run_dir.root)}
-        if dist.is_main:
-            write_results(run_dir, dist.unwrap(model), summary, counts, tracker, state.step)
-    dist.barrier()  # nobody exits (and tears down the group) while rank 0 still writes
+        # Rank 0 writes; a failure (the run directory lost, a full disk) is raised on every rank.
+        dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, counts, tracker, state.step))
+    dist.barrier()  # nobody exits (and tears down the group) while rank 0 still finishes W&B
     return summary
 
 
@@ -232,7 +232,9 @@ def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts) -> dict[str,
 
 def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
                   tracker: Tracker, step: int) -> None:
-    """Main process: the final weights, summary.json, the W&B summary and the plots."""
+    """Main process: the final weights, summary.json, the W&B summary and the plots (into a run
+    directory that is still this job's: ``RunDir.check_held``)."""
+    run_dir.check_held()
     checkpoint.save_model(model, run_dir.model)
     rundir.write_summary(run_dir, summary)
     tracker.summary({k: v for k, v in summary.items() if k != "run_dir"})
