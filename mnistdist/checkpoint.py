@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from mnistdist.config import Config, ConfigError
 from mnistdist.metrics import LossMeter
-from mnistdist.rundir import CHECKPOINTS, fsync_dir
+from mnistdist.rundir import CHECKPOINTS, fsync_dir, set_aside
 
 if TYPE_CHECKING:
     from mnistdist.distributed import Dist
@@ -374,14 +374,35 @@ def load_checkpoint(path: Path) -> Snapshot:
                     tracking=state.get("tracking", {}), config=state.get("config", {}), path=path)
 
 
-def load_latest(run_dir: Path, warn: Any = print) -> Snapshot | None:
-    """The newest checkpoint that loads completely; the others are reported through ``warn``."""
+def load_newest(run_dir: Path) -> tuple[Snapshot | None, list[CheckpointError]]:
+    """The newest checkpoint that loads completely (None if none does), and why each newer one
+    (every one, when none loads) did not."""
+    errors = []
     for path in list_checkpoints(run_dir):
         try:
-            return load_checkpoint(path)
+            return load_checkpoint(path), errors
         except CheckpointError as e:
-            warn(f"warning: skipping damaged checkpoint: {e}")
-    return None
+            errors.append(e)
+    return None, errors
+
+
+def load_latest(run_dir: Path, warn: Any = print) -> Snapshot | None:
+    """The newest checkpoint that loads completely; the others are reported through ``warn``."""
+    snap, errors = load_newest(run_dir)
+    for e in errors:
+        warn(f"warning: skipping damaged checkpoint: {e}")
+    return snap
+
+
+def none_loads(run_dir: Path, errors: list[CheckpointError]) -> CheckpointError:
+    """The error of a run directory whose checkpoints all fail to load: one line naming each
+    (the first few) and why, and the way to start the run over."""
+    root = Path(run_dir) / CHECKPOINTS
+    shown = [str(e).replace(f"{root}{os.sep}", "") for e in errors[:3]]
+    more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+    return CheckpointError(
+        f"{root}: none of its {len(errors)} checkpoint(s) loads ({'; '.join(shown)}{more}); nothing was changed. "
+        "To train this run again from step 0 (they are kept aside as checkpoints.old-N), run with --resume never")
 
 
 # --------------------------------------------------------------------------------------
@@ -435,8 +456,10 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
     """The checkpoint that ``--resume`` names, read on every rank; None to start fresh.
 
     ``resume``: ``auto`` (the newest valid checkpoint in the run directory, if any; damaged ones
-    are skipped with a warning), ``never`` (refused when the run directory holds checkpoints),
-    or the path of a checkpoint directory.
+    are skipped with a warning, but when there are checkpoints and none loads, that is a
+    CheckpointError naming them: the run never silently starts over), ``never`` (refused when
+    the run directory holds a checkpoint that loads; checkpoints none of which loads are kept
+    aside as ``checkpoints.old-N``), or the path of a checkpoint directory.
     """
 
     chosen: list[Snapshot] = []  # rank 0 keeps the snapshot it validated, instead of reading it twice
@@ -447,10 +470,19 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
         # skipped here (auto) or raised here on every rank together (a named path).
         if resume == "never":
             if list_checkpoints(run_dir):
-                raise ConfigError(f"--resume never: {Path(run_dir) / CHECKPOINTS} already holds checkpoints; "
-                                  "use another --run-dir or --resume auto")
+                if load_newest(run_dir)[0] is not None:
+                    raise ConfigError(f"--resume never: {Path(run_dir) / CHECKPOINTS} already holds checkpoints; "
+                                      "use another --run-dir or --resume auto")
+                set_aside(Path(run_dir) / CHECKPOINTS, "checkpoints")  # none loads: kept, out of the new run's way
             return None
-        snap = load_latest(run_dir, warn=lambda m: print(m, flush=True)) if resume == "auto" else load_checkpoint(Path(resume))
+        if resume == "auto":
+            snap, errors = load_newest(run_dir)
+            if snap is None and errors:
+                raise none_loads(run_dir, errors)
+            for e in errors:
+                print(f"warning: skipping damaged checkpoint: {e}", flush=True)
+        else:
+            snap = load_checkpoint(Path(resume))
         if snap is None:
             return None
         chosen.append(snap)

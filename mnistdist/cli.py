@@ -169,8 +169,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="directory for config.yaml, metrics.jsonl, model.safetensors (default: runs/<time>-<id>)")
     parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
-                        help="auto: continue from the newest valid checkpoint in --run-dir (default); "
-                             "never: start fresh; PATH: a checkpoint directory")
+                        help="auto: continue from the newest valid checkpoint in --run-dir (default; when it holds "
+                             "checkpoints and none loads: an error naming them); never: start fresh (refused when "
+                             "--run-dir holds a checkpoint that loads; ones that do not are kept aside as "
+                             "checkpoints.old-N); PATH: a checkpoint directory")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a checkpoint although keys that change training (lr, loss, epochs, seed, ...) "
                              "now have other values; the new values apply from the resumed step on")

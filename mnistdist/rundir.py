@@ -3,10 +3,11 @@
     RUN_DIR/
         config.yaml          the resolved config of the run
         metrics.jsonl        one JSON object per line: training lines and evaluation lines
-        metrics.jsonl.old-N  the history of an earlier start that left no checkpoint (kept aside)
+        metrics.jsonl.old-N  the history of an earlier start with no checkpoint that loads (kept aside)
         summary.json         final numbers, written when training finished
         model.safetensors    the final weights
         checkpoints/         step-XXXXXXXX/ directories (layout: mnistdist.checkpoint)
+        checkpoints.old-N/   checkpoints none of which loads, kept aside by ``--resume never``
         plots/               loss.png, accuracy.png, confusion.png
         wandb/, wandb_run_id the W&B run (files of wandb) and its id, kept across resumes
         tensorboard/         TensorBoard event files (tensorboard.old-N/: an earlier start's, kept aside)
@@ -332,9 +333,10 @@ def truncate_metrics(run: RunDir, last_step: int) -> None:
 
 def set_aside(path: Path, what: str) -> Path | None:
     """A fresh start in a run directory that holds ``path`` from an earlier start (a run killed
-    before its first checkpoint, run again): rename it to ``NAME.old-N`` (the first N free) and
-    say so, so the new run writes a history of its own instead of adding to the old one (which
-    would repeat steps). Returns the new name; None when there was nothing (empty) to keep."""
+    before its first checkpoint, run again; or ``--resume never`` over checkpoints none of which
+    loads): rename it to ``NAME.old-N`` (the first N free) and say so, so the new run writes a
+    history of its own instead of adding to the old one (which would repeat steps). Returns the
+    new name; None when there was nothing (empty) to keep."""
     try:
         if (not any(path.iterdir())) if path.is_dir() else path.stat().st_size == 0:
             return None
@@ -345,7 +347,7 @@ def set_aside(path: Path, what: str) -> Path | None:
         n += 1
     os.rename(path, aside)
     fsync_dir(path.parent)
-    print(f"warning: {path} holds the {what} of an earlier start that left no checkpoint to resume from; "
+    print(f"warning: {path} holds the {what} of an earlier start with no checkpoint that loads; "
           f"kept it as {aside.name}, starting anew", file=sys.stderr, flush=True)
     return aside
 

@@ -16,6 +16,7 @@ import torch
 
 from mnistdist import checkpoint
 from mnistdist.checkpoint import CheckpointError, Snapshot
+from mnistdist.config import ConfigError
 from tests.conftest import REPO
 
 
@@ -322,11 +323,32 @@ def test_auto_resume_skips_a_newest_checkpoint_that_does_not_load(tmp_path, caps
     assert "skipping damaged checkpoint" in out and str(newest / "state.json") in out
 
 
-def test_auto_resume_with_only_malformed_checkpoints_starts_fresh(tmp_path, capsys):
+def test_auto_resume_with_only_malformed_checkpoints_is_an_error_naming_them(tmp_path, capsys):
+    """Never a silent start from step 0 that would replace them."""
+    older = checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
+    newer = checkpoint.save_checkpoint(tmp_path, make_snapshot(20), keep_last=0)
+    (older / "manifest.json").write_bytes(DEEP)
+    damage(newer, "model.safetensors", "flip")
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.resume(OneProcess(), tmp_path, "auto", 200)
+    message = str(refused.value)
+    assert "\n" not in message and "none of its 2 checkpoint(s) loads" in message and "--resume never" in message
+    assert "step-00000020/model.safetensors: checksum mismatch" in message and "step-00000010/manifest.json" in message
+    assert capsys.readouterr().out == ""  # no warning per checkpoint: the error names them
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_resume_never_keeps_checkpoints_none_of_which_loads_aside(tmp_path, capsys):
     path = checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
-    (path / "manifest.json").write_bytes(DEEP)
-    assert checkpoint.resume(OneProcess(), tmp_path, "auto", 200) is None
-    assert "skipping damaged checkpoint" in capsys.readouterr().out
+    damage(path, "state.json", "truncate")
+    assert checkpoint.resume(OneProcess(), tmp_path, "never", 200) is None
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "checkpoints.old-1" / "step-00000010" / "state.json").is_file()
+    assert "checkpoints.old-1" in capsys.readouterr().err
+    checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):  # one loads: still refused
+        checkpoint.resume(OneProcess(), tmp_path, "never", 200)
 
 
 def test_resume_of_a_named_malformed_checkpoint_is_a_checkpoint_error(tmp_path):
@@ -528,3 +550,4 @@ def test_optimizer_state_of_another_shape_is_a_checkpoint_error_at_restore(tmp_p
         checkpoint.restore(checkpoint.load_checkpoint(path), model,
                            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     assert str(path / "optimizer.safetensors") in str(info.value)
+
