@@ -5,7 +5,8 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000600/``:
     model.safetensors       the model's state dict (also loadable by ``mnistdist evaluate``)
     optimizer.safetensors   the optimizer's tensors: each parameter's SGD momentum buffer
     state.json              step, epoch, position in the epoch, world size, global batch, each
-                            rank's loss sums, the W&B run id, the config
+                            rank's loss sums, the W&B run id, the config, the run's totals so
+                            far (best test accuracy, training time: summary.json's, over jobs)
     manifest.json           size and sha256 of every file above: written last
 
 That is all a run needs to continue exactly. No random number decides anything after the
@@ -95,6 +96,10 @@ class Snapshot:
     """E.g. the W&B run id, so a resumed job continues the same W&B run."""
     config: dict[str, Any] = field(default_factory=dict)
     """The resolved config of the run that wrote it."""
+    best_test_acc: float | None = None
+    """The best epoch-end test accuracy of the run up to this step (None: no evaluation yet)."""
+    train_time_s: float = 0.0
+    """The run's training time up to this step, over all the jobs that trained it."""
     path: Path | None = None
     """The directory it was read from (None before it is saved)."""
 
@@ -102,7 +107,8 @@ class Snapshot:
         """What rank ``rank`` of ``world_size`` resumes with: ``TrainState.load_state_dict``'s
         argument (the loss sums re-split when the world size differs: ``LossMeter.for_rank``)."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "loss": LossMeter.for_rank(self.losses, rank, world_size)}
+                "loss": LossMeter.for_rank(self.losses, rank, world_size),
+                "best_test_acc": self.best_test_acc, "train_time_s": self.train_time_s}
 
 
 # --------------------------------------------------------------------------------------
@@ -156,7 +162,7 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
         "format": FORMAT, "step": snap.step, "epoch": snap.epoch, "batch_in_epoch": snap.batch_in_epoch,
         "world_size": snap.world_size, "global_batch_size": snap.global_batch_size,
         "ranks": [{"loss": loss} for loss in snap.losses], "tracking": snap.tracking, "config": snap.config,
-        "saved_at": time.time(),
+        "best_test_acc": snap.best_test_acc, "train_time_s": snap.train_time_s, "saved_at": time.time(),
     })
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     _write_json(tmp / MANIFEST, {"format": FORMAT, "step": snap.step, "files": files})  # commit marker
@@ -335,6 +341,11 @@ def _check_state(state: Any, manifest_step: int) -> None:
     _check(isinstance(tracking, dict) and isinstance(tracking.get("wandb_run_id"), (str, type(None))),
            "tracking: not an object with a string or null wandb_run_id")
     _check(isinstance(state.get("config", {}), dict), "config: not an object")
+    # The run's totals (absent from checkpoints written before they were kept).
+    best = state.get("best_test_acc")
+    _check(best is None or (_is_number(best) and 0 <= best <= 1), "best_test_acc: not null or a number in [0, 1]")
+    _check(_is_number(state.get("train_time_s", 0.0)) and state.get("train_time_s", 0.0) >= 0,
+           "train_time_s: not a finite number >= 0")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -371,7 +382,8 @@ def load_checkpoint(path: Path) -> Snapshot:
     return Snapshot(step=step, epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
                     world_size=state["world_size"], global_batch_size=state["global_batch_size"],
                     model=model, optimizer=optimizer, losses=[rank["loss"] for rank in state["ranks"]],
-                    tracking=state.get("tracking", {}), config=state.get("config", {}), path=path)
+                    tracking=state.get("tracking", {}), config=state.get("config", {}),
+                    best_test_acc=state.get("best_test_acc"), train_time_s=state.get("train_time_s", 0.0), path=path)
 
 
 def load_newest(run_dir: Path) -> tuple[Snapshot | None, list[CheckpointError]]:
@@ -439,7 +451,8 @@ def save(dist: Dist, run_dir: Path, cfg: Config, model: torch.nn.Module, optimiz
     snap = Snapshot(step=train_state["step"], epoch=train_state["epoch"], batch_in_epoch=train_state["batch_in_epoch"],
                     world_size=dist.world_size, global_batch_size=cfg.train.global_batch_size,
                     model=model.state_dict(), optimizer=optimizer.state_dict()["state"],
-                    losses=dist.gather_object(train_state["loss"]), tracking=tracking, config=cfg.to_dict())
+                    losses=dist.gather_object(train_state["loss"]), tracking=tracking, config=cfg.to_dict(),
+                    best_test_acc=train_state.get("best_test_acc"), train_time_s=train_state.get("train_time_s", 0.0))
 
     def write() -> Path:
         if before_writing is not None:

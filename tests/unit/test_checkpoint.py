@@ -55,6 +55,7 @@ def test_a_checkpoint_of_the_first_format_still_loads_and_restores(tmp_path):
     manifest and verified) and the RNG fields of state.json are not read."""
     snap = checkpoint.load_checkpoint(FORMAT_1)
     assert (snap.step, snap.epoch, snap.batch_in_epoch, snap.world_size) == (5, 1, 7, 1)
+    assert (snap.best_test_acc, snap.train_time_s) == (None, 0.0)  # totals unknown: counted from here on
     assert snap.losses == [{"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}] and snap.tracking["wandb_run_id"] == "abc"
     model = WB()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
@@ -224,6 +225,10 @@ BAD_STATES = {
     "wrong format": _set(["format"], "something-else"),
     "format a list": _set(["format"], ["mnistdist-checkpoint-2"]),
     "step differs from the manifest": _set(["step"], 6),
+    "best_test_acc above 1": _set(["best_test_acc"], 1.5),
+    "best_test_acc a string": _set(["best_test_acc"], "0.9"),
+    "train_time_s negative": _set(["train_time_s"], -1.0),
+    "train_time_s a bool": _set(["train_time_s"], True),
 }
 
 
@@ -369,11 +374,13 @@ def test_save_and_resume_through_a_dist_round_trip(tmp_path):
     optimizer.step()  # momentum buffers
     loss = {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}
     path = checkpoint.save(dist, tmp_path, cfg, model, optimizer,
-                           {"step": 10, "epoch": 1, "batch_in_epoch": 4, "loss": loss}, {"wandb_run_id": None})
+                           {"step": 10, "epoch": 1, "batch_in_epoch": 4, "loss": loss, "best_test_acc": 0.75,
+                            "train_time_s": 12.5}, {"wandb_run_id": None})
     back = checkpoint.resume(dist, tmp_path, "auto", 200)
     assert back.path == path and back.step == 10 and back.losses == [loss, loss]
     assert back.train_state(0, 1) == {"step": 10, "epoch": 1, "batch_in_epoch": 4,
-                                      "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}}
+                                      "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5},
+                                      "best_test_acc": 0.75, "train_time_s": 12.5}
     assert back.train_state(1, 2)["loss"] == loss  # its own sums on the world size that saved them
     fresh = WB()
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
