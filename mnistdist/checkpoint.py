@@ -49,9 +49,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mnistdist.config import Config, ConfigError
+from mnistdist.config import Config, ConfigError, trajectory_changes
 from mnistdist.metrics import LossMeter
-from mnistdist.rundir import CHECKPOINTS, fsync_dir, set_aside
+from mnistdist.rundir import CHECKPOINTS, RunDir, fsync_dir, read_summary, set_aside
 
 if TYPE_CHECKING:
     from mnistdist.distributed import Dist
@@ -514,6 +514,43 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
             "batch, or start a new run with another --run-dir"
         )
     return snap
+
+
+def finished(dist: Dist, run: RunDir, cfg: Config, allow_config_change: bool) -> dict[str, Any] | None:
+    """The summary of a finished run that ``--resume auto`` has nothing left to train in (after
+    saying so in one line), for every rank; None to go on as usual.
+
+    Decided on rank 0 while it holds the run directory's lock (no other job changes the files
+    meanwhile), before any tracker or data exists, so a finished run gets no new W&B run and no
+    file rewritten. Finished means: summary.json and model.safetensors are there; the summary is
+    of the newest checkpoint's step (the job that wrote that checkpoint also completed its final
+    writes); and that step ends the run under ``cfg``: every one of train.epochs done, or
+    train.max_steps reached. Anything else goes the usual way: a damaged newest checkpoint is
+    handled by resuming, and a changed key of the trajectory (more epochs...) is refused there,
+    naming it, unless ``allow_config_change`` (then a run that still ends here is finished).
+    """
+
+    def decide() -> dict[str, Any] | None:
+        summary = read_summary(run)
+        newest = list_checkpoints(run.root)[:1]
+        if summary is None or not run.model.is_file() or not newest:
+            return None
+        try:
+            snap = load_checkpoint(newest[0])
+        except CheckpointError:
+            return None
+        t = cfg.train
+        at_end = bool(t.max_steps and snap.step >= t.max_steps) or (snap.batch_in_epoch == 0 and snap.epoch >= t.epochs)
+        if summary["steps"] != snap.step or not at_end or (trajectory_changes(snap.config, cfg) and not allow_config_change):
+            return None
+        best = summary.get("best_test_acc")
+        best = f" (best {100 * best:.2f}%)" if isinstance(best, float) and math.isfinite(best) else ""
+        print(f"already finished: {run.root} at step {snap.step}: test accuracy {100 * summary['final_test_acc']:.2f}%"
+              f"{best}, model {run.model}; nothing was changed (to train it further: more train.epochs with "
+              "--allow-config-change; to train anew: another --run-dir)", flush=True)
+        return summary
+
+    return dist.on_main(decide)
 
 
 def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -266,6 +266,27 @@ def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
     write_text_atomic(run.summary, json.dumps(summary, indent=2) + "\n")
 
 
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
+def read_summary(run: RunDir) -> dict[str, Any] | None:
+    """summary.json, when it is one: a JSON object with an integer ``steps`` >= 0 and a
+    ``final_test_acc`` in [0, 1]. None for anything else (missing, unreadable, not ours): the
+    run is then not taken as finished, and finishing it writes the file anew."""
+    try:
+        summary = json.loads(run.summary.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    steps = summary.get("steps")
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0
+            and _is_fraction(summary.get("final_test_acc"))):
+        return None
+    return summary
+
+
 def _parse_metrics_lines(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
     """(the lines that are JSON objects, the number of other non-blank lines)."""
     records, skipped = [], 0

@@ -75,8 +75,8 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
         allow_config_change: bool = False) -> dict[str, Any]:
     """Train according to ``cfg`` on however many processes were launched; return the summary.
 
-    ``resume``: ``auto`` (newest valid checkpoint in the run directory, if any), ``never``, or
-    the path of a checkpoint directory. A checkpoint written with other values of keys that
+    ``resume``: ``auto`` (newest valid checkpoint in the run directory, if any; a finished run
+    is left as it is, ``checkpoint.finished``), ``never``, or the path of a checkpoint directory. A checkpoint written with other values of keys that
     change the trajectory (``config.TRAJECTORY_KEYS``) is refused unless ``allow_config_change``.
     """
     # Stop requests (SIGTERM, SIGUSR1, Ctrl-C) are recorded from the first moment to the last:
@@ -85,6 +85,8 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
         dist = Dist(cfg.dist)
         try:
             with rundir.claim(run_dir, dist) as claimed:
+                if resume == "auto" and (done := checkpoint.finished(dist, claimed, cfg, allow_config_change)):
+                    return done  # a finished run stays finished: said so, nothing written
                 return fit(cfg, dist, claimed, resume, signals, allow_config_change)
         except (Preempted, NonFiniteLoss, rundir.RunDirLost):
             # Every rank stopped at the same step. Leave together, once rank 0 has finished W&B

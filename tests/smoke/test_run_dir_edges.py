@@ -5,7 +5,8 @@ on tiny synthetic MNIST (20 steps per epoch, 2 epochs):
 * checkpoints that all fail to load stop the run (one line naming them, exit 2, nothing
   replaced); ``--resume never`` starts over, keeping them aside;
 * a run directory deleted or replaced during the run stops it (one line, exit 1);
-* more epochs for a finished run need ``--allow-config-change``;
+* a finished run stays finished: a rerun says so and writes nothing; more epochs need
+  ``--allow-config-change``;
 * summary.json describes the whole run, over a stop and a resume.
 """
 
@@ -167,6 +168,37 @@ def test_a_run_directory_deleted_during_the_run_stops_it(one_process_env, data, 
 
 # --------------------------------------------------------------------------------------
 # A finished run
+
+
+def test_a_finished_run_stays_finished(finished_copy, data, capsys, monkeypatch):  # noqa: F811
+    before = tree(finished_copy)
+    summary = json.loads((finished_copy / "summary.json").read_text())
+
+    def no_tracking(*args, **kwargs):
+        raise AssertionError("a finished run started tracking (W&B, TensorBoard, metrics.jsonl)")
+
+    monkeypatch.setattr(training, "start_tracking", no_tracking)
+    capsys.readouterr()
+    assert train(finished_copy, data) == 0
+    out, err = capsys.readouterr()
+    line = one_line(out)
+    assert line.startswith(f"already finished: {finished_copy}") and f"step {LAST}" in line
+    assert f"{100 * summary['final_test_acc']:.2f}%" in line and str(finished_copy / "model.safetensors") in line
+    assert err == ""
+    assert tree(finished_copy) == before
+
+
+def test_a_run_finished_at_max_steps_stays_finished_and_continues_without_it(one_process_env, data, tmp_path,  # noqa: F811
+                                                                            capsys):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, data, "train.max_steps=13") == 0
+    before = tree(run_dir)
+    capsys.readouterr()
+    assert train(run_dir, data, "train.max_steps=13") == 0
+    assert one_line(capsys.readouterr().out).startswith("already finished: ")
+    assert tree(run_dir) == before
+    assert train(run_dir, data) == 0  # more steps of the same trajectory: it continues
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == LAST
 
 
 def test_more_epochs_for_a_finished_run_need_allow_config_change(finished_copy, data, capsys):  # noqa: F811

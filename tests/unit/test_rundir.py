@@ -93,3 +93,12 @@ def test_a_run_directory_named_through_a_symlink_is_held_as_its_target(tmp_path)
     assert (tmp_path / "real" / ".lock").is_file()
 
 
+def test_read_summary_tolerates_anything(tmp_path):
+    run = rundir.RunDir(Path(tmp_path))
+    assert rundir.read_summary(run) is None
+    for text in ("", "not json", "[1, 2]", '{"steps": "40", "final_test_acc": 0.9}', '{"steps": 40}',
+                 '{"steps": 40, "final_test_acc": true}', '{"steps": 40, "final_test_acc": NaN}'):
+        run.summary.write_text(text)
+        assert rundir.read_summary(run) is None, text
+    run.summary.write_text('{"steps": 40, "final_test_acc": 0.5, "epochs": 2}')
+    assert rundir.read_summary(run) == {"steps": 40, "final_test_acc": 0.5, "epochs": 2}
