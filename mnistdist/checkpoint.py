@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from mnistdist.config import Config, ConfigError, trajectory_changes
 from mnistdist.metrics import LossMeter
@@ -135,11 +136,16 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as a safetensors file, fsynced. Written by ``open`` like every other file of a
+    run, so its permissions follow the umask (safetensors' own ``save_file`` creates it 0600:
+    teammates on a shared file system could not read the weights)."""
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    except SafetensorError as e:  # its I/O errors (disk full...) are not OSErrors
+        data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    except SafetensorError as e:
         raise OSError(f"{path}: {e}") from e
-    with open(path, "rb") as f:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
 
 

@@ -558,3 +558,20 @@ def test_optimizer_state_of_another_shape_is_a_checkpoint_error_at_restore(tmp_p
                            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     assert str(path / "optimizer.safetensors") in str(info.value)
 
+
+# --------------------------------------------------------------------------------------
+# Permissions: weights follow the umask, as every other file of a run does.
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_and_model_files_follow_the_umask(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+        checkpoint.save_model(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+    finally:
+        os.umask(before)
+    for file in (*path.iterdir(), tmp_path / "model.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert checkpoint.load_checkpoint(path).step == 5 and not list(tmp_path.glob("*.tmp*"))
