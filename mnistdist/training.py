@@ -76,8 +76,9 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
     """Train according to ``cfg`` on however many processes were launched; return the summary.
 
     ``resume``: ``auto`` (newest valid checkpoint in the run directory, if any; a finished run
-    is left as it is, ``checkpoint.finished``), ``never``, or the path of a checkpoint directory. A checkpoint written with other values of keys that
-    change the trajectory (``config.TRAJECTORY_KEYS``) is refused unless ``allow_config_change``.
+    is left as it is, ``checkpoint.finished``), ``never``, or the path of a checkpoint directory.
+    A checkpoint written with other values of keys that change the trajectory
+    (``config.TRAJECTORY_KEYS``) is refused unless ``allow_config_change``.
     """
     # Stop requests (SIGTERM, SIGUSR1, Ctrl-C) are recorded from the first moment to the last:
     # one during start-up stops after the first step, one after training is ignored.
