@@ -5,7 +5,8 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000600/``:
     model.safetensors       the model's state dict (also loadable by ``mnistdist evaluate``)
     optimizer.safetensors   the optimizer's tensors: each parameter's SGD momentum buffer
     state.json              step, epoch, position in the epoch, world size, global batch, each
-                            rank's loss sums, the W&B run id, the config
+                            rank's loss sums, the W&B run id, the config, the run's totals so
+                            far (best test accuracy, training time: summary.json's, over jobs)
     manifest.json           size and sha256 of every file above: written last
 
 That is all a run needs to continue exactly. No random number decides anything after the
@@ -39,17 +40,19 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from mnistdist.config import Config, ConfigError
+from mnistdist.config import Config, ConfigError, trajectory_changes
 from mnistdist.metrics import LossMeter
-from mnistdist.rundir import CHECKPOINTS, fsync_dir
+from mnistdist.rundir import CHECKPOINTS, RunDir, fsync_dir, read_summary, set_aside
 
 if TYPE_CHECKING:
     from mnistdist.distributed import Dist
@@ -94,6 +97,10 @@ class Snapshot:
     """E.g. the W&B run id, so a resumed job continues the same W&B run."""
     config: dict[str, Any] = field(default_factory=dict)
     """The resolved config of the run that wrote it."""
+    best_test_acc: float | None = None
+    """The best epoch-end test accuracy of the run up to this step (None: no evaluation yet)."""
+    train_time_s: float = 0.0
+    """The run's training time up to this step, over all the jobs that trained it."""
     path: Path | None = None
     """The directory it was read from (None before it is saved)."""
 
@@ -101,7 +108,8 @@ class Snapshot:
         """What rank ``rank`` of ``world_size`` resumes with: ``TrainState.load_state_dict``'s
         argument (the loss sums re-split when the world size differs: ``LossMeter.for_rank``)."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "loss": LossMeter.for_rank(self.losses, rank, world_size)}
+                "loss": LossMeter.for_rank(self.losses, rank, world_size),
+                "best_test_acc": self.best_test_acc, "train_time_s": self.train_time_s}
 
 
 # --------------------------------------------------------------------------------------
@@ -128,11 +136,16 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as a safetensors file, fsynced. Written by ``open`` like every other file of a
+    run, so its permissions follow the umask (safetensors' own ``save_file`` creates it 0600:
+    teammates on a shared file system could not read the weights)."""
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    except SafetensorError as e:  # its I/O errors (disk full...) are not OSErrors
+        data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    except SafetensorError as e:
         raise OSError(f"{path}: {e}") from e
-    with open(path, "rb") as f:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
 
 
@@ -155,7 +168,7 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
         "format": FORMAT, "step": snap.step, "epoch": snap.epoch, "batch_in_epoch": snap.batch_in_epoch,
         "world_size": snap.world_size, "global_batch_size": snap.global_batch_size,
         "ranks": [{"loss": loss} for loss in snap.losses], "tracking": snap.tracking, "config": snap.config,
-        "saved_at": time.time(),
+        "best_test_acc": snap.best_test_acc, "train_time_s": snap.train_time_s, "saved_at": time.time(),
     })
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     _write_json(tmp / MANIFEST, {"format": FORMAT, "step": snap.step, "files": files})  # commit marker
@@ -334,6 +347,11 @@ def _check_state(state: Any, manifest_step: int) -> None:
     _check(isinstance(tracking, dict) and isinstance(tracking.get("wandb_run_id"), (str, type(None))),
            "tracking: not an object with a string or null wandb_run_id")
     _check(isinstance(state.get("config", {}), dict), "config: not an object")
+    # The run's totals (absent from checkpoints written before they were kept).
+    best = state.get("best_test_acc")
+    _check(best is None or (_is_number(best) and 0 <= best <= 1), "best_test_acc: not null or a number in [0, 1]")
+    _check(_is_number(state.get("train_time_s", 0.0)) and state.get("train_time_s", 0.0) >= 0,
+           "train_time_s: not a finite number >= 0")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -370,17 +388,39 @@ def load_checkpoint(path: Path) -> Snapshot:
     return Snapshot(step=step, epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
                     world_size=state["world_size"], global_batch_size=state["global_batch_size"],
                     model=model, optimizer=optimizer, losses=[rank["loss"] for rank in state["ranks"]],
-                    tracking=state.get("tracking", {}), config=state.get("config", {}), path=path)
+                    tracking=state.get("tracking", {}), config=state.get("config", {}),
+                    best_test_acc=state.get("best_test_acc"), train_time_s=state.get("train_time_s", 0.0), path=path)
+
+
+def load_newest(run_dir: Path) -> tuple[Snapshot | None, list[CheckpointError]]:
+    """The newest checkpoint that loads completely (None if none does), and why each newer one
+    (every one, when none loads) did not."""
+    errors = []
+    for path in list_checkpoints(run_dir):
+        try:
+            return load_checkpoint(path), errors
+        except CheckpointError as e:
+            errors.append(e)
+    return None, errors
 
 
 def load_latest(run_dir: Path, warn: Any = print) -> Snapshot | None:
     """The newest checkpoint that loads completely; the others are reported through ``warn``."""
-    for path in list_checkpoints(run_dir):
-        try:
-            return load_checkpoint(path)
-        except CheckpointError as e:
-            warn(f"warning: skipping damaged checkpoint: {e}")
-    return None
+    snap, errors = load_newest(run_dir)
+    for e in errors:
+        warn(f"warning: skipping damaged checkpoint: {e}")
+    return snap
+
+
+def none_loads(run_dir: Path, errors: list[CheckpointError]) -> CheckpointError:
+    """The error of a run directory whose checkpoints all fail to load: one line naming each
+    (the first few) and why, and the way to start the run over."""
+    root = Path(run_dir) / CHECKPOINTS
+    shown = [str(e).replace(f"{root}{os.sep}", "") for e in errors[:3]]
+    more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+    return CheckpointError(
+        f"{root}: none of its {len(errors)} checkpoint(s) loads ({'; '.join(shown)}{more}); nothing was changed. "
+        "To train this run again from step 0 (they are kept aside as checkpoints.old-N), run with --resume never")
 
 
 # --------------------------------------------------------------------------------------
@@ -410,15 +450,19 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def save(dist: Dist, run_dir: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict[str, Any], tracking: dict[str, Any]) -> Path:
+         train_state: dict[str, Any], tracking: dict[str, Any], before_writing: Callable[[], None] | None = None) -> Path:
     """Checkpoint the run as it stands: ``train_state`` is this rank's ``TrainState.state_dict()``;
-    the loss sums of every rank are gathered, and rank 0 writes."""
+    the loss sums of every rank are gathered, and rank 0 writes, after ``before_writing()`` (e.g.
+    ``RunDir.check_held``): what it raises is raised on every rank, and nothing is written."""
     snap = Snapshot(step=train_state["step"], epoch=train_state["epoch"], batch_in_epoch=train_state["batch_in_epoch"],
                     world_size=dist.world_size, global_batch_size=cfg.train.global_batch_size,
                     model=model.state_dict(), optimizer=optimizer.state_dict()["state"],
-                    losses=dist.gather_object(train_state["loss"]), tracking=tracking, config=cfg.to_dict())
+                    losses=dist.gather_object(train_state["loss"]), tracking=tracking, config=cfg.to_dict(),
+                    best_test_acc=train_state.get("best_test_acc"), train_time_s=train_state.get("train_time_s", 0.0))
 
     def write() -> Path:
+        if before_writing is not None:
+            before_writing()
         try:
             return save_checkpoint(run_dir, snap, cfg.checkpoint.keep_last)
         except OSError as e:
@@ -431,8 +475,10 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
     """The checkpoint that ``--resume`` names, read on every rank; None to start fresh.
 
     ``resume``: ``auto`` (the newest valid checkpoint in the run directory, if any; damaged ones
-    are skipped with a warning), ``never`` (refused when the run directory holds checkpoints),
-    or the path of a checkpoint directory.
+    are skipped with a warning, but when there are checkpoints and none loads, that is a
+    CheckpointError naming them: the run never silently starts over), ``never`` (refused when
+    the run directory holds a checkpoint that loads; checkpoints none of which loads are kept
+    aside as ``checkpoints.old-N``), or the path of a checkpoint directory.
     """
 
     chosen: list[Snapshot] = []  # rank 0 keeps the snapshot it validated, instead of reading it twice
@@ -443,10 +489,19 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
         # skipped here (auto) or raised here on every rank together (a named path).
         if resume == "never":
             if list_checkpoints(run_dir):
-                raise ConfigError(f"--resume never: {Path(run_dir) / CHECKPOINTS} already holds checkpoints; "
-                                  "use another --run-dir or --resume auto")
+                if load_newest(run_dir)[0] is not None:
+                    raise ConfigError(f"--resume never: {Path(run_dir) / CHECKPOINTS} already holds checkpoints; "
+                                      "use another --run-dir or --resume auto")
+                set_aside(Path(run_dir) / CHECKPOINTS, "checkpoints")  # none loads: kept, out of the new run's way
             return None
-        snap = load_latest(run_dir, warn=lambda m: print(m, flush=True)) if resume == "auto" else load_checkpoint(Path(resume))
+        if resume == "auto":
+            snap, errors = load_newest(run_dir)
+            if snap is None and errors:
+                raise none_loads(run_dir, errors)
+            for e in errors:
+                print(f"warning: skipping damaged checkpoint: {e}", flush=True)
+        else:
+            snap = load_checkpoint(Path(resume))
         if snap is None:
             return None
         chosen.append(snap)
@@ -465,6 +520,43 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
             "batch, or start a new run with another --run-dir"
         )
     return snap
+
+
+def finished(dist: Dist, run: RunDir, cfg: Config, allow_config_change: bool) -> dict[str, Any] | None:
+    """The summary of a finished run that ``--resume auto`` has nothing left to train in (after
+    saying so in one line), for every rank; None to go on as usual.
+
+    Decided on rank 0 while it holds the run directory's lock (no other job changes the files
+    meanwhile), before any tracker or data exists, so a finished run gets no new W&B run and no
+    file rewritten. Finished means: summary.json and model.safetensors are there; the summary is
+    of the newest checkpoint's step (the job that wrote that checkpoint also completed its final
+    writes); and that step ends the run under ``cfg``: every one of train.epochs done, or
+    train.max_steps reached. Anything else goes the usual way: a damaged newest checkpoint is
+    handled by resuming, and a changed key of the trajectory (more epochs...) is refused there,
+    naming it, unless ``allow_config_change`` (then a run that still ends here is finished).
+    """
+
+    def decide() -> dict[str, Any] | None:
+        summary = read_summary(run)
+        newest = list_checkpoints(run.root)[:1]
+        if summary is None or not run.model.is_file() or not newest:
+            return None
+        try:
+            snap = load_checkpoint(newest[0])
+        except CheckpointError:
+            return None
+        t = cfg.train
+        at_end = bool(t.max_steps and snap.step >= t.max_steps) or (snap.batch_in_epoch == 0 and snap.epoch >= t.epochs)
+        if summary["steps"] != snap.step or not at_end or (trajectory_changes(snap.config, cfg) and not allow_config_change):
+            return None
+        best = summary.get("best_test_acc")
+        best = f" (best {100 * best:.2f}%)" if isinstance(best, float) and math.isfinite(best) else ""
+        print(f"already finished: {run.root} at step {snap.step}: test accuracy {100 * summary['final_test_acc']:.2f}%"
+              f"{best}, model {run.model}; nothing was changed (to train it further: more train.epochs with "
+              "--allow-config-change; to train anew: another --run-dir)", flush=True)
+        return summary
+
+    return dist.on_main(decide)
 
 
 def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

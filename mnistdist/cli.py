@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
+import select
 import signal
 import sys
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from mnistdist.signals import Preempted, TrainingStopped
 # --print-run-dir` first).
 
 EXIT_USAGE = 2
+EXIT_CLOSED_PIPE = 128 + 13  # 141: what a shell reports for a tool killed by SIGPIPE (``... | head``)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,50 @@ def is_main_process() -> bool:
     return distributed.is_main_process()
 
 
+def say_stopped(stop: Preempted) -> None:
+    """The stop line on stderr: the message itself (``stopped by SIGTERM after step N; ...``),
+    with no ``label:`` before it to repeat its first word; prefixed with the rank when several
+    run, as ``report_exception`` does."""
+    from mnistdist import distributed
+
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and distributed.launched_world_size() > 1 else ""
+    print(f"{prefix}{stop}", file=sys.stderr, flush=True)
+
+
+def quiet_when_stdout_closes(command: Callable[[], int]) -> int:
+    """``command()``, except that output into a pipe whose reader has gone (``mnistdist ... |
+    head``) ends it quietly with ``EXIT_CLOSED_PIPE``, as a Unix tool killed by SIGPIPE ends,
+    instead of a BrokenPipeError traceback. (SIGPIPE itself stays ignored, as Python sets it: a
+    closed socket of gloo or W&B must stay an error, not kill the process.)"""
+    try:
+        try:
+            code = command()
+        except SystemExit:  # argparse's --help and usage errors: what they printed is still buffered
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # block-buffered into a pipe: written now, where a closed pipe is caught
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python flushes stdout again at exit: let that go nowhere instead of failing once more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_CLOSED_PIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe or socket whose other end has gone (the BrokenPipeError was ours)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout has no descriptor
+        return True
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors in one line (no usage block) with exit code 2."""
 
@@ -104,10 +151,11 @@ def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namesp
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
         if is_main_process():
-            report_exception(e, label="stopped")
+            say_stopped(e)
         return e.exit_code
     except TrainingStopped as e:
-        report_exception(e)
+        if not e.agreed or is_main_process():  # one decision, raised on every rank: said once
+            report_exception(e)
         return e.exit_code
     except user_errors() as e:  # evaluated when an exception arrives, so it sees what was imported
         report_exception(e)
@@ -168,8 +216,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="directory for config.yaml, metrics.jsonl, model.safetensors (default: runs/<time>-<id>)")
     parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
-                        help="auto: continue from the newest valid checkpoint in --run-dir (default); "
-                             "never: start fresh; PATH: a checkpoint directory")
+                        help="auto: continue from the newest valid checkpoint in --run-dir (default; when it holds "
+                             "checkpoints and none loads: an error naming them); never: start fresh (refused when "
+                             "--run-dir holds a checkpoint that loads; ones that do not are kept aside as "
+                             "checkpoints.old-N); PATH: a checkpoint directory")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a checkpoint although keys that change training (lr, loss, epochs, seed, ...) "
                              "now have other values; the new values apply from the resumed step on")
@@ -203,7 +253,7 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     """``train_dist.py``: parse, load the config, train, clean up. Returns the process exit code."""
     parser = _Parser(prog=prog)
     add_train_arguments(parser)
-    return run_command(parser, train, list(sys.argv[1:] if argv is None else argv))
+    return quiet_when_stdout_closes(lambda: run_command(parser, train, list(sys.argv[1:] if argv is None else argv)))
 
 
 # --------------------------------------------------------------------------------------
@@ -239,7 +289,10 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
 
 def main(argv: list[str] | None = None) -> int:
     """``mnistdist <command> ...``; returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return quiet_when_stdout_closes(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _main(argv: list[str]) -> int:
     if argv == ["--version"]:
         print(version_string())
         return 0

@@ -65,12 +65,19 @@ class Progress:
         self._bar: Any = None
         self._epoch_start = self._window_start = self._trained_until = time.perf_counter()
         self._epoch_steps = self._window_steps = 0
+        self._in_epoch = False
+
+    @property
+    def trained_s(self) -> float:
+        """Training time so far: the ended epochs', and the current one's up to its latest ``log``."""
+        return self.train_time_s + (self._trained_until - self._epoch_start if self._in_epoch else 0.0)
 
     def start_epoch(self, epoch: int, steps: int) -> None:
         """Epoch ``epoch`` (0-based) begins; ``steps`` of it are left to run."""
         self.close()
         self._epoch_start = self._window_start = self._trained_until = time.perf_counter()
         self._epoch_steps = self._window_steps = 0
+        self._in_epoch = True
         if self.mode == "bar":
             self._bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, disable=False,
                              mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
@@ -105,6 +112,7 @@ class Progress:
         self.close()
         epoch_time_s = self._trained_until - self._epoch_start
         self.train_time_s += epoch_time_s
+        self._in_epoch = False
         samples_per_s = self.global_batch_size * self._epoch_steps / epoch_time_s if self._epoch_steps else 0.0
         record = {**record, "epoch_time_s": epoch_time_s, "samples_per_s": samples_per_s}
         if self.enabled:

@@ -3,15 +3,16 @@
     RUN_DIR/
         config.yaml          the resolved config of the run
         metrics.jsonl        one JSON object per line: training lines and evaluation lines
-        metrics.jsonl.old-N  the history of an earlier start that left no checkpoint (kept aside)
+        metrics.jsonl.old-N  the history of an earlier start with no checkpoint that loads (kept aside)
         summary.json         final numbers, written when training finished
         model.safetensors    the final weights
         checkpoints/         step-XXXXXXXX/ directories (layout: mnistdist.checkpoint)
+        checkpoints.old-N/   checkpoints none of which loads, kept aside by ``--resume never``
         plots/               loss.png, accuracy.png, confusion.png
         wandb/, wandb_run_id the W&B run (files of wandb) and its id, kept across resumes
         tensorboard/         TensorBoard event files (tensorboard.old-N/: an earlier start's, kept aside)
         .heartbeat/          per-rank liveness files of a multi-process run
-        .lock                held (flock) by the job using the directory; names its holder
+        .lock                held (flock) by the job using the directory; names its holder (never a link)
 
 Every reader and writer of these files goes through the paths below, and every reader of
 metrics.jsonl through ``read_metrics``.
@@ -20,19 +21,23 @@ metrics.jsonl through ``read_metrics``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import math
 import os
 import secrets
 import socket
+import stat
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from mnistdist.config import ConfigError
+from mnistdist.signals import TrainingStopped
 
 if TYPE_CHECKING:
     from mnistdist.distributed import Dist
@@ -90,9 +95,86 @@ class RunDir:
     def heartbeat(self) -> Path:
         return self.root / HEARTBEAT
 
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+    def check_held(self) -> None:
+        """Raise ``RunDirLost`` when the directory is no longer the one this process holds (see
+        ``HeldRunDir``); a directory this process did not claim holds nothing to check."""
+
+
+class RunDirLost(TrainingStopped):
+    """The run directory was deleted or replaced, or its lock is no longer this job's, while the
+    job ran: it stops without writing into it (exit 1)."""
+
+    agreed = True
+
+
+@dataclass(frozen=True)
+class HeldRunDir(RunDir):
+    """The run directory that ``claim`` holds for this job. On the main process it remembers the
+    identity (device, inode) of the directory and of the lock file it holds, so that
+    ``check_held`` notices a directory deleted (and perhaps made anew, by hand or by another job)
+    during the run: without that, the job would go on writing into a directory nobody sees, or
+    into one its lock no longer protects, and end with exit 0."""
+
+    held: tuple[tuple[int, int], IO[str]] | None = field(default=None, compare=False, repr=False)
+    """(the directory's (st_dev, st_ino), the open lock file); None off the main process."""
+
+    def check_held(self) -> None:
+        if self.held is None:
+            return
+        directory, lock_file = self.held
+        try:
+            now = os.stat(self.root)
+        except OSError:
+            raise RunDirLost(f"{self.root}: the run directory was deleted during the run; stopped without "
+                             "writing anything more (what is left of the run is gone with it)") from None
+        if (now.st_dev, now.st_ino) != directory:
+            raise RunDirLost(f"{self.root}: the run directory was deleted and made anew during the run (another "
+                             "job may be using it now); stopped without writing into it") from None
+        ours = os.fstat(lock_file.fileno())
+        try:
+            lock = os.lstat(self.lock)
+        except OSError:
+            lock = None
+        if lock is None or (lock.st_dev, lock.st_ino) != (ours.st_dev, ours.st_ino):
+            raise RunDirLost(f"{self.lock}: removed or replaced during the run, so this job no longer holds "
+                             f"{self.root} (another job may be using it now); stopped without writing into it")
+
+
+def _open_lock(path: Path) -> IO[str]:
+    """``path`` (RUN_DIR/.lock) opened for reading and writing, created if missing, and never
+    through a link: the holder line written into it must not truncate and overwrite a file
+    outside the run directory that a symbolic or hard link named ``.lock`` leads to. A
+    ConfigError naming it when it is a link or not a regular file."""
+    fd = None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file; remove it, or choose another --run-dir")
+        if info.st_nlink != 1:
+            raise ConfigError(f"{path}: the file also has another name (a hard link: the holder line written "
+                              f"into it would change that file too); remove {path}, or choose another --run-dir")
+        lock_file = os.fdopen(fd, "r+")
+        fd = None
+        return lock_file
+    except OSError as e:
+        if os.path.islink(path):  # O_NOFOLLOW refused it (ELOOP on Linux, EMLINK on some BSDs)
+            raise ConfigError(f"{path}: a symbolic link; a run directory's lock is never followed out of it: "
+                              f"remove {path}, or choose another --run-dir") from None
+        if e.errno == errno.EISDIR:
+            raise ConfigError(f"{path}: not a regular file; remove it, or choose another --run-dir") from None
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
 
 @contextlib.contextmanager
-def claim(requested: str | Path | None, dist: Dist) -> Iterator[RunDir]:
+def claim(requested: str | Path | None, dist: Dist) -> Iterator[HeldRunDir]:
     """The run directory, held by this job while the ``with`` lasts.
 
     ``requested``, or ``runs/<time>-<random>`` chosen on rank 0 (clocks and random state differ
@@ -100,12 +182,14 @@ def claim(requested: str | Path | None, dist: Dist) -> Iterator[RunDir]:
     and locked (an exclusive ``flock`` of ``RUN_DIR/.lock`` held by the main process): a second
     job given the same directory is refused at start with one line naming the holder, instead
     of both jobs writing checkpoints into it. The kernel drops the lock when the process ends,
-    however it ends (SIGKILL too). Every rank gets the same outcome.
+    however it ends (SIGKILL too). A ``.lock`` that is a link is refused (``_open_lock``). Every
+    rank gets the same outcome.
     """
-    lock_file = None
+    lock_file: IO[str] | None = None
+    directory: tuple[int, int] | None = None
 
     def make() -> str:
-        nonlocal lock_file
+        nonlocal lock_file, directory
         path = Path(requested) if requested is not None else Path(
             "runs", f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}")
         try:
@@ -113,7 +197,7 @@ def claim(requested: str | Path | None, dist: Dist) -> Iterator[RunDir]:
             probe = path / f".write-test-{secrets.token_hex(4)}"
             probe.write_bytes(b"\0" * 65536)
             probe.unlink()
-            lock_file = open(path / LOCK, "a+")
+            lock_file = _open_lock(path / LOCK)
         except OSError as e:
             raise ConfigError(f"--run-dir {path}: cannot write there ({e.strerror or e})") from None
         try:
@@ -128,9 +212,12 @@ def claim(requested: str | Path | None, dist: Dist) -> Iterator[RunDir]:
         lock_file.truncate()
         lock_file.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
         lock_file.flush()
+        info = os.stat(path)  # the directory itself (a --run-dir that is a link: where it leads)
+        directory = (info.st_dev, info.st_ino)
         return str(path)
 
-    run = RunDir(Path(dist.on_main(make)))
+    root = Path(dist.on_main(make))
+    run = HeldRunDir(root, held=(directory, lock_file) if lock_file is not None and directory is not None else None)
     try:
         yield run
     finally:
@@ -177,6 +264,27 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
     write_text_atomic(run.summary, json.dumps(summary, indent=2) + "\n")
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
+def read_summary(run: RunDir) -> dict[str, Any] | None:
+    """summary.json, when it is one: a JSON object with an integer ``steps`` >= 0 and a
+    ``final_test_acc`` in [0, 1]. None for anything else (missing, unreadable, not ours): the
+    run is then not taken as finished, and finishing it writes the file anew."""
+    try:
+        summary = json.loads(run.summary.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    steps = summary.get("steps")
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0
+            and _is_fraction(summary.get("final_test_acc"))):
+        return None
+    return summary
 
 
 def _parse_metrics_lines(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
@@ -246,9 +354,10 @@ def truncate_metrics(run: RunDir, last_step: int) -> None:
 
 def set_aside(path: Path, what: str) -> Path | None:
     """A fresh start in a run directory that holds ``path`` from an earlier start (a run killed
-    before its first checkpoint, run again): rename it to ``NAME.old-N`` (the first N free) and
-    say so, so the new run writes a history of its own instead of adding to the old one (which
-    would repeat steps). Returns the new name; None when there was nothing (empty) to keep."""
+    before its first checkpoint, run again; or ``--resume never`` over checkpoints none of which
+    loads): rename it to ``NAME.old-N`` (the first N free) and say so, so the new run writes a
+    history of its own instead of adding to the old one (which would repeat steps). Returns the
+    new name; None when there was nothing (empty) to keep."""
     try:
         if (not any(path.iterdir())) if path.is_dir() else path.stat().st_size == 0:
             return None
@@ -259,7 +368,7 @@ def set_aside(path: Path, what: str) -> Path | None:
         n += 1
     os.rename(path, aside)
     fsync_dir(path.parent)
-    print(f"warning: {path} holds the {what} of an earlier start that left no checkpoint to resume from; "
+    print(f"warning: {path} holds the {what} of an earlier start with no checkpoint that loads; "
           f"kept it as {aside.name}, starting anew", file=sys.stderr, flush=True)
     return aside
 

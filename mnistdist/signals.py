@@ -36,6 +36,9 @@ class TrainingStopped(RuntimeError):
     """Training ended early on purpose; ``exit_code`` tells the launcher/scheduler why."""
 
     exit_code = 1
+    agreed = False
+    """Raised on every rank together, from one decision (``Dist.on_main``): said once, by the main
+    process, instead of once per rank."""
 
 
 class Preempted(TrainingStopped):

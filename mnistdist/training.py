@@ -46,6 +46,10 @@ class TrainState:
     """The epoch in progress, 0-based."""
     batch_in_epoch: int = 0
     """Batches of ``epoch`` done; a resumed run continues with the next batch."""
+    best_test_acc: float | None = None
+    """The best epoch-end test accuracy of the whole run so far (over every job that trained it)."""
+    train_time_s: float = 0.0
+    """The whole run's training time, as of the last checkpoint (``fit`` adds this job's)."""
 
     def advance(self) -> None:
         """One optimizer step done (the step itself added its loss to the sums)."""
@@ -59,20 +63,22 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "loss": self.loss.state_dict()}
+                "loss": self.loss.state_dict(), "best_test_acc": self.best_test_acc, "train_time_s": self.train_time_s}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.loss.load_state_dict(state["loss"])
+        self.best_test_acc, self.train_time_s = state.get("best_test_acc"), state.get("train_time_s", 0.0)
 
 
 def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
         allow_config_change: bool = False) -> dict[str, Any]:
     """Train according to ``cfg`` on however many processes were launched; return the summary.
 
-    ``resume``: ``auto`` (newest valid checkpoint in the run directory, if any), ``never``, or
-    the path of a checkpoint directory. A checkpoint written with other values of keys that
-    change the trajectory (``config.TRAJECTORY_KEYS``) is refused unless ``allow_config_change``.
+    ``resume``: ``auto`` (newest valid checkpoint in the run directory, if any; a finished run
+    is left as it is, ``checkpoint.finished``), ``never``, or the path of a checkpoint directory.
+    A checkpoint written with other values of keys that change the trajectory
+    (``config.TRAJECTORY_KEYS``) is refused unless ``allow_config_change``.
     """
     # Stop requests (SIGTERM, SIGUSR1, Ctrl-C) are recorded from the first moment to the last:
     # one during start-up stops after the first step, one after training is ignored.
@@ -80,8 +86,10 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
         dist = Dist(cfg.dist)
         try:
             with rundir.claim(run_dir, dist) as claimed:
+                if resume == "auto" and (done := checkpoint.finished(dist, claimed, cfg, allow_config_change)):
+                    return done  # a finished run stays finished: said so, nothing written
                 return fit(cfg, dist, claimed, resume, signals, allow_config_change)
-        except (Preempted, NonFiniteLoss):
+        except (Preempted, NonFiniteLoss, rundir.RunDirLost):
             # Every rank stopped at the same step. Leave together, once rank 0 has finished W&B
             # (bounded by tracking.finish_timeout_s): a rank that exits first makes torchrun
             # SIGTERM the others.
@@ -120,11 +128,14 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
                f"{len(batches)} steps/epoch; run dir {run_dir.root}")
     tracker = start_tracking(cfg, dist, run_dir, resumed, state.step)
 
-    def save_checkpoint() -> Path:  # collective
-        return checkpoint.save(dist, run_dir.root, cfg, dist.unwrap(model), optimizer, state.state_dict(),
-                               {"wandb_run_id": tracker.run_id})
+    earlier_time_s = state.train_time_s  # the jobs before this one (0 on a fresh start)
 
-    counts, best_acc = None, 0.0
+    def save_checkpoint() -> Path:  # collective
+        state.train_time_s = earlier_time_s + progress.trained_s  # carried on to the next job
+        return checkpoint.save(dist, run_dir.root, cfg, dist.unwrap(model), optimizer, state.state_dict(),
+                               {"wandb_run_id": tracker.run_id}, before_writing=run_dir.check_held)
+
+    counts = None
     progress = Progress(cfg.tracking.progress, dist.is_main, t.epochs, last_step, t.global_batch_size)
     with tracker, progress, dist.diagnose_failures(run_dir.heartbeat, lambda: f"at step {state.step}"):
         # (A run stopped right after the last batch of an epoch still owes its evaluation.)
@@ -146,7 +157,7 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
                     save_checkpoint()
 
             counts = evaluate(cfg, dist, dist.unwrap(model), tensors)
-            best_acc = max(best_acc, counts.accuracy)
+            state.best_test_acc = max(state.best_test_acc or 0.0, counts.accuracy)
             tracker.log(progress.epoch_end(epoch_record(dist, state, counts)))  # and its summary line
             if state.batch_in_epoch == len(batches):
                 state.next_epoch()
@@ -154,13 +165,14 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
 
         if counts is None:  # resumed from the final checkpoint: nothing left to train
             counts = evaluate(cfg, dist, dist.unwrap(model), tensors)
-        summary = {"final_test_acc": counts.accuracy, "best_test_acc": max(best_acc, counts.accuracy),
+        # The whole run's numbers, over every job that trained it (the totals ride in checkpoints).
+        summary = {"final_test_acc": counts.accuracy, "best_test_acc": max(state.best_test_acc or 0.0, counts.accuracy),
                    "final_test_loss": counts.mean_loss, "test_correct": counts.correct, "test_total": counts.total,
-                   "steps": state.step, "epochs": state.epoch, "train_time_s": progress.train_time_s,
+                   "steps": state.step, "epochs": state.epoch, "train_time_s": earlier_time_s + progress.trained_s,
                    "world_size": dist.world_size, "run_dir": str(run_dir.root)}
-        if dist.is_main:
-            write_results(run_dir, dist.unwrap(model), summary, counts, tracker, state.step)
-    dist.barrier()  # nobody exits (and tears down the group) while rank 0 still writes
+        # Rank 0 writes; a failure (the run directory lost, a full disk) is raised on every rank.
+        dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, counts, tracker, state.step))
+    dist.barrier()  # nobody exits (and tears down the group) while rank 0 still finishes W&B
     return summary
 
 
@@ -232,7 +244,9 @@ def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts) -> dict[str,
 
 def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
                   tracker: Tracker, step: int) -> None:
-    """Main process: the final weights, summary.json, the W&B summary and the plots."""
+    """Main process: the final weights, summary.json, the W&B summary and the plots (into a run
+    directory that is still this job's: ``RunDir.check_held``)."""
+    run_dir.check_held()
     checkpoint.save_model(model, run_dir.model)
     rundir.write_summary(run_dir, summary)
     tracker.summary({k: v for k, v in summary.items() if k != "run_dir"})

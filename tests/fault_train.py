@@ -10,6 +10,7 @@ script=FAULT_TRAIN)``): rank R (default 0) does A at optimizer step K (1-based):
 * ``nan``: step K gets a NaN batch, so its loss and gradients are NaN;
 * ``KILL_IN_SAVE``: SIGKILL in the middle of writing the checkpoint of step K (its tensors are
   written, its state and manifest not yet): rank R must be the main process, which writes it.
+* ``rmtree``: deletes the directory ``MNISTDIST_FAULT_PATH`` (the run directory) after step K.
 
 Under an elastic agent the fault happens in the first generation of workers only.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -50,7 +52,9 @@ def with_fault(step: Step, at: int, action: str) -> Step:
         stop = step(x, y, lr, number)
         if number == at and action == "raise":
             raise RuntimeError(f"injected fault after step {number}")
-        if number == at and action != "nan":
+        if number == at and action == "rmtree":
+            shutil.rmtree(os.environ["MNISTDIST_FAULT_PATH"])
+        elif number == at and action != "nan":
             os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
         return stop
 

@@ -233,3 +233,34 @@ def test_metrics_are_not_duplicated_after_resume(data, golden, tmp_path):
     assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 61))
     assert [(r["epoch"], r["step"]) for r in records if "test_acc" in r] == [(1, 30), (2, 60)]
     assert_same_run(golden[1], outcome(run_dir))
+
+
+def files(run_dir: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file of a run directory but its lock (whose holder line each job rewrites)."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_finished_run_stays_finished_on_every_rank(data, golden, tmp_path):
+    """Decided on rank 0 under the lock, for both ranks: said once, exit 0, nothing written."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(golden[0], run_dir)
+    before = files(run_dir)
+    result = check(run_cmd(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir))), env=env(data)))
+    assert result.stdout.count("already finished: ") == 1 and "resumed" not in result.stdout, result.stdout
+    assert files(run_dir) == before
+
+
+def test_a_run_directory_deleted_mid_run_stops_every_rank_together(data, tmp_path):
+    """Rank 0 deletes the run directory after step 5; at the step-20 checkpoint both ranks stop
+    together (no rank left waiting in a collective until dist.timeout_s), and it is said once."""
+    run_dir = tmp_path / "run"
+    fault = env(data, MNISTDIST_FAULT="step=5,rank=0,action=rmtree", MNISTDIST_FAULT_PATH=str(run_dir))
+    started = time.monotonic()
+    result = run_cmd(wrapper_cmd(launch_cmd(2, *ARGS, "dist.timeout_s=120", "--run-dir", str(run_dir),
+                                            script=FAULT_TRAIN)), env=fault)
+    assert time.monotonic() - started < 120
+    assert result.returncode == 1, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if "deleted during the run" in line]
+    assert len(said) == 1 and said[0].startswith("[rank 0] error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not run_dir.exists()

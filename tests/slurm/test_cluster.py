@@ -142,7 +142,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
     log = job.log_text()
     # Both ranks (one per node) got USR1 and stopped at the same step with one checkpoint: the
     # main process says where, and each node's launcher saw its worker exit 75.
-    stops = re.findall(r"\[rank (\d)\] stopped: stopped by SIGUSR1 after step (\d+)", log)
+    stops = re.findall(r"\[rank (\d)\] stopped by SIGUSR1 after step (\d+)", log)
     assert [r for r, _ in stops] == ["0"], log
     step = int(stops[0][1])
     assert log.count("mnistdist.launch: all workers stopped on request after writing a checkpoint (exit 75)") == 2
@@ -179,7 +179,7 @@ def test_time_limit_too_short_requeues_until_done(slurm_cluster, tmp_path):
     assert log.count("SIGUSR1 (time limit near") >= restarts
     assert log.count("requeueing job") == restarts
     # The first run at least was stopped mid-training by Slurm's warning signal (both ranks).
-    assert len(re.findall(r"\[rank 0\] stopped: stopped by SIGUSR1 after step", log)) >= 1, log
+    assert len(re.findall(r"\[rank 0\] stopped by SIGUSR1 after step", log)) >= 1, log
     assert log.count("all workers stopped on request after writing a checkpoint (exit 75)") >= 2, log
     assert "DUE TO TIME LIMIT" not in log, log  # every run stopped itself before Slurm killed it
     assert_same_run(expected, outcome(run_dir))

@@ -95,7 +95,7 @@ def test_a_sweep_runs_as_a_job_array_one_task_preempted_and_requeued(slurm_clust
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.describe()
         assert info["Restarts"] == ("1" if job is jobs[PREEMPTED] else "0"), job.describe()
     log = jobs[PREEMPTED].log_text()
-    step = int(re.search(r"^(?:\[rank 0\] )?stopped: stopped by SIGUSR1 after step (\d+)", log, re.M).group(1))
+    step = int(re.search(r"^(?:\[rank 0\] )?stopped by SIGUSR1 after step (\d+)", log, re.M).group(1))
     assert f"resumed from {runs[PREEMPTED].run_dir}/checkpoints/step-{step:08d} at step {step}" in log
     assert "requeueing job" in log and "training finished" in log
     assert all(r.finished for r in runs)

@@ -16,6 +16,7 @@ import torch
 
 from mnistdist import checkpoint
 from mnistdist.checkpoint import CheckpointError, Snapshot
+from mnistdist.config import ConfigError
 from tests.conftest import REPO
 
 
@@ -54,6 +55,7 @@ def test_a_checkpoint_of_the_first_format_still_loads_and_restores(tmp_path):
     manifest and verified) and the RNG fields of state.json are not read."""
     snap = checkpoint.load_checkpoint(FORMAT_1)
     assert (snap.step, snap.epoch, snap.batch_in_epoch, snap.world_size) == (5, 1, 7, 1)
+    assert (snap.best_test_acc, snap.train_time_s) == (None, 0.0)  # totals unknown: counted from here on
     assert snap.losses == [{"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}] and snap.tracking["wandb_run_id"] == "abc"
     model = WB()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
@@ -223,6 +225,10 @@ BAD_STATES = {
     "wrong format": _set(["format"], "something-else"),
     "format a list": _set(["format"], ["mnistdist-checkpoint-2"]),
     "step differs from the manifest": _set(["step"], 6),
+    "best_test_acc above 1": _set(["best_test_acc"], 1.5),
+    "best_test_acc a string": _set(["best_test_acc"], "0.9"),
+    "train_time_s negative": _set(["train_time_s"], -1.0),
+    "train_time_s a bool": _set(["train_time_s"], True),
 }
 
 
@@ -322,11 +328,32 @@ def test_auto_resume_skips_a_newest_checkpoint_that_does_not_load(tmp_path, caps
     assert "skipping damaged checkpoint" in out and str(newest / "state.json") in out
 
 
-def test_auto_resume_with_only_malformed_checkpoints_starts_fresh(tmp_path, capsys):
+def test_auto_resume_with_only_malformed_checkpoints_is_an_error_naming_them(tmp_path, capsys):
+    """Never a silent start from step 0 that would replace them."""
+    older = checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
+    newer = checkpoint.save_checkpoint(tmp_path, make_snapshot(20), keep_last=0)
+    (older / "manifest.json").write_bytes(DEEP)
+    damage(newer, "model.safetensors", "flip")
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.resume(OneProcess(), tmp_path, "auto", 200)
+    message = str(refused.value)
+    assert "\n" not in message and "none of its 2 checkpoint(s) loads" in message and "--resume never" in message
+    assert "step-00000020/model.safetensors: checksum mismatch" in message and "step-00000010/manifest.json" in message
+    assert capsys.readouterr().out == ""  # no warning per checkpoint: the error names them
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_resume_never_keeps_checkpoints_none_of_which_loads_aside(tmp_path, capsys):
     path = checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
-    (path / "manifest.json").write_bytes(DEEP)
-    assert checkpoint.resume(OneProcess(), tmp_path, "auto", 200) is None
-    assert "skipping damaged checkpoint" in capsys.readouterr().out
+    damage(path, "state.json", "truncate")
+    assert checkpoint.resume(OneProcess(), tmp_path, "never", 200) is None
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "checkpoints.old-1" / "step-00000010" / "state.json").is_file()
+    assert "checkpoints.old-1" in capsys.readouterr().err
+    checkpoint.save_checkpoint(tmp_path, make_snapshot(10), keep_last=0)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):  # one loads: still refused
+        checkpoint.resume(OneProcess(), tmp_path, "never", 200)
 
 
 def test_resume_of_a_named_malformed_checkpoint_is_a_checkpoint_error(tmp_path):
@@ -347,11 +374,13 @@ def test_save_and_resume_through_a_dist_round_trip(tmp_path):
     optimizer.step()  # momentum buffers
     loss = {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}
     path = checkpoint.save(dist, tmp_path, cfg, model, optimizer,
-                           {"step": 10, "epoch": 1, "batch_in_epoch": 4, "loss": loss}, {"wandb_run_id": None})
+                           {"step": 10, "epoch": 1, "batch_in_epoch": 4, "loss": loss, "best_test_acc": 0.75,
+                            "train_time_s": 12.5}, {"wandb_run_id": None})
     back = checkpoint.resume(dist, tmp_path, "auto", 200)
     assert back.path == path and back.step == 10 and back.losses == [loss, loss]
     assert back.train_state(0, 1) == {"step": 10, "epoch": 1, "batch_in_epoch": 4,
-                                      "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}}
+                                      "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5},
+                                      "best_test_acc": 0.75, "train_time_s": 12.5}
     assert back.train_state(1, 2)["loss"] == loss  # its own sums on the world size that saved them
     fresh = WB()
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
@@ -528,3 +557,21 @@ def test_optimizer_state_of_another_shape_is_a_checkpoint_error_at_restore(tmp_p
         checkpoint.restore(checkpoint.load_checkpoint(path), model,
                            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     assert str(path / "optimizer.safetensors") in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# Permissions: weights follow the umask, as every other file of a run does.
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_and_model_files_follow_the_umask(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+        checkpoint.save_model(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+    finally:
+        os.umask(before)
+    for file in (*path.iterdir(), tmp_path / "model.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert checkpoint.load_checkpoint(path).step == 5 and not list(tmp_path.glob("*.tmp*"))

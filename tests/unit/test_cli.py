@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import yaml
 
@@ -86,3 +88,58 @@ def test_undash_leaves_flags_and_paths_alone():
     argv = ["--run-dir=/a/b.c", "--config", "x.yaml", "--train.lr=0.1", "train.epochs=2", "--resume=never"]
     assert cli.undash_overrides(argv) == ["--run-dir=/a/b.c", "--config", "x.yaml", "train.lr=0.1", "train.epochs=2",
                                           "--resume=never"]
+
+
+def test_the_stop_line_says_stopped_once(capsys):
+    import signal
+    from pathlib import Path
+
+    from mnistdist.signals import EXIT_INTERRUPTED, StopSignals
+
+    signals = StopSignals()
+    signals.received = signal.SIGINT
+    stop = signals.stopped(10, Path("runs/a/checkpoints/step-00000010"))
+
+    def main(args):
+        raise stop
+
+    # run_command ignores SIGTERM and SIGUSR1 after a stop: this process gets its handlers back after.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        assert cli.run_command(cli._Parser(prog="t"), main, []) == EXIT_INTERRUPTED
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    line = capsys.readouterr().err.strip()
+    assert line == ("stopped by SIGINT after step 10; checkpoint written to runs/a/checkpoints/step-00000010; "
+                    "run again with the same --run-dir to resume")
+
+
+CLOSED_PIPE_COMMANDS = {
+    "mnistdist sweep --list": [sys.executable, "-m", "mnistdist.cli", "sweep", str(REPO / "configs" / "sweeps" / "lessons.yaml"), "--list"],
+    "mnistdist --help": [sys.executable, "-m", "mnistdist.cli", "--help"],
+    "mnistdist --version": [sys.executable, "-m", "mnistdist.cli", "--version"],
+    "mnistdist compare --help": [sys.executable, "-m", "mnistdist.cli", "compare", "--help"],
+    "train_dist.py --print-config": [sys.executable, str(REPO / "train_dist.py"), "--print-config"],
+}
+
+
+@pytest.mark.parametrize("command", CLOSED_PIPE_COMMANDS)
+def test_output_into_a_closed_pipe_ends_quietly(command, tmp_path):
+    """``mnistdist ... | head``: once head has gone, the command exits as a Unix tool does (SIGPIPE's
+    code), without a BrokenPipeError traceback."""
+    import os
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first write
+    try:
+        result = subprocess.run(CLOSED_PIPE_COMMANDS[command], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO)
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    if "--help" in command:  # argparse itself drops a help text that cannot be written, and exits 0
+        assert result.returncode in (0, cli.EXIT_CLOSED_PIPE)
+    else:
+        assert result.returncode == cli.EXIT_CLOSED_PIPE == 141

@@ -66,3 +66,27 @@ def test_throughput_counts_the_steps_since_the_last_record_and_training_time_onl
                                  "test_correct": 9, "test_total": 10})
     assert record["epoch_time_s"] == 5.0 and record["samples_per_s"] == 50 * 6 / 5.0
     assert progress.train_time_s == 5.0
+
+
+def test_trained_s_counts_the_epoch_in_progress_up_to_its_latest_record(monkeypatch):
+    """What a checkpoint carries on to the next job: ended epochs, and the current one's training
+    so far (a mid-epoch stop); never the time after an epoch's last record twice."""
+    now = [100.0]
+    monkeypatch.setattr("mnistdist.progress.time.perf_counter", lambda: now[0])
+    progress = Progress("off", enabled=False, epochs=2, last_step=4, global_batch_size=50)
+    assert progress.trained_s == 0.0
+    progress.start_epoch(0, steps=2)
+    now[0] = 103.0
+    progress.step()
+    progress.log({"epoch": 1, "step": 1, "train_loss": 0.5, "lr": 0.1})
+    now[0] = 104.0  # a step not yet logged is not counted
+    assert progress.trained_s == 3.0
+    progress.epoch_end({"epoch": 1, "step": 1, "train_loss_epoch": 0.5, "test_loss": 0.4, "test_acc": 0.9,
+                        "test_correct": 9, "test_total": 10})
+    now[0] = 150.0  # evaluation and the epoch's checkpoint
+    assert progress.trained_s == progress.train_time_s == 3.0
+    progress.start_epoch(1, steps=2)
+    now[0] = 152.0
+    progress.step()
+    progress.log({"epoch": 2, "step": 2, "train_loss": 0.5, "lr": 0.1})
+    assert progress.trained_s == 5.0
