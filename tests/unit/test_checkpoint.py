@@ -351,7 +351,7 @@ def test_save_and_resume_through_a_dist_round_trip(tmp_path):
     back = checkpoint.resume(dist, tmp_path, "auto", 200)
     assert back.path == path and back.step == 10 and back.losses == [loss, loss]
     assert back.train_state(0, 1) == {"step": 10, "epoch": 1, "batch_in_epoch": 4,
-                                      "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}}
+                                      "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}, "best": None}
     assert back.train_state(1, 2)["loss"] == loss  # its own sums on the world size that saved them
     fresh = WB()
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
@@ -528,3 +528,91 @@ def test_optimizer_state_of_another_shape_is_a_checkpoint_error_at_restore(tmp_p
         checkpoint.restore(checkpoint.load_checkpoint(path), model,
                            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     assert str(path / "optimizer.safetensors") in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# The best model (data.validation_size > 0): its validation result in state.json, its weights
+# in best.safetensors, so a resumed run keeps the right best in any run directory.
+
+BEST = {"step": 8, "epoch": 1, "val_acc": 0.75, "val_loss": 0.5, "val_correct": 3, "val_total": 4}
+
+
+def with_best(snap: Snapshot) -> Snapshot:
+    snap.best = dict(BEST)
+    snap.best_model = {"w": torch.full((4, 3), 7.0), "b": torch.ones(4)}
+    return snap
+
+
+def test_the_best_model_round_trips_through_a_checkpoint(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, with_best(make_snapshot(12)), keep_last=0)
+    assert (path / "best.safetensors").is_file()
+    back = checkpoint.load_checkpoint(path)
+    assert back.best == BEST and back.train_state(0, 2)["best"] == BEST
+    assert back.best_model.keys() == {"w", "b"} and torch.equal(back.best_model["w"], torch.full((4, 3), 7.0))
+    checkpoint.restore(back, WB(), torch.optim.SGD(WB().parameters(), lr=0.1))  # it fits the model
+
+    plain = checkpoint.load_checkpoint(checkpoint.save_checkpoint(tmp_path, make_snapshot(13), keep_last=0))
+    assert plain.best is None and plain.best_model is None
+    assert not (plain.path / "best.safetensors").exists()
+
+
+def test_save_through_dist_carries_the_best_of_the_train_state(tmp_path):
+    from mnistdist.config import load_config
+
+    model = WB()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"step": 10, "epoch": 1, "batch_in_epoch": 4, "best": dict(BEST),
+             "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}}
+    cfg = load_config(None, ["train.global_batch_size=200"])
+    checkpoint.save(OneProcess(), tmp_path, cfg, model, optimizer, state, {"wandb_run_id": None},
+                    best_model={"w": torch.ones(4, 3), "b": torch.ones(4)})
+    back = checkpoint.resume(OneProcess(), tmp_path, "auto", 200)
+    assert back.best == BEST and torch.equal(back.best_model["b"], torch.ones(4))
+
+
+def test_a_checkpoint_of_the_second_format_still_loads_without_a_best(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    edit_state(path, lambda state: {**{k: v for k, v in state.items() if k != "best"},
+                                    "format": "mnistdist-checkpoint-2"})
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": "mnistdist-checkpoint-2"}))
+    back = checkpoint.load_checkpoint(path)
+    assert back.step == 5 and back.best is None and back.best_model is None
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda path: edit_state(path, _set(["best"], None)), "best: null, but the manifest lists best.safetensors"),
+    (lambda path: edit_state(path, _set(["best", "val_acc"], "high")), "best: not an object"),
+    (lambda path: edit_state(path, _delete(["best", "step"])), "best: not an object"),
+])
+def test_a_malformed_best_is_a_checkpoint_error(tmp_path, change, message):
+    path = checkpoint.save_checkpoint(tmp_path, with_best(make_snapshot(5)), keep_last=0)
+    change(path)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load_checkpoint(path)
+
+
+def test_a_best_without_its_weights_is_a_checkpoint_error(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    edit_state(path, _set(["best"], dict(BEST)))
+    with pytest.raises(CheckpointError, match="best: set, but the manifest has no best.safetensors"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_best_weights_of_another_model_are_refused_at_restore(tmp_path):
+    snap = with_best(make_snapshot(5))
+    snap.best_model = {"w": torch.zeros(2, 2), "b": torch.ones(4)}
+    path = checkpoint.save_checkpoint(tmp_path, snap, keep_last=0)
+    model = WB()
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.restore(checkpoint.load_checkpoint(path), model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert str(path / "best.safetensors") in str(info.value)
+
+
+def test_save_weights_writes_the_header_metadata(tmp_path):
+    from safetensors import safe_open
+
+    checkpoint.save_weights({"w": torch.ones(2)}, tmp_path / "best.safetensors", {"step": "8", "epoch": "1"})
+    with safe_open(str(tmp_path / "best.safetensors"), "pt") as f:
+        assert f.metadata() == {"step": "8", "epoch": "1"}
+    assert torch.equal(checkpoint.load_model_state(tmp_path / "best.safetensors")["w"], torch.ones(2))
