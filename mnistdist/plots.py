@@ -92,16 +92,21 @@ def plot_accuracy(evals: Sequence[dict], path: Path, title: str = "") -> Path:
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
     validated = any("val_acc" in r for r in evals)
-    for key, label, color in (("val_acc", "validation accuracy", "tab:purple"),
-                              ("test_acc", "test accuracy", "tab:green")):
+    test_label = "test accuracy (final model)" if validated else "test accuracy"
+    for key, label, color in (("val_acc", "validation accuracy", "tab:purple"), ("test_acc", test_label, "tab:green")):
         x, y = _xy(evals, "epoch", key)
         y = [100 * v for v in y]
         if x:
-            ax.plot(x, y, "o-", color=color, linewidth=1.5, markersize=4, label=label)
+            ax.plot(x, y, "D" if key == "test_acc" and validated else "o-", color=color, linewidth=1.5,
+                    markersize=5 if validated else 4, label=label)
+            # With both, the test value is written left of its point, the validation value above.
+            left = key == "test_acc" and validated
             ax.annotate(f"{y[-1]:.2f}%", (x[-1], y[-1]), textcoords="offset points",
-                        xytext=(0, -14 if key == "test_acc" and validated else 8), ha="center", fontsize=9)
+                        xytext=(-8, -3) if left else (0, 8), ha="right" if left else "center", fontsize=9,
+                        color=color if left else "black")
     if ax.get_lines():
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
+        ax.margins(x=0.08, y=0.12)
     what = "validation and test accuracy" if validated else "test accuracy"
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)" if validated else "test accuracy (%)")

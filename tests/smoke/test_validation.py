@@ -68,6 +68,7 @@ def test_epochs_are_evaluated_on_the_validation_set_and_the_test_set_once_at_the
     assert [line.split()[:2] for line in lines[1:-1]] == [["epoch", f"{e}/{EPOCHS}"] for e in range(1, EPOCHS + 1)]
     assert all("val_acc" in line and "test_acc" not in line for line in lines[1:-1])
     assert lines[-1].startswith(f"finished after {LAST} steps: {run_dir / 'model.safetensors'} test_acc ")
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["accuracy.png", "confusion.png", "loss.png"]
 
 
 def test_the_best_model_is_the_best_validation_result_and_its_test_result_is_reported(golden, one_process_env):
