@@ -5,8 +5,11 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000600/``:
     model.safetensors       the model's state dict (also loadable by ``mnistdist evaluate``)
     optimizer.safetensors   the optimizer's tensors: each parameter's SGD momentum buffer
     state.json              step, epoch, position in the epoch, world size, global batch, each
-                            rank's loss sums, the W&B run id, the config, the run's totals so
-                            far (best test accuracy, training time: summary.json's, over jobs)
+                            rank's loss sums, the W&B run id, the config, the run's training
+                            time so far (over jobs: summary.json's), the best model's
+                            validation result
+    best.safetensors        the best model's weights (only with a validation set, once it was
+                            evaluated): a resumed run keeps the right best, in any run directory
     manifest.json           size and sha256 of every file above: written last
 
 That is all a run needs to continue exactly. No random number decides anything after the
@@ -25,8 +28,9 @@ Loading trusts nothing: the manifest may name only the files above, each must ma
 and sha256, and every field of ``state.json`` is checked for its type and range before use.
 Whatever is wrong is a ``CheckpointError`` naming the file; auto-resume skips such a checkpoint
 as it skips a damaged one. Nothing here unpickles: tensors go through safetensors, the rest
-through JSON. Checkpoints of the first format still load (they also held each rank's RNG
-state, in ``ranks.safetensors`` and ``state.json``, which is not read).
+through JSON. Checkpoints of the earlier formats still load (the first also held each rank's
+RNG state, in ``ranks.safetensors`` and ``state.json``, which is not read; neither has a best
+model).
 """
 
 from __future__ import annotations
@@ -58,10 +62,12 @@ if TYPE_CHECKING:
     from mnistdist.distributed import Dist
 
 MANIFEST = "manifest.json"
-FORMAT = "mnistdist-checkpoint-2"
+FORMAT = "mnistdist-checkpoint-3"
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
-"""The files a checkpoint has besides its manifest; the manifest lists exactly these."""
-OLD_FORMATS = {"mnistdist-checkpoint-1": (*FILES, "ranks.safetensors")}
+"""The files every checkpoint has besides its manifest."""
+BEST_FILE = "best.safetensors"
+"""The one optional file: listed in the manifest exactly when state.json has a ``best``."""
+OLD_FORMATS = {"mnistdist-checkpoint-1": (*FILES, "ranks.safetensors"), "mnistdist-checkpoint-2": FILES}
 """Earlier formats that still load, with the files their manifests list."""
 _STEP = re.compile(r"step-[0-9]+")
 _TRASH = ".trash-"
@@ -97,10 +103,12 @@ class Snapshot:
     """E.g. the W&B run id, so a resumed job continues the same W&B run."""
     config: dict[str, Any] = field(default_factory=dict)
     """The resolved config of the run that wrote it."""
-    best_test_acc: float | None = None
-    """The best epoch-end test accuracy of the run up to this step (None: no evaluation yet)."""
     train_time_s: float = 0.0
     """The run's training time up to this step, over all the jobs that trained it."""
+    best: dict[str, Any] | None = None
+    """The best model's validation result (``metrics.Best.state_dict()``); None without one."""
+    best_model: dict[str, torch.Tensor] | None = None
+    """The best model's state dict; present exactly when ``best`` is."""
     path: Path | None = None
     """The directory it was read from (None before it is saved)."""
 
@@ -108,8 +116,8 @@ class Snapshot:
         """What rank ``rank`` of ``world_size`` resumes with: ``TrainState.load_state_dict``'s
         argument (the loss sums re-split when the world size differs: ``LossMeter.for_rank``)."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "loss": LossMeter.for_rank(self.losses, rank, world_size),
-                "best_test_acc": self.best_test_acc, "train_time_s": self.train_time_s}
+                "loss": LossMeter.for_rank(self.losses, rank, world_size), "best": self.best,
+                "train_time_s": self.train_time_s}
 
 
 # --------------------------------------------------------------------------------------
@@ -135,12 +143,12 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """``tensors`` as a safetensors file, fsynced. Written by ``open`` like every other file of a
     run, so its permissions follow the umask (safetensors' own ``save_file`` creates it 0600:
     teammates on a shared file system could not read the weights)."""
     try:
-        data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     except SafetensorError as e:
         raise OSError(f"{path}: {e}") from e
     with open(path, "wb") as f:
@@ -164,11 +172,14 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
     _save_tensors(tmp / "model.safetensors", snap.model)
     _save_tensors(tmp / "optimizer.safetensors",  # SGD's state is tensors only
                   {f"{index}.{key}": value for index, tensors in snap.optimizer.items() for key, value in tensors.items()})
+    if snap.best_model is not None:
+        _save_tensors(tmp / BEST_FILE, snap.best_model)
     _write_json(tmp / "state.json", {
         "format": FORMAT, "step": snap.step, "epoch": snap.epoch, "batch_in_epoch": snap.batch_in_epoch,
         "world_size": snap.world_size, "global_batch_size": snap.global_batch_size,
         "ranks": [{"loss": loss} for loss in snap.losses], "tracking": snap.tracking, "config": snap.config,
-        "best_test_acc": snap.best_test_acc, "train_time_s": snap.train_time_s, "saved_at": time.time(),
+        "best": snap.best if snap.best_model is not None else None, "train_time_s": snap.train_time_s,
+        "saved_at": time.time(),
     })
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     _write_json(tmp / MANIFEST, {"format": FORMAT, "step": snap.step, "files": files})  # commit marker
@@ -286,13 +297,14 @@ def _check_manifest(manifest: Any) -> None:
     _check(isinstance(manifest, dict), "not a JSON object")
     _check(_is_format(manifest.get("format")), f"format {manifest.get('format')!r}, expected {FORMAT}")
     names = OLD_FORMATS.get(manifest["format"], FILES)
+    allowed = names if manifest["format"] in OLD_FORMATS else (*names, BEST_FILE)
     _check(_is_int(manifest.get("step")), "step: not an integer >= 0")
     files = manifest.get("files")
     _check(isinstance(files, dict), "files: not an object")
     for name, meta in files.items():
         # Only the checkpoint's own files, by plain name: nothing else is ever opened, so a
         # manifest cannot make verify read (or vouch for) a file outside its directory.
-        _check(name in names, f"files: {name!r} is not a file of a checkpoint ({', '.join(names)})")
+        _check(name in allowed, f"files: {name!r} is not a file of a checkpoint ({', '.join(allowed)})")
         _check(isinstance(meta, dict) and _is_int(meta.get("bytes")) and isinstance(meta.get("sha256"), str)
                and _SHA256.fullmatch(meta["sha256"]),
                f"files: {name}: not an object of bytes (an integer >= 0) and sha256 (64 hex digits)")
@@ -328,8 +340,9 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_state(state: Any, manifest_step: int) -> None:
-    """Every field of state.json that resuming reads has its type and range."""
+def _check_state(state: Any, manifest_step: int, has_best_file: bool = False) -> None:
+    """Every field of state.json that resuming reads has its type and range; ``best`` is there
+    exactly when the manifest lists the best model's weights (``has_best_file``)."""
     _check(isinstance(state, dict), "not a JSON object")
     _check(_is_format(state.get("format")), f"format {state.get('format')!r}, expected {FORMAT}")
     for key, minimum in (("step", 0), ("epoch", 0), ("batch_in_epoch", 0), ("world_size", 1), ("global_batch_size", 1)):
@@ -347,11 +360,17 @@ def _check_state(state: Any, manifest_step: int) -> None:
     _check(isinstance(tracking, dict) and isinstance(tracking.get("wandb_run_id"), (str, type(None))),
            "tracking: not an object with a string or null wandb_run_id")
     _check(isinstance(state.get("config", {}), dict), "config: not an object")
-    # The run's totals (absent from checkpoints written before they were kept).
-    best = state.get("best_test_acc")
-    _check(best is None or (_is_number(best) and 0 <= best <= 1), "best_test_acc: not null or a number in [0, 1]")
     _check(_is_number(state.get("train_time_s", 0.0)) and state.get("train_time_s", 0.0) >= 0,
-           "train_time_s: not a finite number >= 0")
+           "train_time_s: not a finite number >= 0")  # (absent from checkpoints written before it was kept)
+    best = state.get("best")
+    _check((best is not None) == has_best_file,
+           f"best: {'null' if best is None else 'set'}, but the manifest {'lists' if has_best_file else 'has no'} "
+           f"{BEST_FILE}")
+    if best is not None:
+        _check(isinstance(best, dict) and all(_is_int(best.get(k)) for k in ("step", "epoch", "val_correct"))
+               and _is_int(best.get("val_total"), 1) and all(_is_number(best.get(k)) for k in ("val_acc", "val_loss")),
+               "best: not an object of the integers step, epoch, val_correct, val_total and the finite numbers "
+               "val_acc, val_loss")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -371,10 +390,11 @@ def load_checkpoint(path: Path) -> Snapshot:
     """Verify, then read a checkpoint (safetensors and JSON only). Anything wrong with it is a
     CheckpointError naming the file."""
     path = Path(path)
-    step = verify(path)["step"]
+    manifest = verify(path)
+    step, has_best_file = manifest["step"], BEST_FILE in manifest["files"]
     state = _read_json(path / "state.json", "unreadable checkpoint content")
     try:
-        _check_state(state, step)
+        _check_state(state, step, has_best_file)
     except _Malformed as e:
         raise CheckpointError(f"{path / 'state.json'}: unreadable checkpoint content ({e})") from None
     model = _load_tensors(path / "model.safetensors")
@@ -389,7 +409,8 @@ def load_checkpoint(path: Path) -> Snapshot:
                     world_size=state["world_size"], global_batch_size=state["global_batch_size"],
                     model=model, optimizer=optimizer, losses=[rank["loss"] for rank in state["ranks"]],
                     tracking=state.get("tracking", {}), config=state.get("config", {}),
-                    best_test_acc=state.get("best_test_acc"), train_time_s=state.get("train_time_s", 0.0), path=path)
+                    train_time_s=state.get("train_time_s", 0.0), best=state.get("best"),
+                    best_model=_load_tensors(path / BEST_FILE) if has_best_file else None, path=path)
 
 
 def load_newest(run_dir: Path) -> tuple[Snapshot | None, list[CheckpointError]]:
@@ -429,9 +450,15 @@ def none_loads(run_dir: Path, errors: list[CheckpointError]) -> CheckpointError:
 
 def save_model(model: torch.nn.Module, path: Path) -> None:
     """Write ``model``'s state dict to ``path`` via a temporary file and an atomic rename."""
+    save_weights(model.state_dict(), path)
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict to ``path`` (with ``metadata`` in the safetensors header) via a
+    temporary file and an atomic rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    _save_tensors(tmp, model.state_dict())  # fsyncs the file
+    _save_tensors(tmp, tensors, metadata)  # fsyncs the file
     os.replace(tmp, path)
     fsync_dir(path.parent)  # and the rename
 
@@ -450,15 +477,18 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def save(dist: Dist, run_dir: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict[str, Any], tracking: dict[str, Any], before_writing: Callable[[], None] | None = None) -> Path:
-    """Checkpoint the run as it stands: ``train_state`` is this rank's ``TrainState.state_dict()``;
-    the loss sums of every rank are gathered, and rank 0 writes, after ``before_writing()`` (e.g.
+         train_state: dict[str, Any], tracking: dict[str, Any], best_model: dict[str, torch.Tensor] | None = None,
+         before_writing: Callable[[], None] | None = None) -> Path:
+    """Checkpoint the run as it stands: ``train_state`` is this rank's ``TrainState.state_dict()``
+    (its ``best``, if any, goes with ``best_model``, the best model's weights); the loss sums of
+    every rank are gathered, and rank 0 writes, after ``before_writing()`` (e.g.
     ``RunDir.check_held``): what it raises is raised on every rank, and nothing is written."""
     snap = Snapshot(step=train_state["step"], epoch=train_state["epoch"], batch_in_epoch=train_state["batch_in_epoch"],
                     world_size=dist.world_size, global_batch_size=cfg.train.global_batch_size,
                     model=model.state_dict(), optimizer=optimizer.state_dict()["state"],
                     losses=dist.gather_object(train_state["loss"]), tracking=tracking, config=cfg.to_dict(),
-                    best_test_acc=train_state.get("best_test_acc"), train_time_s=train_state.get("train_time_s", 0.0))
+                    best=train_state.get("best") if best_model is not None else None, best_model=best_model,
+                    train_time_s=train_state.get("train_time_s", 0.0))
 
     def write() -> Path:
         if before_writing is not None:
@@ -522,7 +552,7 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
     return snap
 
 
-def finished(dist: Dist, run: RunDir, cfg: Config, allow_config_change: bool) -> dict[str, Any] | None:
+def finished(dist: Dist, run: RunDir, cfg: Config) -> dict[str, Any] | None:
     """The summary of a finished run that ``--resume auto`` has nothing left to train in (after
     saying so in one line), for every rank; None to go on as usual.
 
@@ -532,8 +562,9 @@ def finished(dist: Dist, run: RunDir, cfg: Config, allow_config_change: bool) ->
     of the newest checkpoint's step (the job that wrote that checkpoint also completed its final
     writes); and that step ends the run under ``cfg``: every one of train.epochs done, or
     train.max_steps reached. Anything else goes the usual way: a damaged newest checkpoint is
-    handled by resuming, and a changed key of the trajectory (more epochs...) is refused there,
-    naming it, unless ``allow_config_change`` (then a run that still ends here is finished).
+    handled by resuming, and a changed key of the trajectory (more epochs, a validation set...)
+    is refused there, naming it, unless ``allow_config_change``: then the run resumes under the
+    new config (a run that still ends here trains nothing, and its results are written anew).
     """
 
     def decide() -> dict[str, Any] | None:
@@ -547,10 +578,10 @@ def finished(dist: Dist, run: RunDir, cfg: Config, allow_config_change: bool) ->
             return None
         t = cfg.train
         at_end = bool(t.max_steps and snap.step >= t.max_steps) or (snap.batch_in_epoch == 0 and snap.epoch >= t.epochs)
-        if summary["steps"] != snap.step or not at_end or (trajectory_changes(snap.config, cfg) and not allow_config_change):
+        if summary["steps"] != snap.step or not at_end or trajectory_changes(snap.config, cfg):
             return None
-        best = summary.get("best_test_acc")
-        best = f" (best {100 * best:.2f}%)" if isinstance(best, float) and math.isfinite(best) else ""
+        best = summary.get("best_test_acc") if summary.get("best_selected_by") == "val_acc" else None
+        best = f" (best by val_acc: {100 * best:.2f}%)" if isinstance(best, float) and math.isfinite(best) else ""
         print(f"already finished: {run.root} at step {snap.step}: test accuracy {100 * summary['final_test_acc']:.2f}%"
               f"{best}, model {run.model}; nothing was changed (to train it further: more train.epochs with "
               "--allow-config-change; to train anew: another --run-dir)", flush=True)
@@ -579,8 +610,17 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
         # their device and dtype by load_state_dict), its hyper-parameters stay as they are.
         optimizer.load_state_dict({"state": snap.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
 
+    def check_best() -> None:  # loaded into a model only at the end: checked now, as the others are
+        if snap.best_model is None:
+            return
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in snap.best_model.items()}
+        if ours != theirs:
+            raise ValueError(f"tensors {sorted(theirs.items())} for a model of {sorted(ours.items())}")
+
     for name, what, load in (("model.safetensors", "model", lambda: model.load_state_dict(snap.model)),
-                             ("optimizer.safetensors", "optimizer", load_optimizer)):
+                             ("optimizer.safetensors", "optimizer", load_optimizer),
+                             (BEST_FILE, "model", check_best)):
         try:
             load()
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, KeyError...

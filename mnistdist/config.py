@@ -56,6 +56,9 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 int64 nanoseconds and fail at once from about 9.2e9 s; ``threading.Event.wait`` overflows
 there too; ``timedelta`` raises OverflowError beyond 999999999 days."""
 
+MNIST_TRAIN_IMAGES = 60_000
+"""Images in MNIST's training set: ``data.validation_size`` holds some of them out."""
+
 MAX_SEED = 2**32 - 1
 """``train.seed`` must be in 0..MAX_SEED: accelerate's ``set_seed`` also seeds numpy, whose
 ``RandomState`` refuses anything else (torch takes more)."""
@@ -121,6 +124,13 @@ class DataConfig:
 
     normalize_std: float = 0.3081
     """Standard deviation used to normalize pixel values in [0, 1]."""
+
+    validation_size: int = 0
+    """Training images held out as a validation set (0..59999; 0 = none, the seed's recipe).
+    Drawn from the training set by ``train.seed`` (the same images at any number of
+    processes); training uses the rest. Each epoch is then evaluated on the validation set, the
+    model with the best validation accuracy is kept as ``RUN_DIR/best.safetensors``, and the
+    test set is evaluated once, at the end, for the final and the best model. 5000 is usual."""
 
 
 @dataclass
@@ -680,6 +690,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.eval_per_process_batch_size: must be >= 1; got {t.eval_per_process_batch_size}",
         ),
         (d.num_workers >= 0, f"data.num_workers: must be >= 0; got {d.num_workers}"),
+        (0 <= d.validation_size < MNIST_TRAIN_IMAGES,
+         f"data.validation_size: must be in 0..{MNIST_TRAIN_IMAGES - 1} (training images held out for "
+         f"validation; 0 = none); got {d.validation_size}"),
         (0 <= cfg.dist.threads_per_process <= 1024,
          f"dist.threads_per_process: must be in 0..1024 (0 = follow the launcher); got {cfg.dist.threads_per_process}"),
         (d.normalize_std > 0, f"data.normalize_std: must be > 0; got {d.normalize_std}"),
@@ -729,10 +742,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 # other key (tracking, logging, checkpoint cadence, devices, max_steps, which only stops
 # early) just applies on resume. train.epochs is here because it stretches the LR schedule.
 TRAJECTORY_KEYS = (
-    "model.final_relu", "model.dtype", "data.normalize_mean", "data.normalize_std",
+    "model.final_relu", "model.dtype", "data.normalize_mean", "data.normalize_std", "data.validation_size",
     "train.epochs", "train.global_batch_size", "train.lr", "train.momentum", "train.nesterov",
     "train.weight_decay", "train.lr_schedule", "train.warmup_steps", "train.loss", "train.seed",
 )
+
+# Trajectory keys added after checkpoints were first written, with the value their absence in
+# an older checkpoint's config means.
+ADDED_KEYS = {"data.validation_size": 0}
 
 
 def trajectory_changes(saved: dict[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
@@ -742,7 +759,7 @@ def trajectory_changes(saved: dict[str, Any], cfg: Config) -> list[tuple[str, An
     changes = []
     for key in TRAJECTORY_KEYS:
         section, name = key.split(".")
-        old, new = saved.get(section, {}).get(name), now[section][name]
+        old, new = saved.get(section, {}).get(name, ADDED_KEYS.get(key)), now[section][name]
         if old is not None and old != new:
             changes.append((key, old, new))
     return changes

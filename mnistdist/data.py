@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mnistdist.config import DataConfig
+from mnistdist.config import ConfigError, DataConfig
 
 
 class DataError(RuntimeError):
@@ -200,6 +200,44 @@ def seed_transform(mean: float, std: float) -> Callable:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
 
 
+VALIDATION_STREAM = 1 << 40
+"""Added to ``train.seed`` to seed the validation split: a stream of torch's generator that the
+sampler's shuffles (seeded ``train.seed + epoch``) never use."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """The training images divided into the images trained on and the validation set, as
+    ascending indices into ``MnistTensors.train_images``."""
+
+    train: torch.Tensor
+    validation: torch.Tensor
+
+
+def validation_split(num_items: int, validation_size: int, seed: int) -> Split:
+    """Hold ``validation_size`` of the ``num_items`` training images out, chosen by ``seed``.
+
+    A function of its arguments only (no process rank, no global random state), so every rank
+    of every world size draws the same split. ``validation_size`` 0 keeps every image for
+    training. A ConfigError when nothing would be left to train on.
+    """
+    if validation_size >= num_items:
+        raise ConfigError(f"data.validation_size: {validation_size} leaves no training images "
+                          f"(the training set has {num_items})")
+    if validation_size == 0:
+        return Split(torch.arange(num_items), torch.arange(0))
+    generator = torch.Generator().manual_seed(seed + VALIDATION_STREAM)
+    perm = torch.randperm(num_items, generator=generator)
+    return Split(perm[validation_size:].sort().values, perm[:validation_size].sort().values)
+
+
+def repeated_per_epoch(num_items: int, num_replicas: int) -> int:
+    """Images the sampler repeats each epoch to give ``num_replicas`` ranks equal shares
+    (``DistributedSampler`` with ``drop_last=False`` pads ``num_items`` up to a multiple of
+    ``num_replicas`` with its first indices). 0 when ``num_replicas`` divides ``num_items``."""
+    return -num_items % num_replicas
+
+
 class TrainBatches:
     """One rank's training batches, epoch by epoch, in the DistributedSampler's order.
 
@@ -207,8 +245,12 @@ class TrainBatches:
     indices ``perm[r::N]`` of one permutation seeded by ``seed + epoch`` (the same on every
     rank). Rank r's i-th batch is ``perm[r + N*(i*b + k)]`` for k < b = B/N, so the N ranks'
     i-th batches together are exactly ``perm[i*B:(i+1)*B]``: the single-process batch i.
-    (60000 is padded to a multiple of N by repeating the first indices when N does not
-    divide it.)
+    (The training set is padded to a multiple of N by repeating the first indices when N does
+    not divide it: ``repeated_per_epoch``.)
+
+    ``train_indices`` (default: every training image) are the images trained on, e.g.
+    ``validation_split(...).train``: the sampler permutes their positions, and position p is
+    image ``train_indices[p]``, so the same argument holds for any subset.
     """
 
     def __init__(
@@ -220,12 +262,14 @@ class TrainBatches:
         num_replicas: int,
         seed: int,
         device: torch.device,
+        train_indices: torch.Tensor | None = None,
     ) -> None:
         self.cfg = cfg
         self.batch_size = per_process_batch_size
         self.device = device
+        self.train_indices = torch.arange(len(tensors.train_labels)) if train_indices is None else train_indices.cpu()
         self.sampler = DistributedSampler(
-            range(len(tensors.train_labels)),  # the sampler only needs len()
+            range(len(self.train_indices)),  # the sampler only needs len()
             num_replicas=num_replicas,
             rank=rank,
             shuffle=True,
@@ -249,10 +293,20 @@ class TrainBatches:
         """Batches per epoch on this rank (the same on every rank)."""
         return -(-len(self.sampler) // self.batch_size)
 
+    @property
+    def num_images(self) -> int:
+        """Training images per epoch over all ranks (before the sampler's padding)."""
+        return len(self.train_indices)
+
+    @property
+    def repeated_per_epoch(self) -> int:
+        """Images the sampler repeats per epoch to even out the ranks' shares."""
+        return repeated_per_epoch(self.num_images, self.sampler.num_replicas)
+
     def epoch_indices(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for ``epoch``, in order."""
+        """This rank's sample indices (into the training images) for ``epoch``, in order."""
         self.sampler.set_epoch(epoch)
-        return torch.tensor(list(self.sampler), dtype=torch.long)
+        return self.train_indices[torch.tensor(list(self.sampler), dtype=torch.long)]
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(images, labels)`` for ``epoch`` from batch ``start_batch`` on (for resume)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import platform
+import socket
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ import torch.distributed as torch_dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-from mnistdist.config import ConfigError, DistConfig
+from mnistdist.config import ConfigError, DistConfig, version_string
 from mnistdist.signals import RankFailure, TrainingStopped
 
 T = TypeVar("T")
@@ -264,6 +266,22 @@ class Dist:
     def backend(self) -> str:
         return torch_dist.get_backend() if torch_dist.is_initialized() else "none"
 
+    def describe(self) -> dict[str, Any]:
+        """What this run actually runs on, for the run record: the world size, the processes per
+        host, the device (and the GPU's name), the backend, the mixed precision accelerate runs
+        (``no`` or ``bf16``, whatever the config said) and torch's CPU threads per process.
+        Collective: gathers every rank's host name."""
+        hosts = self.gather_object(socket.gethostname())
+        return {
+            "world_size": self.world_size,
+            "hosts": {host: hosts.count(host) for host in dict.fromkeys(hosts)},
+            "device": self.device.type,
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "backend": self.backend,
+            "mixed_precision": str(self.accelerator.mixed_precision),
+            "threads_per_process": torch.get_num_threads(),
+        }
+
     # -- model ---------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """Wrap model (DDP, autocast) and optimizer. Data loaders are never passed here: we
@@ -382,6 +400,16 @@ class Dist:
         gc.collect()  # DDP's reducer sits in reference cycles: collect it now, not at exit
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def software_versions() -> dict[str, str | None]:
+    """The versions a run depends on: mnistdist (with its git commit when run from a checkout),
+    Python, torch (and the CUDA it was built for), accelerate, numpy."""
+    import accelerate
+    import numpy
+
+    return {"mnistdist": version_string(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "accelerate": accelerate.__version__, "numpy": numpy.__version__}
 
 
 def warn_main(message: str) -> None:

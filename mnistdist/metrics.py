@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,14 +94,53 @@ class EvalCounts:
         diagonal = self.confusion.diagonal().tolist()
         return [diagonal[c] / per_class_total[c] if per_class_total[c] else float("nan") for c in range(NUM_CLASSES)]
 
-    def as_record(self) -> dict:
-        """The fields every evaluation line in metrics.jsonl carries."""
+    def as_record(self, prefix: str = "test") -> dict:
+        """The fields every evaluation line in metrics.jsonl carries: ``test_loss``,
+        ``test_acc``, ``test_correct``, ``test_total`` (``val_*`` for the validation set)."""
         return {
-            "test_loss": self.mean_loss,
-            "test_acc": self.accuracy,
-            "test_correct": self.correct,
-            "test_total": self.total,
+            f"{prefix}_loss": self.mean_loss,
+            f"{prefix}_acc": self.accuracy,
+            f"{prefix}_correct": self.correct,
+            f"{prefix}_total": self.total,
         }
+
+
+@dataclass(frozen=True)
+class Best:
+    """The validation result that chose the best model so far, and when it was evaluated.
+
+    Better means a higher validation accuracy; a lower validation loss breaks a tie, and on a
+    full tie the earlier model stays (as Lightning's ModelCheckpoint keeps the first of equal
+    scores). Never chosen on the test set."""
+
+    step: int
+    """The optimizer step after which the model was evaluated."""
+    epoch: int
+    """Its epoch, 1-based as in metrics.jsonl."""
+    val_acc: float
+    val_loss: float
+    val_correct: int
+    val_total: int
+
+    @classmethod
+    def of(cls, counts: EvalCounts, step: int, epoch: int) -> Best:
+        return cls(step, epoch, counts.accuracy, counts.mean_loss, counts.correct, counts.total)
+
+    def beaten_by(self, counts: EvalCounts) -> bool:
+        """Whether a model with these validation ``counts`` is better than this one."""
+        return (counts.accuracy, -counts.mean_loss) > (self.val_acc, -self.val_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Best:
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+
+
+def improves(best: Best | None, counts: EvalCounts) -> bool:
+    """Whether validation ``counts`` make a new best model (the first evaluation always does)."""
+    return best is None or best.beaten_by(counts)
 
 
 class LossMeter:

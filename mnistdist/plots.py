@@ -18,9 +18,10 @@ from mnistdist.rundir import RunDir, read_metrics
 
 def split_records(records: Sequence[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     """(training lines, evaluation lines) of metrics.jsonl: training lines carry ``train_loss``,
-    evaluation lines ``test_acc``. Values written as null (NaN/inf) stay None."""
+    evaluation lines ``test_acc`` or, with a validation set, ``val_acc`` (the last one also the
+    test results). Values written as null (NaN/inf) stay None."""
     train = [r for r in records if "train_loss" in r and "step" in r]
-    evals = [r for r in records if "test_acc" in r and "step" in r]
+    evals = [r for r in records if ("test_acc" in r or "val_acc" in r) and "step" in r]
     return train, evals
 
 
@@ -56,7 +57,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_loss(train: Sequence[dict], evals: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Training loss (per logging window) and test loss (per epoch) against optimizer steps."""
+    """Training loss (per logging window), validation loss (per epoch, with a validation set)
+    and test loss (per epoch, or at the end with a validation set) against optimizer steps."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.0))
@@ -64,6 +66,9 @@ def plot_loss(train: Sequence[dict], evals: Sequence[dict], path: Path, title: s
     x, y = _xy(train, "step", "train_loss")
     if x:
         ax.plot(x, y, label="train loss", color="tab:blue", linewidth=1.2)
+    x, y = _xy(evals, "step", "val_loss")
+    if x:
+        ax.plot(x, y, "o-", label="validation loss", color="tab:purple", linewidth=1.5, markersize=4)
     x, y = _xy(evals, "step", "test_loss")
     if x:
         ax.plot(x, y, "o-", label="test loss", color="tab:orange", linewidth=1.5, markersize=4)
@@ -80,21 +85,32 @@ def plot_loss(train: Sequence[dict], evals: Sequence[dict], path: Path, title: s
 
 
 def plot_accuracy(evals: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Test accuracy (%) after each epoch, annotated with the final value."""
+    """Test accuracy (%) after each epoch, annotated with the final value; with a validation
+    set, the validation accuracy after each epoch and the test accuracy of the final model."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    x, y = _xy(evals, "epoch", "test_acc")
-    y = [100 * v for v in y]
-    if x:
-        ax.plot(x, y, "o-", color="tab:green", linewidth=1.5, markersize=4, label="test accuracy")
-        ax.annotate(f"{y[-1]:.2f}%", (x[-1], y[-1]), textcoords="offset points", xytext=(0, 8),
-                    ha="center", fontsize=9)
-        ax.legend(loc="lower right")
+    validated = any("val_acc" in r for r in evals)
+    test_label = "test accuracy (final model)" if validated else "test accuracy"
+    for key, label, color in (("val_acc", "validation accuracy", "tab:purple"), ("test_acc", test_label, "tab:green")):
+        x, y = _xy(evals, "epoch", key)
+        y = [100 * v for v in y]
+        if x:
+            ax.plot(x, y, "D" if key == "test_acc" and validated else "o-", color=color, linewidth=1.5,
+                    markersize=5 if validated else 4, label=label)
+            # With both, the test value is written left of its point, the validation value above.
+            left = key == "test_acc" and validated
+            ax.annotate(f"{y[-1]:.2f}%", (x[-1], y[-1]), textcoords="offset points",
+                        xytext=(-8, -3) if left else (0, 8), ha="right" if left else "center", fontsize=9,
+                        color=color if left else "black")
+    if ax.get_lines():
+        ax.legend(loc="best")
+        ax.margins(x=0.08, y=0.12)
+    what = "validation and test accuracy" if validated else "test accuracy"
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"test accuracy{f' - {title}' if title else ''}")
+    ax.set_ylabel("accuracy (%)" if validated else "test accuracy (%)")
+    ax.set_title(f"{what}{f' - {title}' if title else ''}")
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
 

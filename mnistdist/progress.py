@@ -10,8 +10,10 @@ the throughput it reports (timed on every process).
 * ``off``: no per-step output.
 * ``auto``: ``bar`` when stderr is a terminal, ``lines`` otherwise.
 
-In every mode the epoch summary line (``epoch 1/10  train_loss ...  test_acc 97.12% ...``)
-is printed on stdout at each epoch end. ``TQDM_DISABLE`` set (to anything but ``""``, ``0``,
+In every mode the start line (``start_line``: what runs where, in which precision), the epoch
+summary line (``epoch 1/10  train_loss ...  test_acc 97.12% ...``, or ``val_acc`` with a
+validation set) at each epoch end and the line of the finished run (``finished_line``: where the
+model is, its test accuracy) are printed on stdout. ``TQDM_DISABLE`` set (to anything but ``""``, ``0``,
 ``false``, ``no``, ``off``) turns ``auto`` and ``bar`` into ``off``; an explicit ``lines`` still
 prints lines (they are not tqdm's).
 """
@@ -22,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
@@ -44,6 +47,41 @@ def resolve(mode: str, stderr: TextIO | None = None, environ: Mapping[str, str] 
         isatty = getattr(sys.stderr if stderr is None else stderr, "isatty", None)
         return "bar" if isatty is not None and isatty() else "lines"
     return mode
+
+
+def precision_name(dtype: str, mixed_precision: str) -> str:
+    """How the model computes: its parameter dtype, or ``bf16-mixed`` under bf16 autocast."""
+    return "bf16-mixed" if mixed_precision == "bf16" else dtype
+
+
+def start_line(start: Mapping[str, Any], run_dir: Any) -> str:
+    """The line a run starts with, from its run.json entry (``rundir.record_start``): processes,
+    device, backend, precision, threads, the batch split, the images per epoch (with those held
+    out for validation, and those the sampler repeats), and the run directory."""
+    n = start["world_size"]
+    precision = start["precision"] + (f" ({start['dtype']} weights)" if start["precision"] != start["dtype"] else "")
+    images = f"{start['steps_per_epoch']} steps/epoch over {start['training_images']} images"
+    if start["validation_images"]:
+        images += f" ({start['validation_images']} held out for validation)"
+    repeated = start["repeated_images_per_epoch"]
+    if repeated:
+        images += (f"; {repeated} image(s) repeated per epoch to share {start['training_images']} among {n} "
+                   "processes: not exactly the 1-process result")
+    return (f"training on {n} process(es), {start['device']}, backend {start['backend']}; precision {precision}, "
+            f"{start['threads_per_process']} thread(s) per process; global batch {start['global_batch_size']} = "
+            f"{n} x {start['per_process_batch_size']}; {images}; run dir {run_dir}")
+
+
+def finished_line(summary: Mapping[str, Any]) -> str:
+    """The line of a finished run, from its summary: where the final model is and its test
+    accuracy; with a validation set also the best model (by validation accuracy) and its."""
+    line = (f"finished after {summary['steps']} steps: {summary['model']} test_acc "
+            f"{100 * summary['final_test_acc']:.2f}% ({summary['test_correct']}/{summary['test_total']})")
+    if summary.get("best_model") not in (None, summary["model"]):
+        line += (f"; best by val_acc: {Path(summary['best_model']).name} (epoch {summary['best_epoch']}, step "
+                 f"{summary['best_step']}, val_acc {100 * summary['best_val_acc']:.2f}%) test_acc "
+                 f"{100 * summary['best_test_acc']:.2f}% ({summary['best_test_correct']}/{summary['test_total']})")
+    return line
 
 
 class Progress:
@@ -107,8 +145,9 @@ class Progress:
 
     def epoch_end(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """An epoch's evaluation record (``epoch`` 1-based, ``train_loss_epoch``, ``test_loss``,
-        ``test_acc``, ``test_correct``, ``test_total``), returned with the epoch's training time
-        ``epoch_time_s`` and ``samples_per_s``; its summary line is printed in every mode."""
+        ``test_acc``, ``test_correct``, ``test_total``; or ``val_*`` instead of ``test_*``),
+        returned with the epoch's training time ``epoch_time_s`` and ``samples_per_s``; its
+        summary line is printed in every mode."""
         self.close()
         epoch_time_s = self._trained_until - self._epoch_start
         self.train_time_s += epoch_time_s
@@ -116,9 +155,10 @@ class Progress:
         samples_per_s = self.global_batch_size * self._epoch_steps / epoch_time_s if self._epoch_steps else 0.0
         record = {**record, "epoch_time_s": epoch_time_s, "samples_per_s": samples_per_s}
         if self.enabled:
+            on = "val" if "val_acc" in record else "test"
             self._print(f"epoch {record['epoch']}/{self.epochs}  train_loss {record['train_loss_epoch']:.4f}  "
-                        f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_acc']:.2f}% "
-                        f"({record['test_correct']}/{record['test_total']})  {samples_per_s:,.0f} samples/s  "
+                        f"{on}_loss {record[f'{on}_loss']:.4f}  {on}_acc {100 * record[f'{on}_acc']:.2f}% "
+                        f"({record[f'{on}_correct']}/{record[f'{on}_total']})  {samples_per_s:,.0f} samples/s  "
                         f"{epoch_time_s:.1f} s")
         return record
 

@@ -1,11 +1,15 @@
 """The run directory: the one place that knows its layout.
 
     RUN_DIR/
-        config.yaml          the resolved config of the run
+        config.yaml          the resolved config of the run (as asked for: ``auto`` stays ``auto``)
+        run.json             what actually ran, one entry per start: world size, hosts, device,
+                             precision, threads, data (validation, repeated images), versions
         metrics.jsonl        one JSON object per line: training lines and evaluation lines
         metrics.jsonl.old-N  the history of an earlier start with no checkpoint that loads (kept aside)
         summary.json         final numbers, written when training finished
         model.safetensors    the final weights
+        best.safetensors     the weights with the best validation accuracy so far (only with
+                             data.validation_size > 0); its header names their step and epoch
         checkpoints/         step-XXXXXXXX/ directories (layout: mnistdist.checkpoint)
         checkpoints.old-N/   checkpoints none of which loads, kept aside by ``--resume never``
         plots/               loss.png, accuracy.png, confusion.png
@@ -43,9 +47,11 @@ if TYPE_CHECKING:
     from mnistdist.distributed import Dist
 
 CONFIG = "config.yaml"
+RUN_RECORD = "run.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL = "model.safetensors"
+BEST = "best.safetensors"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 WANDB_RUN_ID = "wandb_run_id"
@@ -64,6 +70,10 @@ class RunDir:
         return self.root / CONFIG
 
     @property
+    def run_record(self) -> Path:
+        return self.root / RUN_RECORD
+
+    @property
     def metrics(self) -> Path:
         return self.root / METRICS
 
@@ -74,6 +84,10 @@ class RunDir:
     @property
     def model(self) -> Path:
         return self.root / MODEL
+
+    @property
+    def best(self) -> Path:
+        return self.root / BEST
 
     @property
     def checkpoints(self) -> Path:
@@ -285,6 +299,25 @@ def read_summary(run: RunDir) -> dict[str, Any] | None:
             and _is_fraction(summary.get("final_test_acc"))):
         return None
     return summary
+def read_run_record(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The starts recorded in ``RUN_DIR/run.json``, oldest first; none when it is missing or
+    unreadable."""
+    try:
+        record = json.loads(RunDir(Path(run_dir)).run_record.read_text())
+    except (OSError, ValueError):
+        return []
+    starts = record.get("starts") if isinstance(record, dict) else None
+    return [s for s in starts if isinstance(s, dict)] if isinstance(starts, list) else []
+
+
+def record_start(run: RunDir, start: dict[str, Any]) -> None:
+    """Add ``start`` (what this start of the run runs on; its ``start_step`` is the step it
+    begins at, 0 when fresh) to run.json. Like metrics.jsonl, run.json describes one history:
+    a fresh start begins a new one, and a resumed start drops the starts that began at or after
+    its step, whose work it is about to redo."""
+    step = start["start_step"]
+    kept = [s for s in read_run_record(run.root) if isinstance(s.get("start_step"), int) and s["start_step"] < step]
+    write_text_atomic(run.run_record, json.dumps({"starts": [*kept, start]}, indent=2) + "\n")
 
 
 def _parse_metrics_lines(lines: list[str]) -> tuple[list[dict[str, Any]], int]:

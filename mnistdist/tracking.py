@@ -164,10 +164,11 @@ def _describe(e: BaseException) -> str:
 
 def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The TensorBoard scalars of one metrics.jsonl record, all at its ``step``: every number in
-    it (but the step) as ``train/<key>`` for a training line, ``eval/<key>`` for an evaluation,
+    it (but the step) as ``train/<key>`` for a training line, ``eval/<key>`` for an evaluation
+    (of the test or the validation set),
     and the per-class accuracies as ``test_acc_class/<class>``. (Both kinds of line have an
     ``epoch`` and a ``samples_per_s``, sometimes at the same step: hence the two prefixes.)"""
-    prefix = "train/" if "train_loss" in record else "eval/" if "test_acc" in record else ""
+    prefix = "train/" if "train_loss" in record else "eval/" if "test_acc" in record or "val_acc" in record else ""
     scalars = {f"{prefix}{key}": float(value) for key, value in record.items()
                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
     for c, acc in enumerate(record.get("per_class_acc") or []):

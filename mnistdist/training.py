@@ -1,8 +1,13 @@
 """The training loop, read top to bottom.
 
 ``run(cfg, run_dir, resume)``: start the process group -> ``fit`` -> tear it down.
-``fit``: data -> model -> resume -> for each epoch: train its steps, evaluate, log, checkpoint
--> final weights, summary and plots.
+``fit``: data -> model -> resume -> record what runs -> for each epoch: train its steps,
+evaluate, log, checkpoint -> final weights, summary and plots.
+
+With a validation set (``data.validation_size``) each epoch is evaluated on it, the best model
+so far is kept (``RUN_DIR/best.safetensors``, and in every checkpoint), and the test set is
+evaluated once, at the end, for the final and the best model. Without one, each epoch is
+evaluated on the test set as in the seed, and nothing is chosen by it.
 
 Every rank runs the same steps in the same order, so the collectives inside them (DDP's
 gradient all-reduce, the stop agreement, the loss and evaluation sums, checkpoint saves) always
@@ -11,10 +16,13 @@ match up. Side effects (files, W&B, prints, progress output) happen on the main 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +30,12 @@ import torch
 
 from mnistdist import checkpoint, rundir
 from mnistdist.config import Config, ConfigError, to_yaml, trajectory_changes
-from mnistdist.data import MnistTensors, TrainBatches, eval_shard, load_tensors, normalize, prepare_mnist
-from mnistdist.distributed import Dist, warn_main
-from mnistdist.metrics import EvalCounts, LossMeter, per_sample_loss
+from mnistdist.data import (MnistTensors, Split, TrainBatches, eval_shard, load_tensors, normalize, prepare_mnist,
+                            validation_split)
+from mnistdist.distributed import Dist, software_versions, warn_main
+from mnistdist.metrics import Best, EvalCounts, LossMeter, improves, per_sample_loss
 from mnistdist.model import MLP
-from mnistdist.progress import Progress
+from mnistdist.progress import Progress, finished_line, precision_name, start_line
 from mnistdist.rundir import RunDir
 from mnistdist.schedule import lr_at
 from mnistdist.signals import NonFiniteLoss, Preempted, StopSignals
@@ -46,10 +55,12 @@ class TrainState:
     """The epoch in progress, 0-based."""
     batch_in_epoch: int = 0
     """Batches of ``epoch`` done; a resumed run continues with the next batch."""
-    best_test_acc: float | None = None
-    """The best epoch-end test accuracy of the whole run so far (over every job that trained it)."""
     train_time_s: float = 0.0
     """The whole run's training time, as of the last checkpoint (``fit`` adds this job's)."""
+    best: Best | None = None
+    """The validation result of the best model so far (None: no validation set, or none yet)."""
+    best_model: dict[str, torch.Tensor] | None = None
+    """That model's weights (the same on every rank); saved with each checkpoint."""
 
     def advance(self) -> None:
         """One optimizer step done (the step itself added its loss to the sums)."""
@@ -61,14 +72,25 @@ class TrainState:
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.loss.epoch_sum.zero_()
 
+    def consider(self, counts: EvalCounts, model: torch.nn.Module) -> bool:
+        """Keep ``model`` as the best if its validation ``counts`` beat the best so far."""
+        if not improves(self.best, counts):
+            return False
+        self.best = Best.of(counts, self.step, self.epoch + 1)
+        self.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
     def state_dict(self) -> dict[str, Any]:
+        """Without the best weights, which a checkpoint stores as tensors (``best_model``)."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "loss": self.loss.state_dict(), "best_test_acc": self.best_test_acc, "train_time_s": self.train_time_s}
+                "loss": self.loss.state_dict(), "best": self.best.state_dict() if self.best else None,
+                "train_time_s": self.train_time_s}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.loss.load_state_dict(state["loss"])
-        self.best_test_acc, self.train_time_s = state.get("best_test_acc"), state.get("train_time_s", 0.0)
+        self.best = Best.from_state_dict(state["best"]) if state.get("best") else None
+        self.train_time_s = state.get("train_time_s", 0.0)
 
 
 def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
@@ -86,7 +108,7 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
         dist = Dist(cfg.dist)
         try:
             with rundir.claim(run_dir, dist) as claimed:
-                if resume == "auto" and (done := checkpoint.finished(dist, claimed, cfg, allow_config_change)):
+                if resume == "auto" and (done := checkpoint.finished(dist, claimed, cfg)):
                     return done  # a finished run stays finished: said so, nothing written
                 return fit(cfg, dist, claimed, resume, signals, allow_config_change)
         except (Preempted, NonFiniteLoss, rundir.RunDirLost):
@@ -104,12 +126,16 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
     """Train and evaluate; return the summary. Collective: every rank calls it."""
     t = cfg.train
 
-    # Data: MNIST checked (downloaded once per node), held as tensors on the training device;
-    # this rank's batches of every epoch come from torch's DistributedSampler.
+    # Data: MNIST checked (downloaded once per node), held as tensors on the training device.
+    # The validation set (data.validation_size; none by default) is held out of the training
+    # images by the seed alone, so it is the same on every rank at any world size; this rank's
+    # batches of the rest, every epoch, come from torch's DistributedSampler.
     prepare_mnist(cfg.data, dist.is_local_main, dist.barrier)
     tensors = load_tensors(cfg.data.root).to(dist.device)
+    split = validation_split(len(tensors.train_labels), cfg.data.validation_size, t.seed)
+    validation = split.validation.to(dist.device) if split.validation.numel() else None
     batches = TrainBatches(cfg.data, tensors, t.global_batch_size // dist.world_size,  # divisibility was validated
-                           dist.rank, dist.world_size, t.seed, dist.device)
+                           dist.rank, dist.world_size, t.seed, dist.device, train_indices=split.train)
     # The LR schedule spans all epochs; train.max_steps only stops early, so a short run is an
     # exact prefix of the full one.
     total_steps = len(batches) * t.epochs
@@ -122,10 +148,9 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
     model, optimizer = dist.prepare(model, build_optimizer(cfg, model))
     state = TrainState(LossMeter(dist.device, getattr(torch, cfg.model.dtype)))
     resumed = resume_from(cfg, dist, run_dir, resume, allow_config_change, dist.unwrap(model), optimizer, state)
+    write_best(dist, run_dir, state)  # the best model of the checkpoint resumed from, or none yet
     train_step = build_step(cfg, dist, model, optimizer, state, batches, signals)
-    dist.print(f"training on {dist.world_size} process(es), {dist.device.type}, backend {dist.backend}; "
-               f"global batch {t.global_batch_size} = {dist.world_size} x {batches.batch_size}; "
-               f"{len(batches)} steps/epoch; run dir {run_dir.root}")
+    start = record_start(cfg, dist, run_dir, batches, split, state.step, resumed)  # and the start line
     tracker = start_tracking(cfg, dist, run_dir, resumed, state.step)
 
     earlier_time_s = state.train_time_s  # the jobs before this one (0 on a fresh start)
@@ -133,9 +158,10 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
     def save_checkpoint() -> Path:  # collective
         state.train_time_s = earlier_time_s + progress.trained_s  # carried on to the next job
         return checkpoint.save(dist, run_dir.root, cfg, dist.unwrap(model), optimizer, state.state_dict(),
-                               {"wandb_run_id": tracker.run_id}, before_writing=run_dir.check_held)
+                               {"wandb_run_id": tracker.run_id}, best_model=state.best_model,
+                               before_writing=run_dir.check_held)
 
-    counts = None
+    results: Results | None = None
     progress = Progress(cfg.tracking.progress, dist.is_main, t.epochs, last_step, t.global_batch_size)
     with tracker, progress, dist.diagnose_failures(run_dir.heartbeat, lambda: f"at step {state.step}"):
         # (A run stopped right after the last batch of an epoch still owes its evaluation.)
@@ -156,24 +182,132 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
                 if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                     save_checkpoint()
 
-            counts = evaluate(cfg, dist, dist.unwrap(model), tensors)
-            state.best_test_acc = max(state.best_test_acc or 0.0, counts.accuracy)
-            tracker.log(progress.epoch_end(epoch_record(dist, state, counts)))  # and its summary line
+            # The validation set if there is one, else the test set (as the seed does).
+            counts = evaluate(cfg, dist, dist.unwrap(model), tensors, validation)
+            record = epoch_record(dist, state, counts, on="test" if validation is None else "val")
+            if validation is not None and state.consider(counts, dist.unwrap(model)):
+                write_best(dist, run_dir, state)
+            if state.step == last_step:
+                # The test results of the final and the best model go into this last line, logged
+                # before the final checkpoint as every evaluation line is: a run resumed from
+                # that checkpoint has them already.
+                results = final_results(cfg, dist, dist.unwrap(model), tensors, state, counts, validation)
+                record.update(results.record(state))
+            tracker.log(progress.epoch_end(record))  # and its summary line
             if state.batch_in_epoch == len(batches):
                 state.next_epoch()
             save_checkpoint()
 
-        if counts is None:  # resumed from the final checkpoint: nothing left to train
-            counts = evaluate(cfg, dist, dist.unwrap(model), tensors)
-        # The whole run's numbers, over every job that trained it (the totals ride in checkpoints).
-        summary = {"final_test_acc": counts.accuracy, "best_test_acc": max(state.best_test_acc or 0.0, counts.accuracy),
-                   "final_test_loss": counts.mean_loss, "test_correct": counts.correct, "test_total": counts.total,
-                   "steps": state.step, "epochs": state.epoch, "train_time_s": earlier_time_s + progress.trained_s,
-                   "world_size": dist.world_size, "run_dir": str(run_dir.root)}
+        if results is None:  # resumed from the final checkpoint: nothing left to train
+            results = final_results(cfg, dist, dist.unwrap(model), tensors, state, None, validation)
+        # The whole run's numbers, over every job that trained it (its training time rides in checkpoints).
+        summary = {**results.summary(state, run_dir), "steps": state.step, "epochs": state.epoch,
+                   "train_time_s": earlier_time_s + progress.trained_s, "world_size": dist.world_size,
+                   "precision": start["precision"], "run_dir": str(run_dir.root)}
         # Rank 0 writes; a failure (the run directory lost, a full disk) is raised on every rank.
-        dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, counts, tracker, state.step))
+        dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, results.final, tracker, state.step))
+        if dist.is_main:
+            print(finished_line(summary), flush=True)  # the W&B run's line follows, as the tracker closes
     dist.barrier()  # nobody exits (and tears down the group) while rank 0 still finishes W&B
     return summary
+
+
+@dataclass
+class Results:
+    """What a run reports at its end: the test results of the final model and of the best one,
+    evaluated once; and, with a validation set, the final model's validation result."""
+
+    final: EvalCounts
+    best: EvalCounts
+    """The best model's test result; without a validation set nothing is chosen: the final model's."""
+    final_val: EvalCounts | None
+
+    def record(self, state: TrainState) -> dict[str, Any]:
+        """What the last evaluation line adds: with a validation set, the test results of the final
+        model (with its per-class accuracy and confusion matrix) and of the best one, and when
+        that was evaluated. Without one the line holds the final test result already."""
+        if self.final_val is None:
+            return {}
+        best = state.best or Best.of(self.final_val, state.step, state.epoch + 1)
+        return {**self.final.as_record(), "per_class_acc": self.final.per_class_accuracy(),
+                "confusion": self.final.confusion.tolist(), "best_test_loss": self.best.mean_loss,
+                "best_test_acc": self.best.accuracy, "best_test_correct": self.best.correct,
+                "best_step": best.step, "best_epoch": best.epoch}
+
+    def summary(self, state: TrainState, run_dir: RunDir) -> dict[str, Any]:
+        """The results' part of summary.json (see docs: "What a run writes")."""
+        chosen = self.final_val is not None and state.best is not None
+        summary = {"final_test_acc": self.final.accuracy, "final_test_loss": self.final.mean_loss,
+                   "test_correct": self.final.correct, "test_total": self.final.total,
+                   "model": str(run_dir.model),
+                   "best_test_acc": self.best.accuracy, "best_test_loss": self.best.mean_loss,
+                   "best_test_correct": self.best.correct,
+                   "best_model": str(run_dir.best if chosen else run_dir.model),
+                   "best_selected_by": "val_acc" if chosen else "none: the final model",
+                   "best_step": state.best.step if chosen else state.step}
+        if chosen:
+            summary.update({"best_epoch": state.best.epoch, "best_val_acc": state.best.val_acc,
+                            "best_val_loss": state.best.val_loss, "final_val_acc": self.final_val.accuracy,
+                            "final_val_loss": self.final_val.mean_loss, "val_total": self.final_val.total})
+        return summary
+
+
+def final_results(cfg: Config, dist: Dist, model: torch.nn.Module, tensors: MnistTensors, state: TrainState,
+                  counts: EvalCounts | None, validation: torch.Tensor | None) -> Results:
+    """The test results of the final ``model`` and of the best one (``state.best_model``), each
+    evaluated once; ``counts``: the final model's evaluation just made (on the validation set
+    if there is one, else on the test set), None to evaluate it here. Collective."""
+    if validation is None:
+        final = counts if counts is not None else evaluate(cfg, dist, model, tensors)
+        return Results(final, final, None)
+    final_val = counts if counts is not None else evaluate(cfg, dist, model, tensors, validation)
+    final = evaluate(cfg, dist, model, tensors)
+    if state.best_model is None or state.best.step == state.step:  # the best model is the final one
+        return Results(final, final, final_val)
+    best_model = copy.deepcopy(model)  # (not build_model: that would draw from the global RNG)
+    best_model.load_state_dict(state.best_model)
+    return Results(final, evaluate(cfg, dist, best_model, tensors), final_val)
+
+
+def write_best(dist: Dist, run_dir: RunDir, state: TrainState) -> None:
+    """Make ``RUN_DIR/best.safetensors`` hold the best model of ``state``, with its step, epoch
+    and validation result in the file's header; no such file while there is none. Collective:
+    a failure is raised on every rank."""
+
+    def write() -> None:
+        try:
+            if state.best_model is None:
+                run_dir.best.unlink(missing_ok=True)
+            else:
+                checkpoint.save_weights(state.best_model, run_dir.best,
+                                        {k: str(v) for k, v in state.best.state_dict().items()})
+        except OSError as e:
+            raise checkpoint.CheckpointError(f"cannot write {run_dir.best}: {e.strerror or e}") from None
+
+    dist.on_main(write)
+
+
+def record_start(cfg: Config, dist: Dist, run_dir: RunDir, batches: TrainBatches, split: Split, step: int,
+                 resumed: checkpoint.Snapshot | None) -> dict[str, Any]:
+    """What this start of the run runs on, as it is (``Dist.describe``: devices, precision,
+    threads; the data; the versions): added to run.json and said by the start line, on the main
+    process; returned on every rank (the versions on the main process only). Collective."""
+    machine = dist.describe()
+    start = {"start_step": step, "resumed_from": str(resumed.path) if resumed else None,
+             "started_at": datetime.now().astimezone().isoformat(timespec="seconds"), "argv": list(sys.argv),
+             **machine, "dtype": cfg.model.dtype,
+             "precision": precision_name(cfg.model.dtype, machine["mixed_precision"]),
+             "global_batch_size": cfg.train.global_batch_size, "per_process_batch_size": batches.batch_size,
+             "steps_per_epoch": len(batches), "training_images": batches.num_images,
+             "validation_images": len(split.validation), "repeated_images_per_epoch": batches.repeated_per_epoch}
+
+    def write() -> None:
+        start["versions"] = software_versions()
+        rundir.record_start(run_dir, start)
+        print(start_line(start, run_dir.root), flush=True)
+
+    dist.on_main(write)
+    return start
 
 
 def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_config_change: bool,
@@ -193,6 +327,10 @@ def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_con
     if snap is not None:
         checkpoint.restore(snap, model, optimizer)
         state.load_state_dict(snap.train_state(dist.rank, dist.world_size))
+        state.best_model = {k: v.to(dist.device) for k, v in snap.best_model.items()} if snap.best_model else None
+        if state.best is not None and {k for k, _, _ in changes} & {"data.validation_size", "train.seed"}:
+            dist.print("the validation set changed (--allow-config-change): the best model is chosen anew")
+            state.best = state.best_model = None
         dist.print(f"resumed from {snap.path} at step {state.step}"
                    + (f" (written by {snap.world_size} process(es))" if snap.world_size != dist.world_size else ""))
     if dist.is_main:
@@ -233,13 +371,16 @@ def train_record(dist: Dist, state: TrainState, lr: float) -> dict[str, Any]:
     return {"epoch": state.epoch + 1, "step": state.step, "train_loss": loss, "lr": lr}
 
 
-def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts) -> dict[str, Any]:
-    """The evaluation line of the epoch: the test counts, and the epoch's mean training loss
-    (all-reduced). Each rank's loss is a mean over an equal share of the global batch, so the
-    mean over ranks is the mean over the global batch."""
+def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts, on: str = "test") -> dict[str, Any]:
+    """The evaluation line of the epoch: the counts of the test set (with per-class accuracy and
+    confusion matrix), or with ``on="val"`` of the validation set, and the epoch's mean training
+    loss (all-reduced). Each rank's loss is a mean over an equal share of the global batch, so
+    the mean over ranks is the mean over the global batch."""
     train_loss = (dist.all_reduce_sum(state.loss.epoch_sum) / (dist.world_size * state.batch_in_epoch)).item()
-    return {"epoch": state.epoch + 1, "step": state.step, **counts.as_record(), "train_loss_epoch": train_loss,
-            "per_class_acc": counts.per_class_accuracy(), "confusion": counts.confusion.tolist()}
+    record = {"epoch": state.epoch + 1, "step": state.step, **counts.as_record(on), "train_loss_epoch": train_loss}
+    if on == "test":
+        record.update({"per_class_acc": counts.per_class_accuracy(), "confusion": counts.confusion.tolist()})
+    return record
 
 
 def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
@@ -323,22 +464,29 @@ def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, dist: Dist, model: torch.nn.Module, tensors: MnistTensors) -> EvalCounts:
-    """Exact test metrics over all 10,000 images at any world size.
+def evaluate(cfg: Config, dist: Dist, model: torch.nn.Module, tensors: MnistTensors,
+             validation: torch.Tensor | None = None) -> EvalCounts:
+    """Exact metrics over all 10,000 test images, or with ``validation`` (indices into the
+    training images: ``data.validation_split``) over the validation set, at any world size.
 
-    Rank r scores images r, r+N, r+2N, ... (no padding, no duplicates), sums its counts, and
+    Rank r scores items r, r+N, r+2N, ... (no padding, no duplicates), sums its counts, and
     one all-reduce of the sums after the loop combines them. A single collective at the end
     also means ranks with different loop lengths (10000 % N != 0) cannot deadlock.
     """
     was_training = model.training
     model.eval()
-    shard = eval_shard(len(tensors.test_labels), dist.rank, dist.world_size).to(tensors.test_labels.device)
+    if validation is None:
+        images, labels = tensors.test_images, tensors.test_labels
+        shard = eval_shard(len(labels), dist.rank, dist.world_size).to(labels.device)
+    else:
+        images, labels = tensors.train_images, tensors.train_labels
+        shard = validation[eval_shard(len(validation), dist.rank, dist.world_size).to(validation.device)]
     local = EvalCounts.zeros()
     for idx in shard.split(cfg.train.eval_per_process_batch_size):
-        x = normalize(tensors.test_images[idx], cfg.data.normalize_mean, cfg.data.normalize_std)
+        x = normalize(images[idx], cfg.data.normalize_mean, cfg.data.normalize_std)
         with dist.autocast():
             logits = model(x)
-        local = local + EvalCounts.from_batch(logits, tensors.test_labels[idx], cfg.train.loss)
+        local = local + EvalCounts.from_batch(logits, labels[idx], cfg.train.loss)
     model.train(was_training)
     return EvalCounts.from_tensor(dist.all_reduce_sum(local.to_tensor()))
 

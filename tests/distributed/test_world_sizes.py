@@ -12,6 +12,11 @@ it starts, and the final parameters. float32 training amplifies rounding chaotic
 1-process runs that differ only in their thread count end an epoch ~0.05 apart in some
 weights), so there, on real MNIST (configs/default.yaml, global batch 600: 100 steps per epoch),
 only the test accuracy is compared.
+
+With a validation set (``data.validation_size=120``: 1,080 training images, still divisible by
+every N) the same holds, and so does everything chosen or reported through it: each epoch's
+validation counts, the best model and its step, the test counts of the final and the best
+model.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from mnistdist import checkpoint
-from mnistdist.rundir import read_metrics
+from mnistdist.rundir import read_metrics, read_run_record
 from mnistdist.signals import EXIT_PREEMPTED
 from tests.conftest import FAULT_TRAIN, REPO, agreed_stop, check, child_env, launch_cmd, run_cmd, train_cmd
 from tests.synthetic_mnist import write_synthetic_mnist
@@ -53,6 +58,10 @@ def max_difference(a: dict, b: dict) -> float:
 
 def losses(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir) if "train_loss" in r]
+
+
+def summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +142,49 @@ def test_resume_on_another_number_of_processes_is_exact(synthetic, tmp_path, cut
     # The logged losses continue too (re-split across ranks: equal up to float64 rounding).
     worst_loss = max(abs(a - b) for (_, a), (_, b) in zip(losses(golden), losses(run_dir)))
     assert worst_loss <= 1e-9
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, synthetic):
+    """float64 for 2 epochs with 120 of the 1,200 synthetic training images held out for
+    validation, at 1, 2, 3, 4, 6 processes."""
+    base = tmp_path_factory.mktemp("validated")
+    out = {}
+    for n in [1, *SIZES]:
+        out[n] = base / f"val-{n}"
+        check(run_cmd(cmd(n, *F64, "train.epochs=2", "data.validation_size=120", "--run-dir", str(out[n])),
+                      env=synthetic, timeout=600))
+    return out
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_float64_with_a_validation_set_n_processes_equal_one_process(validated, n):
+    """The steps' losses and final parameters as without validation; the validation counts of
+    every epoch, the best model and the test counts of the final and best model exactly."""
+    one, many = validated[1], validated[n]
+    steps_one, steps_many = losses(one), losses(many)
+    assert [s for s, _ in steps_one] == [s for s, _ in steps_many] == list(range(1, 2 * 9 + 1))  # 1,080 / 120
+    assert max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(steps_one, steps_many)) <= 1e-12
+    assert max_difference(params(one), params(many)) <= 1e-12
+    assert max_difference(load_file(str(one / "best.safetensors")), load_file(str(many / "best.safetensors"))) <= 1e-12
+    vals = {k: [(r["step"], r["val_correct"], r["val_total"]) for r in read_metrics(d) if "val_acc" in r]
+            for k, d in ((1, one), (n, many))}
+    assert vals[1] == vals[n] and [v[2] for v in vals[1]] == [120, 120]
+    a, b = summary(one), summary(many)
+    for key in ("best_step", "best_epoch", "best_val_acc", "final_val_acc", "test_correct", "best_test_correct"):
+        assert a[key] == b[key], key
+    assert abs(a["best_test_loss"] - b["best_test_loss"]) <= 1e-12
+    [start] = read_run_record(many)
+    assert (start["world_size"], start["training_images"], start["validation_images"],
+            start["repeated_images_per_epoch"]) == (n, 1080, 120, 0)
+
+
+def test_a_world_size_that_makes_the_sampler_repeat_images_says_so(synthetic, tmp_path):
+    """1,100 training images (100 held out) over 6 processes: the sampler repeats 4 per epoch
+    to give each rank 184; the start line and run.json say so."""
+    run_dir = tmp_path / "run"
+    result = check(run_cmd(cmd(6, *F64, "data.validation_size=100", "train.max_steps=1", "--run-dir", str(run_dir)),
+                           env=synthetic, timeout=600))
+    assert ("4 image(s) repeated per epoch to share 1100 among 6 processes: not exactly the 1-process result"
+            in result.stdout), result.stdout
+    assert read_run_record(run_dir)[0]["repeated_images_per_epoch"] == 4

@@ -2,7 +2,7 @@
 
 In process (``training.run``, output captured with capsys) for each mode, and once as
 ``python train_dist.py`` with stdout and stderr into one pipe, as in a Slurm log: every line
-short, no ``\\r``, and the lines with ``test_acc`` are the epoch summaries. 1000 training images
+short, no ``\\r``, and the lines with ``test_acc`` are the epoch summaries and the finished line. 1000 training images
 in batches of 100 (10 steps per epoch), 2 epochs, a training line every 3 steps.
 """
 
@@ -30,6 +30,7 @@ STEP_LINE = re.compile(rf"epoch (\d+)/{EPOCHS}  step (\d+)/{LAST_STEP}  train_lo
                        r"lr [0-9.e+-]+  [\d,]+ samples/s")
 EPOCH_LINE = re.compile(rf"epoch (\d+)/{EPOCHS}  train_loss \d+\.\d{{4}}  test_loss \d+\.\d{{4}}  "
                         r"test_acc \d+\.\d\d% \(\d+/200\)  [\d,]+ samples/s  \d+\.\d s")
+FINISHED_LINE = re.compile(rf"finished after {LAST_STEP} steps: .*model\.safetensors test_acc \d+\.\d\d% \(\d+/200\)")
 # The steps with a training line: every LOG_EVERY-th and each epoch's last.
 LOGGED_STEPS = sorted({s for s in range(1, LAST_STEP + 1) if s % LOG_EVERY == 0 or s % STEPS_PER_EPOCH == 0})
 
@@ -61,13 +62,15 @@ def train(data: Path, run_dir: Path, progress: str, capsys) -> tuple[str, str]:
 
 
 def kinds(out: str) -> list[tuple]:
-    """Each stdout line as ("step", epoch, step), ("epoch", epoch) or ("other",)."""
+    """Each stdout line as ("step", epoch, step), ("epoch", epoch), ("finished",) or ("other",)."""
     found = []
     for line in out.splitlines():
         if m := STEP_LINE.fullmatch(line):
             found.append(("step", int(m[1]), int(m[2])))
         elif m := EPOCH_LINE.fullmatch(line):
             found.append(("epoch", int(m[1])))
+        elif FINISHED_LINE.fullmatch(line):
+            found.append(("finished",))
         else:
             found.append(("other",))
     return found
@@ -80,7 +83,7 @@ def expected_lines_mode() -> list[tuple]:
         lines.append(("step", epoch, step))
         if step % STEPS_PER_EPOCH == 0:
             lines.append(("epoch", epoch))
-    return lines
+    return [*lines, ("finished",)]
 
 
 def assert_readable(text: str) -> None:
@@ -113,7 +116,7 @@ def test_auto_without_a_terminal_prints_lines(env, data, tmp_path, capsys):
 def test_off_keeps_the_start_and_epoch_summary_lines_only(env, data, tmp_path, capsys):
     out, err = train(data, tmp_path / "run", "off", capsys)
     assert_readable(out + err)
-    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2)], out
+    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2), ("finished",)], out
     assert out.splitlines()[0].startswith("training on 1 process(es)")
     assert err == ""
 
@@ -121,12 +124,12 @@ def test_off_keeps_the_start_and_epoch_summary_lines_only(env, data, tmp_path, c
 def test_bar_mode_draws_a_tqdm_bar_and_TQDM_DISABLE_turns_it_off(env, data, tmp_path, capsys):
     out, err = train(data, tmp_path / "bar", "bar", capsys)
     assert "\r" in err and f"epoch 1/{EPOCHS}" in err, err  # tqdm's bar, even into a pipe: asked for
-    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2)], out  # no step lines besides the bar
+    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2), ("finished",)], out  # no step lines besides the bar
 
     env.setenv("TQDM_DISABLE", "1")
     out, err = train(data, tmp_path / "bar_disabled", "bar", capsys)
     assert_readable(out + err)
-    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2)], out
+    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2), ("finished",)], out
     assert err == ""
 
 
@@ -134,12 +137,12 @@ def test_auto_on_a_terminal_is_a_bar_unless_TQDM_DISABLE(env, data, tmp_path, ca
     env.setattr(sys.stderr, "isatty", lambda: True)  # the captured stderr, posing as a terminal
     out, err = train(data, tmp_path / "tty", "auto", capsys)
     assert "\r" in err and f"epoch 1/{EPOCHS}" in err, err
-    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2)], out
+    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2), ("finished",)], out
 
     env.setenv("TQDM_DISABLE", "1")
     out, err = train(data, tmp_path / "tty_disabled", "auto", capsys)
     assert_readable(out + err)
-    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2)], out
+    assert kinds(out) == [("other",), ("epoch", 1), ("epoch", 2), ("finished",)], out
     assert err == ""
 
 
@@ -154,7 +157,8 @@ def test_train_dist_into_a_pipe_writes_a_readable_log(data, tmp_path):
     log = result.stdout.decode()  # bytes: text mode would turn each \r into a line break
     assert result.returncode == 0, log[-4000:]
     assert_readable(log)
-    # `grep test_acc log`: exactly the epoch summary lines, one per epoch.
+    # `grep test_acc log`: exactly the epoch summary lines, one per epoch, and the finished run's.
     grepped = [line for line in log.split("\n") if "test_acc" in line]
-    assert [kinds(line)[0] for line in grepped] == [("epoch", e) for e in range(1, EPOCHS + 1)], grepped
+    expected = [*(("epoch", e) for e in range(1, EPOCHS + 1)), ("finished",)]
+    assert [kinds(line)[0] for line in grepped] == expected, grepped
     assert [k for k in kinds(log) if k != ("other",)] == expected_lines_mode(), log

@@ -25,7 +25,8 @@ def resume(run_dir, data, *extra, allow=False):  # noqa: F811
 
 
 @pytest.mark.parametrize("change", ["train.lr=0.05", "train.loss=mse", "model.dtype=float64", "train.weight_decay=0",
-                                    "train.seed=3", "train.epochs=3", "data.normalize_std=0.5"])
+                                    "train.seed=3", "train.epochs=3", "data.normalize_std=0.5",
+                                    "data.validation_size=100"])
 def test_a_change_of_the_trajectory_is_refused_naming_what_differs(stopped_run, data, change):  # noqa: F811
     key = change.split("=")[0]
     with pytest.raises(ConfigError, match=rf"written with other values of keys that change training: {key} ") as refused:

@@ -55,7 +55,7 @@ def test_a_checkpoint_of_the_first_format_still_loads_and_restores(tmp_path):
     manifest and verified) and the RNG fields of state.json are not read."""
     snap = checkpoint.load_checkpoint(FORMAT_1)
     assert (snap.step, snap.epoch, snap.batch_in_epoch, snap.world_size) == (5, 1, 7, 1)
-    assert (snap.best_test_acc, snap.train_time_s) == (None, 0.0)  # totals unknown: counted from here on
+    assert (snap.best, snap.train_time_s) == (None, 0.0)  # no best model; time counted from here on
     assert snap.losses == [{"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}] and snap.tracking["wandb_run_id"] == "abc"
     model = WB()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
@@ -225,8 +225,6 @@ BAD_STATES = {
     "wrong format": _set(["format"], "something-else"),
     "format a list": _set(["format"], ["mnistdist-checkpoint-2"]),
     "step differs from the manifest": _set(["step"], 6),
-    "best_test_acc above 1": _set(["best_test_acc"], 1.5),
-    "best_test_acc a string": _set(["best_test_acc"], "0.9"),
     "train_time_s negative": _set(["train_time_s"], -1.0),
     "train_time_s a bool": _set(["train_time_s"], True),
 }
@@ -374,13 +372,13 @@ def test_save_and_resume_through_a_dist_round_trip(tmp_path):
     optimizer.step()  # momentum buffers
     loss = {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}
     path = checkpoint.save(dist, tmp_path, cfg, model, optimizer,
-                           {"step": 10, "epoch": 1, "batch_in_epoch": 4, "loss": loss, "best_test_acc": 0.75,
-                            "train_time_s": 12.5}, {"wandb_run_id": None})
+                           {"step": 10, "epoch": 1, "batch_in_epoch": 4, "loss": loss, "train_time_s": 12.5},
+                           {"wandb_run_id": None})
     back = checkpoint.resume(dist, tmp_path, "auto", 200)
     assert back.path == path and back.step == 10 and back.losses == [loss, loss]
     assert back.train_state(0, 1) == {"step": 10, "epoch": 1, "batch_in_epoch": 4,
                                       "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5},
-                                      "best_test_acc": 0.75, "train_time_s": 12.5}
+                                      "best": None, "train_time_s": 12.5}
     assert back.train_state(1, 2)["loss"] == loss  # its own sums on the world size that saved them
     fresh = WB()
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
@@ -575,3 +573,88 @@ def test_checkpoint_and_model_files_follow_the_umask(tmp_path, umask):
         assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
     assert path.stat().st_mode & 0o777 == 0o777 & ~umask
     assert checkpoint.load_checkpoint(path).step == 5 and not list(tmp_path.glob("*.tmp*"))
+# The best model (data.validation_size > 0): its validation result in state.json, its weights
+# in best.safetensors, so a resumed run keeps the right best in any run directory.
+
+BEST = {"step": 8, "epoch": 1, "val_acc": 0.75, "val_loss": 0.5, "val_correct": 3, "val_total": 4}
+
+
+def with_best(snap: Snapshot) -> Snapshot:
+    snap.best = dict(BEST)
+    snap.best_model = {"w": torch.full((4, 3), 7.0), "b": torch.ones(4)}
+    return snap
+
+
+def test_the_best_model_round_trips_through_a_checkpoint(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, with_best(make_snapshot(12)), keep_last=0)
+    assert (path / "best.safetensors").is_file()
+    back = checkpoint.load_checkpoint(path)
+    assert back.best == BEST and back.train_state(0, 2)["best"] == BEST
+    assert back.best_model.keys() == {"w", "b"} and torch.equal(back.best_model["w"], torch.full((4, 3), 7.0))
+    checkpoint.restore(back, WB(), torch.optim.SGD(WB().parameters(), lr=0.1))  # it fits the model
+
+    plain = checkpoint.load_checkpoint(checkpoint.save_checkpoint(tmp_path, make_snapshot(13), keep_last=0))
+    assert plain.best is None and plain.best_model is None
+    assert not (plain.path / "best.safetensors").exists()
+
+
+def test_save_through_dist_carries_the_best_of_the_train_state(tmp_path):
+    from mnistdist.config import load_config
+
+    model = WB()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"step": 10, "epoch": 1, "batch_in_epoch": 4, "best": dict(BEST),
+             "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}}
+    cfg = load_config(None, ["train.global_batch_size=200"])
+    checkpoint.save(OneProcess(), tmp_path, cfg, model, optimizer, state, {"wandb_run_id": None},
+                    best_model={"w": torch.ones(4, 3), "b": torch.ones(4)})
+    back = checkpoint.resume(OneProcess(), tmp_path, "auto", 200)
+    assert back.best == BEST and torch.equal(back.best_model["b"], torch.ones(4))
+
+
+def test_a_checkpoint_of_the_second_format_still_loads_without_a_best(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    edit_state(path, lambda state: {**{k: v for k, v in state.items() if k != "best"},
+                                    "format": "mnistdist-checkpoint-2"})
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": "mnistdist-checkpoint-2"}))
+    back = checkpoint.load_checkpoint(path)
+    assert back.step == 5 and back.best is None and back.best_model is None
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda path: edit_state(path, _set(["best"], None)), "best: null, but the manifest lists best.safetensors"),
+    (lambda path: edit_state(path, _set(["best", "val_acc"], "high")), "best: not an object"),
+    (lambda path: edit_state(path, _delete(["best", "step"])), "best: not an object"),
+])
+def test_a_malformed_best_is_a_checkpoint_error(tmp_path, change, message):
+    path = checkpoint.save_checkpoint(tmp_path, with_best(make_snapshot(5)), keep_last=0)
+    change(path)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load_checkpoint(path)
+
+
+def test_a_best_without_its_weights_is_a_checkpoint_error(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
+    edit_state(path, _set(["best"], dict(BEST)))
+    with pytest.raises(CheckpointError, match="best: set, but the manifest has no best.safetensors"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_best_weights_of_another_model_are_refused_at_restore(tmp_path):
+    snap = with_best(make_snapshot(5))
+    snap.best_model = {"w": torch.zeros(2, 2), "b": torch.ones(4)}
+    path = checkpoint.save_checkpoint(tmp_path, snap, keep_last=0)
+    model = WB()
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.restore(checkpoint.load_checkpoint(path), model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert str(path / "best.safetensors") in str(info.value)
+
+
+def test_save_weights_writes_the_header_metadata(tmp_path):
+    from safetensors import safe_open
+
+    checkpoint.save_weights({"w": torch.ones(2)}, tmp_path / "best.safetensors", {"step": "8", "epoch": "1"})
+    with safe_open(str(tmp_path / "best.safetensors"), "pt") as f:
+        assert f.metadata() == {"step": "8", "epoch": "1"}
+    assert torch.equal(checkpoint.load_model_state(tmp_path / "best.safetensors")["w"], torch.ones(2))

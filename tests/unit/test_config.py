@@ -366,6 +366,9 @@ OUT_OF_RANGE = [
     ("train.seed=100000000000000000000000", "train.seed: must be in 0..4294967295"),
     ("train.seed=1e23", "train.seed: must be an integer"),
     ("train.seed=1.0e+23", "train.seed: must be an integer"),
+    ("data.validation_size=-1", "data.validation_size: must be in 0..59999"),
+    ("data.validation_size=60000", "data.validation_size: must be in 0..59999"),
+    ("data.validation_size=0.1", "data.validation_size: must be an integer"),
 ]
 
 
@@ -398,6 +401,20 @@ def test_range_edges_are_accepted():
     cfg = load_config(None, ["train.seed=4294967295", "dist.timeout_s=604800", "tracking.finish_timeout_s=604800"])
     assert (cfg.train.seed, cfg.dist.timeout_s) == (2**32 - 1, 604800.0)
     assert load_config(None, ["train.seed=0"]).train.seed == 0
+    assert load_config(None, ["data.validation_size=59999"]).data.validation_size == 59999
+    assert load_config(None, []).data.validation_size == 0  # off unless asked for
+
+
+def test_validation_size_is_a_trajectory_key_also_against_checkpoints_that_predate_it():
+    """Another validation set is another training set: resuming with it is a config change.
+    A checkpoint written before the key existed had none (0)."""
+    from mnistdist.config import trajectory_changes
+
+    saved = Config().to_dict()
+    del saved["data"]["validation_size"]
+    assert trajectory_changes(saved, Config()) == []
+    assert trajectory_changes(saved, load_config(None, ["data.validation_size=5000"])) == [
+        ("data.validation_size", 0, 5000)]
 
 
 @pytest.mark.parametrize(

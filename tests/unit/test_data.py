@@ -21,7 +21,9 @@ from mnistdist.data import (
     normalize,
     prepare_mnist,
     raw_dir,
+    repeated_per_epoch,
     seed_transform,
+    validation_split,
 )
 from tests.conftest import data_root
 from tests.synthetic_mnist import idx_images, idx_labels, write_synthetic_mnist
@@ -241,3 +243,85 @@ def test_epochs_are_shuffled_differently(tensors):
 def test_eval_shards_cover_each_item_once(n):
     shards = [eval_shard(10000, r, n) for r in range(n)]
     assert sorted(torch.cat(shards).tolist()) == list(range(10000))
+
+
+def test_validation_split_is_a_partition_drawn_by_the_seed():
+    split = validation_split(1000, 100, seed=3)
+    train, val = split.train.tolist(), split.validation.tolist()
+    assert len(val) == 100 and len(train) == 900
+    assert train == sorted(train) and val == sorted(val)
+    assert sorted(train + val) == list(range(1000))
+    again = validation_split(1000, 100, seed=3)
+    assert torch.equal(again.train, split.train) and torch.equal(again.validation, split.validation)
+    assert not torch.equal(validation_split(1000, 100, seed=4).validation, split.validation)
+    # Spread over the whole set, not a block at one end.
+    assert val[0] < 100 and val[-1] > 900
+
+
+def test_validation_split_ignores_and_leaves_the_global_random_state():
+    torch.manual_seed(0)
+    a = validation_split(500, 50, seed=1)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    b = validation_split(500, 50, seed=1)
+    torch.manual_seed(0)
+    assert torch.equal(a.validation, b.validation) and torch.equal(torch.rand(1), after)
+
+
+def test_validation_size_zero_keeps_every_image_in_order():
+    split = validation_split(1000, 0, seed=3)
+    assert split.train.tolist() == list(range(1000)) and split.validation.numel() == 0
+
+
+def test_a_validation_set_leaving_nothing_to_train_on_is_a_config_error():
+    from mnistdist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.validation_size: 1000 leaves no training images \(the training set "
+                                          r"has 1000\)"):
+        validation_split(1000, 1000, seed=0)
+
+
+@pytest.mark.parametrize("num_items,world", [(60000, 1), (60000, 7), (55000, 7), (1200, 6), (10, 4)])
+def test_repeated_per_epoch_is_the_samplers_padding(num_items, world):
+    sampler = torch.utils.data.DistributedSampler(range(num_items), num_replicas=world, rank=0, drop_last=False)
+    assert repeated_per_epoch(num_items, world) == sampler.total_size - num_items
+    assert (repeated_per_epoch(num_items, world) == 0) == (num_items % world == 0)
+
+
+def test_without_a_validation_set_the_batches_are_unchanged(synthetic_mnist):
+    """``train_indices`` of every image gives bitwise the batches of the default."""
+    tensors = load_tensors(synthetic_mnist)
+    cfg, cpu = DataConfig(), torch.device("cpu")
+    split = validation_split(len(tensors.train_labels), 0, seed=0)
+    for rank in range(3):
+        default = list(TrainBatches(cfg, tensors, 30, rank, 3, seed=0, device=cpu).epoch(2))
+        explicit = list(TrainBatches(cfg, tensors, 30, rank, 3, seed=0, device=cpu, train_indices=split.train).epoch(2))
+        assert len(default) == len(explicit) > 0
+        for (xa, ya), (xb, yb) in zip(default, explicit):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 6])
+def test_with_a_validation_set_n_ranks_batches_are_one_ranks_batches_and_never_validation_images(
+        synthetic_mnist, world):
+    """1000 images, 100 held out: every epoch trains on the other 900, each once, and the N
+    ranks' i-th batches together are the single-process batch i (as without validation)."""
+    tensors = load_tensors(synthetic_mnist)
+    split = validation_split(len(tensors.train_labels), 100, seed=7)
+    held_out = set(split.validation.tolist())
+    batch = 60
+
+    def batches(rank: int, num_replicas: int) -> TrainBatches:
+        return TrainBatches(DataConfig(), tensors, batch // num_replicas, rank, num_replicas, seed=7,
+                            device=torch.device("cpu"), train_indices=split.train)
+
+    one = batches(0, 1)
+    assert one.num_images == 900 and one.repeated_per_epoch == 0 and len(one) == 15
+    for epoch in (0, 1):
+        single = one.epoch_indices(epoch)
+        assert sorted(single.tolist()) == split.train.tolist()
+        assert not held_out & set(single.tolist())
+        per_rank = [batches(r, world).epoch_indices(epoch).split(batch // world) for r in range(world)]
+        for i, single_batch in enumerate(single.split(batch)):
+            together = torch.cat([chunks[i] for chunks in per_rank])
+            assert sorted(together.tolist()) == sorted(single_batch.tolist())

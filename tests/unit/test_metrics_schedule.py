@@ -1,10 +1,11 @@
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mnistdist.metrics import EvalCounts, per_sample_loss
+from mnistdist.metrics import Best, EvalCounts, improves, per_sample_loss
 from mnistdist.schedule import lr_at
 
 
@@ -83,3 +84,36 @@ def test_loss_sums_resume_on_any_number_of_ranks():
     meter = LossMeter(torch.device("cpu"), torch.float64)
     meter.load_state_dict(LossMeter.for_rank(saved, 0, 3))
     assert meter.window_sum.dtype == torch.float64 and meter.state_dict()["window_sum"] == 6.0
+
+
+def counts(correct: int, total: int, loss_sum: float) -> EvalCounts:
+    """Counts of ``total`` samples (every true class 0), ``correct`` of them predicted right."""
+    confusion = torch.zeros(10, 10, dtype=torch.int64)
+    confusion[0, 0], confusion[0, 1] = correct, total - correct
+    return EvalCounts(confusion, loss_sum)
+
+
+def test_best_is_the_highest_val_acc_then_the_lowest_val_loss_then_the_earlier():
+    first = counts(90, 100, 30.0)
+    assert improves(None, first)  # the first evaluation always is the best so far
+    best = Best.of(first, step=10, epoch=1)
+    assert (best.step, best.epoch, best.val_acc, best.val_loss, best.val_correct, best.val_total) == (
+        10, 1, 0.9, 0.3, 90, 100)
+    assert improves(best, counts(91, 100, 90.0))  # higher accuracy wins whatever the loss
+    assert not improves(best, counts(89, 100, 1.0))
+    assert improves(best, counts(90, 100, 29.0))  # a tie: the lower loss wins
+    assert not improves(best, counts(90, 100, 30.0))  # a full tie: the earlier stays
+    assert not improves(best, counts(90, 100, 31.0))
+
+
+def test_best_state_dict_round_trips_exactly():
+    best = Best.of(counts(97, 100, 1 / 3), step=600, epoch=2)
+    state = best.state_dict()
+    assert Best.from_state_dict(json.loads(json.dumps(state))) == best
+    assert set(state) == {"step", "epoch", "val_acc", "val_loss", "val_correct", "val_total"}
+
+
+def test_eval_records_name_their_set():
+    c = counts(3, 4, 2.0)
+    assert c.as_record() == {"test_loss": 0.5, "test_acc": 0.75, "test_correct": 3, "test_total": 4}
+    assert c.as_record("val") == {"val_loss": 0.5, "val_acc": 0.75, "val_correct": 3, "val_total": 4}

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from mnistdist.progress import Progress, resolve
+from mnistdist.progress import Progress, finished_line, precision_name, resolve, start_line
 
 
 class Terminal(io.StringIO):
@@ -90,3 +90,48 @@ def test_trained_s_counts_the_epoch_in_progress_up_to_its_latest_record(monkeypa
     progress.step()
     progress.log({"epoch": 2, "step": 2, "train_loss": 0.5, "lr": 0.1})
     assert progress.trained_s == 5.0
+START = {"world_size": 7, "device": "cpu", "backend": "gloo", "dtype": "float32", "precision": "float32",
+         "threads_per_process": 1, "global_batch_size": 700, "per_process_batch_size": 100, "steps_per_epoch": 86,
+         "training_images": 60000, "validation_images": 0, "repeated_images_per_epoch": 4}
+
+
+def test_precision_names_what_computes():
+    assert precision_name("float32", "no") == "float32" and precision_name("float64", "no") == "float64"
+    assert precision_name("float32", "bf16") == "bf16-mixed"
+
+
+def test_start_line_names_precision_threads_and_the_repeated_images():
+    line = start_line(START, "runs/a")
+    assert line == ("training on 7 process(es), cpu, backend gloo; precision float32, 1 thread(s) per process; "
+                    "global batch 700 = 7 x 100; 86 steps/epoch over 60000 images; 4 image(s) repeated per epoch "
+                    "to share 60000 among 7 processes: not exactly the 1-process result; run dir runs/a")
+    bf16 = start_line({**START, "world_size": 1, "precision": "bf16-mixed", "per_process_batch_size": 700,
+                       "repeated_images_per_epoch": 0, "validation_images": 5000, "training_images": 55000}, "r")
+    assert "; precision bf16-mixed (float32 weights), 1 thread(s) per process;" in bf16
+    assert "86 steps/epoch over 55000 images (5000 held out for validation); run dir r" in bf16
+    assert "repeated" not in bf16
+
+
+def test_finished_line_names_the_models_and_their_test_accuracy():
+    summary = {"steps": 3000, "model": "runs/a/model.safetensors", "final_test_acc": 0.9825, "test_correct": 9825,
+               "test_total": 10000, "best_model": "runs/a/model.safetensors", "best_test_acc": 0.9825}
+    assert finished_line(summary) == "finished after 3000 steps: runs/a/model.safetensors test_acc 98.25% (9825/10000)"
+    summary.update({"best_model": "runs/a/best.safetensors", "best_epoch": 8, "best_step": 2400,
+                    "best_val_acc": 0.9846, "best_test_acc": 0.9831, "best_test_correct": 9831})
+    assert finished_line(summary) == (
+        "finished after 3000 steps: runs/a/model.safetensors test_acc 98.25% (9825/10000); best by val_acc: "
+        "best.safetensors (epoch 8, step 2400, val_acc 98.46%) test_acc 98.31% (9831/10000)")
+
+
+def test_epoch_end_prints_the_validation_result_when_there_is_one(capsys, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("mnistdist.progress.time.perf_counter", lambda: now[0])
+    progress = Progress("off", enabled=True, epochs=2, last_step=10, global_batch_size=10)
+    progress.start_epoch(0, steps=1)
+    now[0] = 101.0
+    progress.step()
+    progress.log({"epoch": 1, "step": 5, "train_loss": 0.5, "lr": 0.1})
+    progress.epoch_end({"epoch": 1, "step": 5, "train_loss_epoch": 0.5, "val_loss": 0.25, "val_acc": 0.96,
+                        "val_correct": 96, "val_total": 100})
+    out = capsys.readouterr().out
+    assert "val_loss 0.2500  val_acc 96.00% (96/100)" in out and "test" not in out
