@@ -31,7 +31,7 @@ train: install  ## install, then train configs/default.yaml on this machine
 	$(VENV)/bin/python train_dist.py --config configs/default.yaml
 
 test: install   ## install, then run the whole test suite (what CI runs)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=25
 
 test-fast: install   ## install, then the fast tier (< 2 min): unit tests + in-process training on synthetic MNIST
 	$(VENV)/bin/python -m pytest -m "not slow" --timeout 120
