@@ -356,8 +356,8 @@ def test_sigkill_of_a_local_sweep_stops_the_run_it_was_running(tmp_path):
         assert pid is not None, "the fake run did not start"
         parent.kill()
         parent.wait()
-        for _ in range(200):
-            if signal_file.is_file():
+        for _ in range(200):  # (the file exists a moment before its name is written into it)
+            if signal_file.is_file() and signal_file.read_text():
                 break
             time.sleep(0.05)
         assert signal_file.is_file() and signal_file.read_text() == "SIGTERM"
