@@ -126,16 +126,9 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
     """Train and evaluate; return the summary. Collective: every rank calls it."""
     t = cfg.train
 
-    # Data: MNIST checked (downloaded once per node), held as tensors on the training device.
-    # The validation set (data.validation_size; none by default) is held out of the training
-    # images by the seed alone, so it is the same on every rank at any world size; this rank's
-    # batches of the rest, every epoch, come from torch's DistributedSampler.
-    prepare_mnist(cfg.data, dist.is_local_main, dist.barrier)
-    tensors = load_tensors(cfg.data.root).to(dist.device)
-    split = validation_split(len(tensors.train_labels), cfg.data.validation_size, t.seed)
-    validation = split.validation.to(dist.device) if split.validation.numel() else None
-    batches = TrainBatches(cfg.data, tensors, t.global_batch_size // dist.world_size,  # divisibility was validated
-                           dist.rank, dist.world_size, t.seed, dist.device, train_indices=split.train)
+    # Data: MNIST as tensors on the training device, a validation set held out of the training
+    # images by the seed, and this rank's batches of the rest (DistributedSampler).
+    tensors, split, validation, batches = load_data(cfg, dist)
     # The LR schedule spans all epochs; train.max_steps only stops early, so a short run is an
     # exact prefix of the full one.
     total_steps = len(batches) * t.epochs
@@ -200,14 +193,9 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
 
         if results is None:  # resumed from the final checkpoint: nothing left to train
             results = final_results(cfg, dist, dist.unwrap(model), tensors, state, None, validation)
-        # The whole run's numbers, over every job that trained it (its training time rides in checkpoints).
-        summary = {**results.summary(state, run_dir), "steps": state.step, "epochs": state.epoch,
-                   "train_time_s": earlier_time_s + progress.trained_s, "world_size": dist.world_size,
-                   "precision": start["precision"], "run_dir": str(run_dir.root)}
+        summary = results.summary(state, run_dir, start, earlier_time_s + progress.trained_s)
         # Rank 0 writes; a failure (the run directory lost, a full disk) is raised on every rank.
         dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, results.final, tracker, state.step))
-        if dist.is_main:
-            print(finished_line(summary), flush=True)  # the W&B run's line follows, as the tracker closes
     dist.barrier()  # nobody exits (and tears down the group) while rank 0 still finishes W&B
     return summary
 
@@ -234,8 +222,9 @@ class Results:
                 "best_test_acc": self.best.accuracy, "best_test_correct": self.best.correct,
                 "best_step": best.step, "best_epoch": best.epoch}
 
-    def summary(self, state: TrainState, run_dir: RunDir) -> dict[str, Any]:
-        """The results' part of summary.json (see docs: "What a run writes")."""
+    def summary(self, state: TrainState, run_dir: RunDir, start: dict[str, Any], train_time_s: float) -> dict[str, Any]:
+        """summary.json (docs/runs.md): the whole run's numbers, over every job that trained it
+        (``train_time_s``: carried in checkpoints), for this start (``record_start``)."""
         chosen = self.final_val is not None and state.best is not None
         summary = {"final_test_acc": self.final.accuracy, "final_test_loss": self.final.mean_loss,
                    "test_correct": self.final.correct, "test_total": self.final.total,
@@ -249,7 +238,8 @@ class Results:
             summary.update({"best_epoch": state.best.epoch, "best_val_acc": state.best.val_acc,
                             "best_val_loss": state.best.val_loss, "final_val_acc": self.final_val.accuracy,
                             "final_val_loss": self.final_val.mean_loss, "val_total": self.final_val.total})
-        return summary
+        return {**summary, "steps": state.step, "epochs": state.epoch, "train_time_s": train_time_s,
+                "world_size": start["world_size"], "precision": start["precision"], "run_dir": str(run_dir.root)}
 
 
 def final_results(cfg: Config, dist: Dist, model: torch.nn.Module, tensors: MnistTensors, state: TrainState,
@@ -386,7 +376,8 @@ def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts, on: str = "t
 def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
                   tracker: Tracker, step: int) -> None:
     """Main process: the final weights, summary.json, the W&B summary and the plots (into a run
-    directory that is still this job's: ``RunDir.check_held``)."""
+    directory that is still this job's: ``RunDir.check_held``), then the finished line (the W&B
+    run's line follows, as the tracker closes)."""
     run_dir.check_held()
     checkpoint.save_model(model, run_dir.model)
     rundir.write_summary(run_dir, summary)
@@ -397,12 +388,27 @@ def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, An
         paths = write_run_plots(run_dir.root, confusion=counts.confusion.tolist())
     except Exception as e:  # noqa: BLE001 - a plot must never turn a finished training into a failure
         warn_main(f"could not write plots: {type(e).__name__}: {e}")
-        return
-    tracker.log_images({f"plots/{p.stem}": p for p in paths}, step=step)
+    else:
+        tracker.log_images({f"plots/{p.stem}": p for p in paths}, step=step)
+    print(finished_line(summary), flush=True)
 
 
 # --------------------------------------------------------------------------------------
 # Building blocks
+
+
+def load_data(cfg: Config, dist: Dist) -> tuple[MnistTensors, Split, torch.Tensor | None, TrainBatches]:
+    """MNIST checked (downloaded once per node) and held as tensors on the training device; the
+    validation split (``data.validation_size``; none by default), drawn by the seed alone, so
+    it is the same on every rank at any world size (None when empty); and this rank's batches
+    of the remaining training images, every epoch, from torch's DistributedSampler."""
+    prepare_mnist(cfg.data, dist.is_local_main, dist.barrier)
+    tensors = load_tensors(cfg.data.root).to(dist.device)
+    split = validation_split(len(tensors.train_labels), cfg.data.validation_size, cfg.train.seed)
+    validation = split.validation.to(dist.device) if split.validation.numel() else None
+    batches = TrainBatches(cfg.data, tensors, cfg.train.global_batch_size // dist.world_size,  # divisibility was validated
+                           dist.rank, dist.world_size, cfg.train.seed, dist.device, train_indices=split.train)
+    return tensors, split, validation, batches
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> MLP:
