@@ -1,31 +1,13 @@
 """Typed run configuration: dataclasses mirrored by YAML, with dotted CLI overrides.
 
 Precedence, highest first: CLI overrides (``train.lr=0.05``) > ``MNISTDIST_DATA_ROOT`` (for
-``data.root`` only) > the YAML file > the dataclass defaults below.
+``data.root`` only) > the YAML file (and its ``base:`` chain, see ``load_config``) > the
+dataclass defaults below. Every field carries a docstring.
 
-A YAML file may build on another: a top-level ``base: seed.yaml`` (relative to the file's own
-directory, and recursively: a base may have a base) is loaded first, then the file's sections
-are applied on top, key by key, so a variant states only what differs from its base.
-
-Every field carries a docstring. Unknown keys, wrong types and impossible values raise
-``ConfigError`` with one line naming the key (and the file that set it) and what is allowed;
-``train_dist.py`` turns that into exit code 2 *before* any process group starts, so a typo never
-costs a cluster allocation.
-
-All YAML is read by ``read_yaml``/``_load_yaml``: bounded (``MAX_YAML_BYTES``,
-``MAX_YAML_VALUES`` after aliases) and with YAML 1.2 floats (``1e-3`` is a number). The shipped
-configs live in ``mnistdist/configs`` (``CONFIG_DIR``) and are named by ``resolve_config_path``.
-
-Why no config library: OmegaConf, jsonargparse and tyro were measured against this contract
-(docs/config.md). None reads ``base:`` chains or the environment rule, none bounds YAML aliases,
-so those stay here whatever is adopted; what a library would replace is the per-key check
-(``_apply``/``_coerce``, ~70 lines). OmegaConf, the closest, saves ~20 of them after the
-additions it needs (YAML-boolean spellings of Literal values, comma-separated tags, one-line
-messages, no ``${...}`` interpolation in values), imports in ~62 ms against PyYAML's ~16 ms,
-loads a config ~2.5x slower, and words errors in Python types (``could not be converted to
-Integer``) over 4 lines. jsonargparse and tyro are argument parsers: they would replace
-cli.py's argparse and the ``section.key=value`` syntax, and their messages (2 to 9 lines)
-do not name the file a bad key came from.
+Unknown keys, wrong types and impossible values raise ``ConfigError``: one line naming the key
+(and the file that set it), which the command line turns into exit code 2 before any process
+group starts, so a typo never costs a cluster allocation. All YAML is read, bounded, by
+``read_yaml``. docs/config.md says why this is not a config library.
 """
 
 from __future__ import annotations
@@ -99,7 +81,7 @@ class ModelConfig:
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter precision. float64 is for numerical checks: it shrinks rounding differences
     (e.g. between 1 and N processes, which sum the same gradients in another order) so far
-    that training's amplification of them stays invisible. About 2x slower on CPU."""
+    that training's amplification of them stays invisible. Slower, on CPU too."""
 
 
 @dataclass
@@ -152,7 +134,7 @@ class TrainConfig:
     """Use Nesterov momentum (needs momentum > 0)."""
 
     weight_decay: float = 5e-4
-    """L2 penalty added by SGD (5e-4 gave 98.18-98.34% over seeds 0-2 in 10 epochs; 0 gave 97.91-98.28%)."""
+    """L2 penalty added by SGD (the default beat 0 over three seeds: docs/config.md)."""
 
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     """``constant``: lr throughout. ``cosine``: linear warm-up, then cosine decay to 0."""
@@ -179,9 +161,8 @@ class TrainConfig:
 
     stop_check_every_steps: int = 10
     """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1/Ctrl-C): one tiny
-    all-reduce, so every rank stops after the same step. Every 10 steps (a fraction of a
-    second) because each agreement costs ~0.9 ms with 2 gloo processes on a CPU, ~13% of a step
-    (docs/benchmarks.md); 1 stops after the very next step. NaN/Inf gradients are caught before
+    all-reduce, so every rank stops after the same step. Not every step, because an agreement
+    costs a sizeable share of a small CPU step (docs/config.md); 1 stops after the very next step. NaN/Inf gradients are caught before
     every update regardless (each rank checks its own copy: they are identical after the
     all-reduce). With ``dist.cuda_graph`` the check runs on the GPU, which skips a non-finite
     update at once, but the run stops only at the next agreement; larger values save a
@@ -220,8 +201,7 @@ class DistConfig:
     """``torch.compile`` the forward pass and loss (and so their backward) with this mode;
     ``reduce-overhead`` also captures them as CUDA graphs, which removes most kernel-launch
     overhead of this tiny model. GPU only: on CPU it falls back to eager with one warning
-    (inductor's C++ backend was measured no faster on 2 cores, 1.0x, after 3-27 s of compiling;
-    docs/benchmarks.md)."""
+    (inductor's C++ backend is no faster there, after seconds of compiling: docs/config.md)."""
 
     cuda_graph: bool = False
     """Capture the whole training step (forward, backward, update, loss sums) once as a CUDA
