@@ -13,6 +13,7 @@ group starts, so a typo never costs a cluster allocation. All YAML is read, boun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -20,6 +21,7 @@ import reprlib
 import subprocess
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -281,8 +283,14 @@ class Config:
 # Loading
 
 
+@functools.cache
 def _section_types(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, worked out once per class (a sweep loads many configs)."""
     return typing.get_type_hints(cls)
+
+
+_SCALARS = {bool: "true or false", int: "an integer", str: "a string"}
+"""The scalar field types taken exactly as YAML reads them, and how messages name them."""
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -293,33 +301,23 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             # YAML 1.1 reads an unquoted `off` or `no` as False: give back the literal it
             # spelled when exactly one allowed value is such a spelling.
             spellings = _YAML_TRUE if value else _YAML_FALSE
-            matches = [a for a in allowed if isinstance(a, str) and a.lower() in spellings]
+            matches = [a for a in allowed if str(a).lower() in spellings]
             if len(matches) == 1:
                 return matches[0]
         if value not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {_show(value)}")
         return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: must be true or false; got {_show(value)}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: must be an integer; got {_show(value)}")
+    if typ in _SCALARS:
+        if type(value) is not typ:  # True is not an integer here, nor 1 a boolean
+            raise ConfigError(f"{key}: must be {_SCALARS[typ]}; got {_show(value)}")
+        return value
     if typ is float:
-        # PyYAML reads "1e-3" (no dot) as a string, so accept numeric strings here.
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an int beyond float's range
-                raise ConfigError(f"{key}: must be a finite number; got {_show(value)}") from None
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
+        try:  # a quoted number ("1e-3") counts too
+            number = float(value) if type(value) in (int, float, str) else None
+        except ValueError:
+            number = None
+        except OverflowError:  # an int beyond float's range
+            raise ConfigError(f"{key}: must be a finite number; got {_show(value)}") from None
         if number is None:
             raise ConfigError(f"{key}: must be a number; got {_show(value)}")
         if not math.isfinite(number):
@@ -331,10 +329,6 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ConfigError(f"{key}: must be a list of strings; got {_show(value)}")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: must be a string; got {_show(value)}")
     raise AssertionError(f"unsupported config type {typ} for {key}")
 
 
@@ -644,6 +638,25 @@ def load_config(
     return cfg
 
 
+_TIMEOUTS = ("dist.timeout_s", "tracking.init_timeout_s", "tracking.finish_timeout_s")
+
+_RULES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
+    (f"in 0..{MAX_SEED} (numpy's seed range)", lambda v: 0 <= v <= MAX_SEED, ("train.seed",)),
+    (">= 1", lambda v: v >= 1, ("train.epochs", "train.global_batch_size", "train.log_every_steps",
+                                "train.eval_per_process_batch_size", "train.stop_check_every_steps")),
+    (">= 0", lambda v: v >= 0, ("train.weight_decay", "train.warmup_steps", "data.num_workers",
+                                "checkpoint.every_steps", "checkpoint.keep_last")),
+    (">= 0 (0 = no limit)", lambda v: v >= 0, ("train.max_steps",)),
+    ("> 0", lambda v: v > 0, ("train.lr", "data.normalize_std", *_TIMEOUTS)),
+    (f"<= {MAX_TIMEOUT_S:.0f} (one week)", lambda v: v <= MAX_TIMEOUT_S, _TIMEOUTS),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ("train.momentum",)),
+    (f"in 0..{MNIST_TRAIN_IMAGES - 1} (training images held out for validation; 0 = none)",
+     lambda v: 0 <= v < MNIST_TRAIN_IMAGES, ("data.validation_size",)),
+    ("in 0..1024 (0 = follow the launcher)", lambda v: 0 <= v <= 1024, ("dist.threads_per_process",)),
+)
+"""``(what a value must be, the test of it, the keys it applies to)``: ``validate``'s bounds."""
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Reject values no run can use. ``world_size`` (if known) checks the batch split."""
     # Every float finite (also for a Config built in code, which _coerce never saw).
@@ -653,68 +666,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             value = getattr(section, name)
             if typ is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ConfigError(f"{section_name}.{name}: must be a finite number; got {_show(value)}")
-    t, d = cfg.train, cfg.data
-    checks: list[tuple[bool, str]] = [
-        (0 <= t.seed <= MAX_SEED, f"train.seed: must be in 0..{MAX_SEED} (numpy's seed range); got {t.seed}"),
-        (t.epochs >= 1, f"train.epochs: must be >= 1; got {t.epochs}"),
-        (t.global_batch_size >= 1, f"train.global_batch_size: must be >= 1; got {t.global_batch_size}"),
-        (t.lr > 0, f"train.lr: must be > 0; got {t.lr}"),
-        (0 <= t.momentum < 1, f"train.momentum: must be in [0, 1); got {t.momentum}"),
-        (not t.nesterov or t.momentum > 0, "train.nesterov: needs train.momentum > 0"),
-        (t.weight_decay >= 0, f"train.weight_decay: must be >= 0; got {t.weight_decay}"),
-        (t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0; got {t.warmup_steps}"),
-        (t.max_steps >= 0, f"train.max_steps: must be >= 0 (0 = no limit); got {t.max_steps}"),
-        (t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1; got {t.log_every_steps}"),
-        (
-            t.eval_per_process_batch_size >= 1,
-            f"train.eval_per_process_batch_size: must be >= 1; got {t.eval_per_process_batch_size}",
-        ),
-        (d.num_workers >= 0, f"data.num_workers: must be >= 0; got {d.num_workers}"),
-        (0 <= d.validation_size < MNIST_TRAIN_IMAGES,
-         f"data.validation_size: must be in 0..{MNIST_TRAIN_IMAGES - 1} (training images held out for "
-         f"validation; 0 = none); got {d.validation_size}"),
-        (0 <= cfg.dist.threads_per_process <= 1024,
-         f"dist.threads_per_process: must be in 0..1024 (0 = follow the launcher); got {cfg.dist.threads_per_process}"),
-        (d.normalize_std > 0, f"data.normalize_std: must be > 0; got {d.normalize_std}"),
-        (bool(d.root), "data.root: must not be empty"),
-        (cfg.dist.timeout_s > 0, f"dist.timeout_s: must be > 0; got {cfg.dist.timeout_s}"),
-        (
-            cfg.dist.timeout_s <= MAX_TIMEOUT_S,
-            f"dist.timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); got {cfg.dist.timeout_s:g}",
-        ),
-        (
-            t.stop_check_every_steps >= 1,
-            f"train.stop_check_every_steps: must be >= 1; got {t.stop_check_every_steps}",
-        ),
-        (cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0; got {cfg.checkpoint.every_steps}"),
-        (cfg.tracking.init_timeout_s > 0, f"tracking.init_timeout_s: must be > 0; got {cfg.tracking.init_timeout_s}"),
-        (
-            cfg.tracking.init_timeout_s <= MAX_TIMEOUT_S,
-            f"tracking.init_timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); "
-            f"got {cfg.tracking.init_timeout_s:g}",
-        ),
-        (
-            cfg.tracking.finish_timeout_s > 0,
-            f"tracking.finish_timeout_s: must be > 0; got {cfg.tracking.finish_timeout_s}",
-        ),
-        (
-            cfg.tracking.finish_timeout_s <= MAX_TIMEOUT_S,
-            f"tracking.finish_timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); "
-            f"got {cfg.tracking.finish_timeout_s:g}",
-        ),
-        (cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last: must be >= 0; got {cfg.checkpoint.keep_last}"),
-    ]
-    if world_size is not None:
-        checks.append(
-            (
-                t.global_batch_size % world_size == 0,
-                f"train.global_batch_size: {t.global_batch_size} is not divisible by the "
-                f"{world_size} processes; use a multiple of {world_size}",
-            )
-        )
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    for requirement, ok, keys in _RULES:
+        for key in keys:
+            section_name, name = key.split(".")
+            value = getattr(getattr(cfg, section_name), name)
+            if not ok(value):
+                raise ConfigError(f"{key}: must be {requirement}; got {value}")
+    if cfg.train.nesterov and cfg.train.momentum <= 0:
+        raise ConfigError("train.nesterov: needs train.momentum > 0")
+    if not cfg.data.root:
+        raise ConfigError("data.root: must not be empty")
+    if world_size is not None and cfg.train.global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by the "
+                          f"{world_size} processes; use a multiple of {world_size}")
 
 
 # Keys that change the training trajectory: continuing a checkpoint with another value of any
