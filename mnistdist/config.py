@@ -474,54 +474,38 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
         raise ConfigError(f"{path}: not valid YAML{at}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    data = read_yaml(path)
-    if data is None:  # an empty file or one holding only comments
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-BASE_KEY = "base"
-"""Top-level YAML key naming the config file a file builds on (relative to its directory)."""
-
-
 def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The file at ``path`` and its ``base:`` files, the root base first.
-
-    Each entry is ``(file, sections)`` with ``base`` removed from ``sections``. A base path is
-    relative to the directory of the file that names it. A missing base, a cycle and a
-    ``base`` that is not a non-empty string raise a one-line ConfigError naming the file.
-    """
+    """``(file, sections)`` for the file at ``path`` and its ``base:`` files, the root base
+    first, ``base`` removed from the sections. A missing base, a cycle and a ``base`` that is
+    not a non-empty string raise a one-line ConfigError naming the file."""
     chain: list[tuple[Path, dict[str, Any]]] = []
     seen: dict[Path, Path] = {}  # resolved path -> the path as shown in messages
     current = path
     while True:
         seen[current.resolve()] = current
-        data = _read_yaml(current)
-        if BASE_KEY not in data:
-            chain.append((current, data))
-            break
-        base = data.pop(BASE_KEY)
+        data = read_yaml(current)
+        if data is None:  # an empty file or one holding only comments
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{current}: top level must be a mapping of sections, got {type(data).__name__}")
         chain.append((current, data))
+        if "base" not in data:
+            break
+        base = data.pop("base")
         if not isinstance(base, str) or not base.strip():
-            raise ConfigError(
-                f"{current}: {BASE_KEY}: must be a non-empty string naming a config file "
-                f"(relative to this file's directory); got {_show(base)}"
-            )
+            raise ConfigError(f"{current}: base: must be a non-empty string naming a config file "
+                              f"(relative to this file's directory); got {_show(base)}")
         base_path = current.parent / base
         resolved = base_path.resolve()
         if resolved == current.resolve():
-            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} names this file itself")
+            raise ConfigError(f"{current}: base: {base!r} names this file itself")
         if resolved in seen:
             loop = [str(p) for p, _ in chain] + [str(seen[resolved])]
-            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} makes a cycle: {' -> '.join(loop)}")
+            raise ConfigError(f"{current}: base: {base!r} makes a cycle: {' -> '.join(loop)}")
         if not base_path.is_file():
-            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} not found (looked for {base_path})")
+            raise ConfigError(f"{current}: base: {base!r} not found (looked for {base_path})")
         current = base_path
-    chain.reverse()
-    return chain
+    return chain[::-1]
 
 
 def _apply_file(cfg: Config, path: Path, data: dict[str, Any]) -> list[str]:
@@ -608,13 +592,10 @@ def load_config(
     """Build and validate the config: defaults < YAML file chain < env < CLI overrides.
 
     ``path`` is a file, or the name of a shipped one (``seed``; see ``resolve_config_path``).
-
-    A YAML file may start from another with a top-level ``base: other.yaml`` (a path relative
-    to its own directory; a base may name a base in turn). The chain is applied root base
-    first, each file key by key, so a file overrides only the keys it states. A missing
-    base, a cycle or a base that is not a non-empty string is a ``ConfigError`` naming the file;
-    so is a bad key or value a file states (a value refused once everything is merged names the
-    file it came from, unless the environment or an override replaced it).
+    A top-level ``base: other.yaml`` (relative to the file's directory; a base may name a base
+    in turn) is applied first, so a file states only the keys it changes. A bad key or value
+    is a ``ConfigError`` naming the file it came from, unless the environment or an override
+    replaced it.
     """
     cfg = Config()
     set_by: dict[str, Path] = {}  # key -> the file whose value it has
