@@ -229,7 +229,8 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
 # mnistdist
 
 
-def command_functions(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+def command_functions(name: str) -> tuple[Callable[[argparse.ArgumentParser], None],
+                                          Callable[[argparse.Namespace], int]]:
     """(add_arguments, main) of command ``name``, its module imported now."""
     module = COMMANDS[name][0]
     if module is None:

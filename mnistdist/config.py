@@ -164,11 +164,11 @@ class TrainConfig:
     stop_check_every_steps: int = 10
     """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1/Ctrl-C): one tiny
     all-reduce, so every rank stops after the same step. Not every step, because an agreement
-    costs a sizeable share of a small CPU step (docs/config.md); 1 stops after the very next step. NaN/Inf gradients are caught before
-    every update regardless (each rank checks its own copy: they are identical after the
-    all-reduce). With ``dist.cuda_graph`` the check runs on the GPU, which skips a non-finite
-    update at once, but the run stops only at the next agreement; larger values save a
-    host-device sync per step there."""
+    costs a sizeable share of a small CPU step (docs/config.md); 1 stops after the very next
+    step. NaN/Inf gradients are caught before every update regardless (each rank checks its
+    own copy: they are identical after the all-reduce). With ``dist.cuda_graph`` the check
+    runs on the GPU, which skips a non-finite update at once, but the run stops only at the
+    next agreement; larger values save a host-device sync per step there."""
 
 
 @dataclass
