@@ -47,10 +47,6 @@ MAX_SEED = 2**32 - 1
 """``train.seed`` must be in 0..MAX_SEED: accelerate's ``set_seed`` also seeds numpy, whose
 ``RandomState`` refuses anything else (torch takes more)."""
 
-# How PyYAML spells booleans: an unquoted ``off``/``no`` in a file or an override reads as False.
-_YAML_FALSE = ("false", "no", "off")
-_YAML_TRUE = ("true", "yes", "on")
-
 
 class ConfigError(ValueError):
     """A bad configuration value; its message is one line meant for the user."""
@@ -300,7 +296,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             # YAML 1.1 reads an unquoted `off` or `no` as False: give back the literal it
             # spelled when exactly one allowed value is such a spelling.
-            spellings = _YAML_TRUE if value else _YAML_FALSE
+            spellings = ("true", "yes", "on") if value else ("false", "no", "off")
             matches = [a for a in allowed if str(a).lower() in spellings]
             if len(matches) == 1:
                 return matches[0]
@@ -358,11 +354,8 @@ them; a sweep of ``sweep.MAX_RUNS`` runs stays far below this."""
 
 
 class _Unreadable(Exception):
-    """YAML the config layer refuses to build; ``line`` (1-based) when known."""
-
-    def __init__(self, problem: str, line: int | None = None):
-        super().__init__(problem)
-        self.problem, self.line = problem, line
+    """YAML the config layer refuses to build: ``args`` are ``(problem, line)``, the line
+    1-based or None."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -435,7 +428,7 @@ def _load_yaml(text: str) -> Any:
     """``yaml.safe_load(text)`` with 1.2 floats, bounded in size; _Unreadable when refused,
     yaml.YAMLError when not YAML."""
     if len(text) > MAX_YAML_BYTES:
-        raise _Unreadable(f"longer than {MAX_YAML_BYTES} characters")
+        raise _Unreadable(f"longer than {MAX_YAML_BYTES} characters", None)
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -444,7 +437,7 @@ def _load_yaml(text: str) -> Any:
         _check_size(node)
         return loader.construct_document(node)
     except RecursionError:
-        raise _Unreadable("nested too deeply") from None
+        raise _Unreadable("nested too deeply", None) from None
     finally:
         loader.dispose()
 
@@ -466,8 +459,9 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
     except _Unreadable as e:
-        at = f" at line {e.line}" if e.line is not None else ""
-        raise ConfigError(f"{path}: {what}{at}: {e.problem}") from None
+        problem, line = e.args
+        at = f" at line {line}" if line is not None else ""
+        raise ConfigError(f"{path}: {what}{at}: {problem}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
@@ -535,7 +529,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except _Unreadable as e:
-        raise ConfigError(f"{_cut(key)}: {e.problem}") from None
+        raise ConfigError(f"{_cut(key)}: {e.args[0]}") from None
     except yaml.YAMLError:
         value = raw
     return key, value
