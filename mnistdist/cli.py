@@ -90,14 +90,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-# --------------------------------------------------------------------------------------
-# The one error handler
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes that mean bad input, among the modules imported so far: an error
-    class whose module was never imported cannot have been raised, and looking them up this
-    way keeps torch (data, checkpoint) out of the commands that do not need it."""
+    """The classes of USER_ERRORS whose modules are imported (no other can have been raised):
+    looking them up so keeps torch (data, checkpoint) out of the commands that do not need it."""
     return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
 
 
@@ -148,10 +143,6 @@ def undash_overrides(argv: list[str]) -> list[str]:
         else:
             out.append(arg[2:])
     return out
-
-
-# --------------------------------------------------------------------------------------
-# train
 
 
 def _config_sections() -> str:
@@ -223,10 +214,6 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     parser = _Parser(prog=prog)
     add_train_arguments(parser)
     return quiet_when_stdout_closes(lambda: run_command(parser, train, list(sys.argv[1:] if argv is None else argv)))
-
-
-# --------------------------------------------------------------------------------------
-# mnistdist
 
 
 def command_functions(name: str) -> tuple[Callable[[argparse.ArgumentParser], None],

@@ -275,10 +275,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------------------
-# Loading
-
-
 @functools.cache
 def _section_types(cls: type) -> dict[str, Any]:
     """``typing.get_type_hints(cls)``, worked out once per class (a sweep loads many configs)."""
