@@ -1,12 +1,11 @@
 """Command lines: ``train_dist.py`` and ``mnistdist train|evaluate|predict|plot|sweep|compare``.
 
 ``mnistdist`` is an argparse parser with one sub-parser per command. ``train`` is defined here
-(it is the core's entry: ``train_dist.py`` calls ``train_main``); every other command lives in
-``mnistdist.tools``, in a module with ``add_arguments(parser)`` and ``main(args) -> int``,
-imported only when that command runs. Every command runs through ``run_command``, the one place where
-user errors (bad config, flags, data, checkpoint or image) become one line and exit 2, before
-any process group is started, and stopped trainings become their exit codes; bugs keep their
-traceback.
+(``train_dist.py`` calls ``train_main``); every other command lives in ``mnistdist.tools``, in a
+module with ``add_arguments(parser)`` and ``main(args) -> int``, imported only when that command
+runs. Every command runs through ``run_command``, the one place where user errors (bad config,
+flags, data, checkpoint or image) become one line and exit 2, before any process group is
+started, and stopped trainings become their exit codes; bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -19,40 +18,27 @@ import select
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, shipped_configs, to_yaml, version_string
-from mnistdist.signals import Preempted, TrainingStopped
+from mnistdist.signals import EXIT_USAGE, Preempted, TrainingStopped
 
-# torch, accelerate and what imports them (checkpoint, data, distributed, training) are
-# imported by the commands that need them: `mnistdist sweep --list`, `compare` and `--help`
-# start in well under a second instead of ~2.5 s (a Slurm array task calls `sweep
-# --print-run-dir` first).
+# torch, accelerate and what imports them (checkpoint, data, distributed, training) are imported
+# by the commands that need them, so that `sweep --list`, `compare` and `--help` start fast
+# (docs/config.md).
 
-EXIT_USAGE = 2
 EXIT_CLOSED_PIPE = 128 + 13  # 141: what a shell reports for a tool killed by SIGPIPE (``... | head``)
 
-
-@dataclass(frozen=True)
-class Command:
-    """A ``mnistdist`` command: the module holding its ``add_arguments``/``main`` (None: this
-    one), and one line of help."""
-
-    name: str
-    module: str | None
-    help: str
-
-
-COMMANDS = {c.name: c for c in (
-    Command("train", None, "train the MLP (same as train_dist.py)"),
-    Command("evaluate", "mnistdist.tools.evaluate", "exact test loss, accuracy and confusion matrix of saved weights"),
-    Command("predict", "mnistdist.tools.predict", "classify your own PNG/JPEG digit images with saved weights"),
-    Command("plot", "mnistdist.tools.plot", "loss, accuracy and confusion-matrix PNGs of a run directory"),
-    Command("sweep", "mnistdist.tools.sweep", "list or run the runs of a sweep file (here, or as a Slurm job array)"),
-    Command("compare", "mnistdist.tools.compare", "table and plot of finished runs: accuracy over seeds per variant"),
-)}
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    # name: (the module holding its add_arguments/main (None: this one), one line of help)
+    "train": (None, "train the MLP (same as train_dist.py)"),
+    "evaluate": ("mnistdist.tools.evaluate", "exact test loss, accuracy and confusion matrix of saved weights"),
+    "predict": ("mnistdist.tools.predict", "classify your own PNG/JPEG digit images with saved weights"),
+    "plot": ("mnistdist.tools.plot", "loss, accuracy and confusion-matrix PNGs of a run directory"),
+    "sweep": ("mnistdist.tools.sweep", "list or run the runs of a sweep file (here, or as a Slurm job array)"),
+    "compare": ("mnistdist.tools.compare", "table and plot of finished runs: accuracy over seeds per variant"),
+}
 
 # Exceptions that mean bad input, by module: ``user_errors`` looks them up lazily.
 USER_ERRORS = (
@@ -61,30 +47,6 @@ USER_ERRORS = (
     ("mnistdist.checkpoint", "CheckpointError"),
     ("mnistdist.tools.images", "ImageError"),
 )
-
-
-def report_exception(exc: BaseException, label: str = "error") -> None:
-    """``label: message`` on stderr (see distributed.report_exception)."""
-    from mnistdist import distributed
-
-    distributed.report_exception(exc, label)
-
-
-def is_main_process() -> bool:
-    from mnistdist import distributed
-
-    return distributed.is_main_process()
-
-
-def say_stopped(stop: Preempted) -> None:
-    """The stop line on stderr: the message itself (``stopped by SIGTERM after step N; ...``),
-    with no ``label:`` before it to repeat its first word; prefixed with the rank when several
-    run, as ``report_exception`` does."""
-    from mnistdist import distributed
-
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and distributed.launched_world_size() > 1 else ""
-    print(f"{prefix}{stop}", file=sys.stderr, flush=True)
 
 
 def quiet_when_stdout_closes(command: Callable[[], int]) -> int:
@@ -128,14 +90,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-# --------------------------------------------------------------------------------------
-# The one error handler
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes that mean bad input, among the modules imported so far: an error
-    class whose module was never imported cannot have been raised, and looking them up this
-    way keeps torch (data, checkpoint) out of the commands that do not need it."""
+    """The classes of USER_ERRORS whose modules are imported (no other can have been raised):
+    looking them up so keeps torch (data, checkpoint) out of the commands that do not need it."""
     return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
 
 
@@ -146,19 +103,26 @@ def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namesp
     try:
         return main(parser.parse_intermixed_args(undash_overrides(argv)))
     except Preempted as e:  # every rank stopped at the same step: the main process says where
+        from mnistdist import distributed
+
         # The checkpoint is written and the ranks leave together; a launcher that SIGTERMs the
         # rank still exiting (torchrun does, once another rank ended) must not turn it into -15.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
-        if is_main_process():
-            say_stopped(e)
+        if distributed.is_main_process():  # the message alone: a "label:" would repeat its first word
+            several = "RANK" in os.environ and distributed.launched_world_size() > 1
+            print(f"[rank 0] {e}" if several else e, file=sys.stderr, flush=True)
         return e.exit_code
     except TrainingStopped as e:
-        if not e.agreed or is_main_process():  # one decision, raised on every rank: said once
-            report_exception(e)
+        from mnistdist import distributed
+
+        if not e.agreed or distributed.is_main_process():  # one decision, raised on every rank: said once
+            distributed.report_exception(e)
         return e.exit_code
     except user_errors() as e:  # evaluated when an exception arrives, so it sees what was imported
-        report_exception(e)
+        from mnistdist import distributed
+
+        distributed.report_exception(e)
         return EXIT_USAGE
 
 
@@ -181,23 +145,15 @@ def undash_overrides(argv: list[str]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------------------
-# train
-
-
 def _config_sections() -> str:
-    """One line per config section, from the dataclasses' docstrings."""
+    """One line per config section, listing its keys."""
     import dataclasses
-    import typing
 
     from mnistdist.config import Config
 
-    hints = typing.get_type_hints(Config)
-    lines = []
-    for f in dataclasses.fields(Config):
-        keys = ", ".join(x.name for x in dataclasses.fields(hints[f.name]))
-        lines.append(f"  {f.name:<11} {keys}")
-    return "\n".join(lines)
+    cfg = Config()
+    return "\n".join(f"  {f.name:<11} {', '.join(x.name for x in dataclasses.fields(getattr(cfg, f.name)))}"
+                     for f in dataclasses.fields(cfg))
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -225,14 +181,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "now have other values; the new values apply from the resumed step on")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + environment + overrides) as YAML and exit")
+    parser.add_argument("--version", action="store_true", help="print the version (and git commit) and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. train.lr=0.05 (win over the environment and the file)")
 
 
 def train(args: argparse.Namespace) -> int:
-    """Load the config and train (or print the config)."""
+    """Load the config and train (or print the config, or the version)."""
+    if args.version:
+        print(version_string())
+        return 0
     from mnistdist import training
-    from mnistdist.distributed import check_launch, launched_world_size
+    from mnistdist.distributed import check_launch, is_main_process, launched_world_size
 
     config_path = args.config
     if config_path is None and DEFAULT_CONFIG.is_file():
@@ -256,35 +216,14 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     return quiet_when_stdout_closes(lambda: run_command(parser, train, list(sys.argv[1:] if argv is None else argv)))
 
 
-# --------------------------------------------------------------------------------------
-# mnistdist
-
-
-CommandFunctions = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-
-
-def command_functions(name: str) -> CommandFunctions:
+def command_functions(name: str) -> tuple[Callable[[argparse.ArgumentParser], None],
+                                          Callable[[argparse.Namespace], int]]:
     """(add_arguments, main) of command ``name``, its module imported now."""
-    module = COMMANDS[name].module
+    module = COMMANDS[name][0]
     if module is None:
         return add_train_arguments, train
     imported = importlib.import_module(module)
     return imported.add_arguments, imported.main
-
-
-def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """``mnistdist`` and its sub-parsers; only ``command``'s gets its arguments (and its
-    module imported), the others list it in ``mnistdist --help``."""
-    parser = _Parser(prog="mnistdist", description="The MNIST MLP: train it, then evaluate, predict, plot, "
-                                                   "sweep and compare (each command takes --help).")
-    parser.add_argument("--version", action="store_true", help="print the version (and git commit) and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    parsers = {}
-    for c in COMMANDS.values():
-        parsers[c.name] = sub.add_parser(c.name, help=c.help, description=c.help)
-        if c.name == command:
-            command_functions(c.name)[0](parsers[c.name])
-    return parser, parsers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,12 +235,18 @@ def _main(argv: list[str]) -> int:
     if argv == ["--version"]:
         print(version_string())
         return 0
-    name = argv[0] if argv and argv[0] in COMMANDS else None
-    parser, parsers = build_parser(name)
-    if name is None:
+    parser = _Parser(prog="mnistdist", description="The MNIST MLP: train it, then evaluate, predict, plot, "
+                                                   "sweep and compare (each command takes --help).")
+    parser.add_argument("--version", action="store_true", help="print the version (and git commit) and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Every command is listed in --help; only the one that runs gets its arguments (its module imported).
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
+    if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # --help, or no/an unknown command: argparse's message and exit
         return EXIT_USAGE
-    return run_command(parsers[name], command_functions(name)[1], argv[1:])
+    add_arguments, command_main = command_functions(argv[0])
+    add_arguments(parsers[argv[0]])
+    return run_command(parsers[argv[0]], command_main, argv[1:])
 
 
 if __name__ == "__main__":

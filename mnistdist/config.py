@@ -1,36 +1,19 @@
 """Typed run configuration: dataclasses mirrored by YAML, with dotted CLI overrides.
 
 Precedence, highest first: CLI overrides (``train.lr=0.05``) > ``MNISTDIST_DATA_ROOT`` (for
-``data.root`` only) > the YAML file > the dataclass defaults below.
+``data.root`` only) > the YAML file (and its ``base:`` chain, see ``load_config``) > the
+dataclass defaults below. Every field carries a docstring.
 
-A YAML file may build on another: a top-level ``base: seed.yaml`` (relative to the file's own
-directory, and recursively: a base may have a base) is loaded first, then the file's sections
-are applied on top, key by key, so a variant states only what differs from its base.
-
-Every field carries a docstring. Unknown keys, wrong types and impossible values raise
-``ConfigError`` with one line naming the key (and the file that set it) and what is allowed;
-``train_dist.py`` turns that into exit code 2 *before* any process group starts, so a typo never
-costs a cluster allocation.
-
-All YAML is read by ``read_yaml``/``_load_yaml``: bounded (``MAX_YAML_BYTES``,
-``MAX_YAML_VALUES`` after aliases) and with YAML 1.2 floats (``1e-3`` is a number). The shipped
-configs live in ``mnistdist/configs`` (``CONFIG_DIR``) and are named by ``resolve_config_path``.
-
-Why no config library: OmegaConf, jsonargparse and tyro were measured against this contract
-(docs/config.md). None reads ``base:`` chains or the environment rule, none bounds YAML aliases,
-so those stay here whatever is adopted; what a library would replace is the per-key check
-(``_apply``/``_coerce``, ~70 lines). OmegaConf, the closest, saves ~20 of them after the
-additions it needs (YAML-boolean spellings of Literal values, comma-separated tags, one-line
-messages, no ``${...}`` interpolation in values), imports in ~62 ms against PyYAML's ~16 ms,
-loads a config ~2.5x slower, and words errors in Python types (``could not be converted to
-Integer``) over 4 lines. jsonargparse and tyro are argument parsers: they would replace
-cli.py's argparse and the ``section.key=value`` syntax, and their messages (2 to 9 lines)
-do not name the file a bad key came from.
+Unknown keys, wrong types and impossible values raise ``ConfigError``: one line naming the key
+(and the file that set it), which the command line turns into exit code 2 before any process
+group starts, so a typo never costs a cluster allocation. All YAML is read, bounded, by
+``read_yaml``. docs/config.md says why this is not a config library.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -38,6 +21,7 @@ import reprlib
 import subprocess
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,10 +46,6 @@ MNIST_TRAIN_IMAGES = 60_000
 MAX_SEED = 2**32 - 1
 """``train.seed`` must be in 0..MAX_SEED: accelerate's ``set_seed`` also seeds numpy, whose
 ``RandomState`` refuses anything else (torch takes more)."""
-
-# How PyYAML spells booleans: an unquoted ``off``/``no`` in a file or an override reads as False.
-_YAML_FALSE = ("false", "no", "off")
-_YAML_TRUE = ("true", "yes", "on")
 
 
 class ConfigError(ValueError):
@@ -99,7 +79,7 @@ class ModelConfig:
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter precision. float64 is for numerical checks: it shrinks rounding differences
     (e.g. between 1 and N processes, which sum the same gradients in another order) so far
-    that training's amplification of them stays invisible. About 2x slower on CPU."""
+    that training's amplification of them stays invisible. Slower, on CPU too."""
 
 
 @dataclass
@@ -152,7 +132,7 @@ class TrainConfig:
     """Use Nesterov momentum (needs momentum > 0)."""
 
     weight_decay: float = 5e-4
-    """L2 penalty added by SGD (5e-4 gave 98.18-98.34% over seeds 0-2 in 10 epochs; 0 gave 97.91-98.28%)."""
+    """L2 penalty added by SGD (the default beat 0 over three seeds: docs/config.md)."""
 
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     """``constant``: lr throughout. ``cosine``: linear warm-up, then cosine decay to 0."""
@@ -179,13 +159,12 @@ class TrainConfig:
 
     stop_check_every_steps: int = 10
     """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1/Ctrl-C): one tiny
-    all-reduce, so every rank stops after the same step. Every 10 steps (a fraction of a
-    second) because each agreement costs ~0.9 ms with 2 gloo processes on a CPU, ~13% of a step
-    (docs/benchmarks.md); 1 stops after the very next step. NaN/Inf gradients are caught before
-    every update regardless (each rank checks its own copy: they are identical after the
-    all-reduce). With ``dist.cuda_graph`` the check runs on the GPU, which skips a non-finite
-    update at once, but the run stops only at the next agreement; larger values save a
-    host-device sync per step there."""
+    all-reduce, so every rank stops after the same step. Not every step, because an agreement
+    costs a sizeable share of a small CPU step (docs/config.md); 1 stops after the very next
+    step. NaN/Inf gradients are caught before every update regardless (each rank checks its
+    own copy: they are identical after the all-reduce). With ``dist.cuda_graph`` the check
+    runs on the GPU, which skips a non-finite update at once, but the run stops only at the
+    next agreement; larger values save a host-device sync per step there."""
 
 
 @dataclass
@@ -220,8 +199,7 @@ class DistConfig:
     """``torch.compile`` the forward pass and loss (and so their backward) with this mode;
     ``reduce-overhead`` also captures them as CUDA graphs, which removes most kernel-launch
     overhead of this tiny model. GPU only: on CPU it falls back to eager with one warning
-    (inductor's C++ backend was measured no faster on 2 cores, 1.0x, after 3-27 s of compiling;
-    docs/benchmarks.md)."""
+    (inductor's C++ backend is no faster there, after seconds of compiling: docs/config.md)."""
 
     cuda_graph: bool = False
     """Capture the whole training step (forward, backward, update, loss sums) once as a CUDA
@@ -297,12 +275,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------------------
-# Loading
-
-
+@functools.cache
 def _section_types(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, worked out once per class (a sweep loads many configs)."""
     return typing.get_type_hints(cls)
+
+
+_SCALARS = {bool: "true or false", int: "an integer", str: "a string"}
+"""The scalar field types taken exactly as YAML reads them, and how messages name them."""
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -312,34 +292,24 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             # YAML 1.1 reads an unquoted `off` or `no` as False: give back the literal it
             # spelled when exactly one allowed value is such a spelling.
-            spellings = _YAML_TRUE if value else _YAML_FALSE
-            matches = [a for a in allowed if isinstance(a, str) and a.lower() in spellings]
+            spellings = ("true", "yes", "on") if value else ("false", "no", "off")
+            matches = [a for a in allowed if str(a).lower() in spellings]
             if len(matches) == 1:
                 return matches[0]
         if value not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {_show(value)}")
         return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: must be true or false; got {_show(value)}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: must be an integer; got {_show(value)}")
+    if typ in _SCALARS:
+        if type(value) is not typ:  # True is not an integer here, nor 1 a boolean
+            raise ConfigError(f"{key}: must be {_SCALARS[typ]}; got {_show(value)}")
+        return value
     if typ is float:
-        # PyYAML reads "1e-3" (no dot) as a string, so accept numeric strings here.
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an int beyond float's range
-                raise ConfigError(f"{key}: must be a finite number; got {_show(value)}") from None
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
+        try:  # a quoted number ("1e-3") counts too
+            number = float(value) if type(value) in (int, float, str) else None
+        except ValueError:
+            number = None
+        except OverflowError:  # an int beyond float's range
+            raise ConfigError(f"{key}: must be a finite number; got {_show(value)}") from None
         if number is None:
             raise ConfigError(f"{key}: must be a number; got {_show(value)}")
         if not math.isfinite(number):
@@ -351,10 +321,6 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ConfigError(f"{key}: must be a list of strings; got {_show(value)}")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: must be a string; got {_show(value)}")
     raise AssertionError(f"unsupported config type {typ} for {key}")
 
 
@@ -384,11 +350,8 @@ them; a sweep of ``sweep.MAX_RUNS`` runs stays far below this."""
 
 
 class _Unreadable(Exception):
-    """YAML the config layer refuses to build; ``line`` (1-based) when known."""
-
-    def __init__(self, problem: str, line: int | None = None):
-        super().__init__(problem)
-        self.problem, self.line = problem, line
+    """YAML the config layer refuses to build: ``args`` are ``(problem, line)``, the line
+    1-based or None."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -461,7 +424,7 @@ def _load_yaml(text: str) -> Any:
     """``yaml.safe_load(text)`` with 1.2 floats, bounded in size; _Unreadable when refused,
     yaml.YAMLError when not YAML."""
     if len(text) > MAX_YAML_BYTES:
-        raise _Unreadable(f"longer than {MAX_YAML_BYTES} characters")
+        raise _Unreadable(f"longer than {MAX_YAML_BYTES} characters", None)
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -470,7 +433,7 @@ def _load_yaml(text: str) -> Any:
         _check_size(node)
         return loader.construct_document(node)
     except RecursionError:
-        raise _Unreadable("nested too deeply") from None
+        raise _Unreadable("nested too deeply", None) from None
     finally:
         loader.dispose()
 
@@ -492,62 +455,47 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
     except _Unreadable as e:
-        at = f" at line {e.line}" if e.line is not None else ""
-        raise ConfigError(f"{path}: {what}{at}: {e.problem}") from None
+        problem, line = e.args
+        at = f" at line {line}" if line is not None else ""
+        raise ConfigError(f"{path}: {what}{at}: {problem}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise ConfigError(f"{path}: not valid YAML{at}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    data = read_yaml(path)
-    if data is None:  # an empty file or one holding only comments
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-BASE_KEY = "base"
-"""Top-level YAML key naming the config file a file builds on (relative to its directory)."""
-
-
 def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The file at ``path`` and its ``base:`` files, the root base first.
-
-    Each entry is ``(file, sections)`` with ``base`` removed from ``sections``. A base path is
-    relative to the directory of the file that names it. A missing base, a cycle and a
-    ``base`` that is not a non-empty string raise a one-line ConfigError naming the file.
-    """
+    """``(file, sections)`` for the file at ``path`` and its ``base:`` files, the root base
+    first, ``base`` removed from the sections. A missing base, a cycle and a ``base`` that is
+    not a non-empty string raise a one-line ConfigError naming the file."""
     chain: list[tuple[Path, dict[str, Any]]] = []
     seen: dict[Path, Path] = {}  # resolved path -> the path as shown in messages
     current = path
     while True:
         seen[current.resolve()] = current
-        data = _read_yaml(current)
-        if BASE_KEY not in data:
-            chain.append((current, data))
-            break
-        base = data.pop(BASE_KEY)
+        data = read_yaml(current)
+        if data is None:  # an empty file or one holding only comments
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{current}: top level must be a mapping of sections, got {type(data).__name__}")
         chain.append((current, data))
+        if "base" not in data:
+            break
+        base = data.pop("base")
         if not isinstance(base, str) or not base.strip():
-            raise ConfigError(
-                f"{current}: {BASE_KEY}: must be a non-empty string naming a config file "
-                f"(relative to this file's directory); got {_show(base)}"
-            )
+            raise ConfigError(f"{current}: base: must be a non-empty string naming a config file "
+                              f"(relative to this file's directory); got {_show(base)}")
         base_path = current.parent / base
         resolved = base_path.resolve()
         if resolved == current.resolve():
-            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} names this file itself")
+            raise ConfigError(f"{current}: base: {base!r} names this file itself")
         if resolved in seen:
             loop = [str(p) for p, _ in chain] + [str(seen[resolved])]
-            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} makes a cycle: {' -> '.join(loop)}")
+            raise ConfigError(f"{current}: base: {base!r} makes a cycle: {' -> '.join(loop)}")
         if not base_path.is_file():
-            raise ConfigError(f"{current}: {BASE_KEY}: {base!r} not found (looked for {base_path})")
+            raise ConfigError(f"{current}: base: {base!r} not found (looked for {base_path})")
         current = base_path
-    chain.reverse()
-    return chain
+    return chain[::-1]
 
 
 def _apply_file(cfg: Config, path: Path, data: dict[str, Any]) -> list[str]:
@@ -577,7 +525,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except _Unreadable as e:
-        raise ConfigError(f"{_cut(key)}: {e.problem}") from None
+        raise ConfigError(f"{_cut(key)}: {e.args[0]}") from None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -634,13 +582,10 @@ def load_config(
     """Build and validate the config: defaults < YAML file chain < env < CLI overrides.
 
     ``path`` is a file, or the name of a shipped one (``seed``; see ``resolve_config_path``).
-
-    A YAML file may start from another with a top-level ``base: other.yaml`` (a path relative
-    to its own directory; a base may name a base in turn). The chain is applied root base
-    first, each file key by key, so a file overrides only the keys it states. A missing
-    base, a cycle or a base that is not a non-empty string is a ``ConfigError`` naming the file;
-    so is a bad key or value a file states (a value refused once everything is merged names the
-    file it came from, unless the environment or an override replaced it).
+    A top-level ``base: other.yaml`` (relative to the file's directory; a base may name a base
+    in turn) is applied first, so a file states only the keys it changes. A bad key or value
+    is a ``ConfigError`` naming the file it came from, unless the environment or an override
+    replaced it.
     """
     cfg = Config()
     set_by: dict[str, Path] = {}  # key -> the file whose value it has
@@ -664,6 +609,25 @@ def load_config(
     return cfg
 
 
+_TIMEOUTS = ("dist.timeout_s", "tracking.init_timeout_s", "tracking.finish_timeout_s")
+
+_RULES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
+    (f"in 0..{MAX_SEED} (numpy's seed range)", lambda v: 0 <= v <= MAX_SEED, ("train.seed",)),
+    (">= 1", lambda v: v >= 1, ("train.epochs", "train.global_batch_size", "train.log_every_steps",
+                                "train.eval_per_process_batch_size", "train.stop_check_every_steps")),
+    (">= 0", lambda v: v >= 0, ("train.weight_decay", "train.warmup_steps", "data.num_workers",
+                                "checkpoint.every_steps", "checkpoint.keep_last")),
+    (">= 0 (0 = no limit)", lambda v: v >= 0, ("train.max_steps",)),
+    ("> 0", lambda v: v > 0, ("train.lr", "data.normalize_std", *_TIMEOUTS)),
+    (f"<= {MAX_TIMEOUT_S:.0f} (one week)", lambda v: v <= MAX_TIMEOUT_S, _TIMEOUTS),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ("train.momentum",)),
+    (f"in 0..{MNIST_TRAIN_IMAGES - 1} (training images held out for validation; 0 = none)",
+     lambda v: 0 <= v < MNIST_TRAIN_IMAGES, ("data.validation_size",)),
+    ("in 0..1024 (0 = follow the launcher)", lambda v: 0 <= v <= 1024, ("dist.threads_per_process",)),
+)
+"""``(what a value must be, the test of it, the keys it applies to)``: ``validate``'s bounds."""
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Reject values no run can use. ``world_size`` (if known) checks the batch split."""
     # Every float finite (also for a Config built in code, which _coerce never saw).
@@ -673,68 +637,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             value = getattr(section, name)
             if typ is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ConfigError(f"{section_name}.{name}: must be a finite number; got {_show(value)}")
-    t, d = cfg.train, cfg.data
-    checks: list[tuple[bool, str]] = [
-        (0 <= t.seed <= MAX_SEED, f"train.seed: must be in 0..{MAX_SEED} (numpy's seed range); got {t.seed}"),
-        (t.epochs >= 1, f"train.epochs: must be >= 1; got {t.epochs}"),
-        (t.global_batch_size >= 1, f"train.global_batch_size: must be >= 1; got {t.global_batch_size}"),
-        (t.lr > 0, f"train.lr: must be > 0; got {t.lr}"),
-        (0 <= t.momentum < 1, f"train.momentum: must be in [0, 1); got {t.momentum}"),
-        (not t.nesterov or t.momentum > 0, "train.nesterov: needs train.momentum > 0"),
-        (t.weight_decay >= 0, f"train.weight_decay: must be >= 0; got {t.weight_decay}"),
-        (t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0; got {t.warmup_steps}"),
-        (t.max_steps >= 0, f"train.max_steps: must be >= 0 (0 = no limit); got {t.max_steps}"),
-        (t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1; got {t.log_every_steps}"),
-        (
-            t.eval_per_process_batch_size >= 1,
-            f"train.eval_per_process_batch_size: must be >= 1; got {t.eval_per_process_batch_size}",
-        ),
-        (d.num_workers >= 0, f"data.num_workers: must be >= 0; got {d.num_workers}"),
-        (0 <= d.validation_size < MNIST_TRAIN_IMAGES,
-         f"data.validation_size: must be in 0..{MNIST_TRAIN_IMAGES - 1} (training images held out for "
-         f"validation; 0 = none); got {d.validation_size}"),
-        (0 <= cfg.dist.threads_per_process <= 1024,
-         f"dist.threads_per_process: must be in 0..1024 (0 = follow the launcher); got {cfg.dist.threads_per_process}"),
-        (d.normalize_std > 0, f"data.normalize_std: must be > 0; got {d.normalize_std}"),
-        (bool(d.root), "data.root: must not be empty"),
-        (cfg.dist.timeout_s > 0, f"dist.timeout_s: must be > 0; got {cfg.dist.timeout_s}"),
-        (
-            cfg.dist.timeout_s <= MAX_TIMEOUT_S,
-            f"dist.timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); got {cfg.dist.timeout_s:g}",
-        ),
-        (
-            t.stop_check_every_steps >= 1,
-            f"train.stop_check_every_steps: must be >= 1; got {t.stop_check_every_steps}",
-        ),
-        (cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0; got {cfg.checkpoint.every_steps}"),
-        (cfg.tracking.init_timeout_s > 0, f"tracking.init_timeout_s: must be > 0; got {cfg.tracking.init_timeout_s}"),
-        (
-            cfg.tracking.init_timeout_s <= MAX_TIMEOUT_S,
-            f"tracking.init_timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); "
-            f"got {cfg.tracking.init_timeout_s:g}",
-        ),
-        (
-            cfg.tracking.finish_timeout_s > 0,
-            f"tracking.finish_timeout_s: must be > 0; got {cfg.tracking.finish_timeout_s}",
-        ),
-        (
-            cfg.tracking.finish_timeout_s <= MAX_TIMEOUT_S,
-            f"tracking.finish_timeout_s: must be <= {MAX_TIMEOUT_S:.0f} (one week); "
-            f"got {cfg.tracking.finish_timeout_s:g}",
-        ),
-        (cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last: must be >= 0; got {cfg.checkpoint.keep_last}"),
-    ]
-    if world_size is not None:
-        checks.append(
-            (
-                t.global_batch_size % world_size == 0,
-                f"train.global_batch_size: {t.global_batch_size} is not divisible by the "
-                f"{world_size} processes; use a multiple of {world_size}",
-            )
-        )
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    for requirement, ok, keys in _RULES:
+        for key in keys:
+            section_name, name = key.split(".")
+            value = getattr(getattr(cfg, section_name), name)
+            if not ok(value):
+                raise ConfigError(f"{key}: must be {requirement}; got {value}")
+    if cfg.train.nesterov and cfg.train.momentum <= 0:
+        raise ConfigError("train.nesterov: needs train.momentum > 0")
+    if not cfg.data.root:
+        raise ConfigError("data.root: must not be empty")
+    if world_size is not None and cfg.train.global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by the "
+                          f"{world_size} processes; use a multiple of {world_size}")
 
 
 # Keys that change the training trajectory: continuing a checkpoint with another value of any

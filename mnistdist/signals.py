@@ -99,14 +99,10 @@ class StopSignals:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else "none"
-
     def stopped(self, step: int, checkpoint: Path) -> Preempted:
         """What ends a run whose ranks agreed to stop after ``step`` and wrote ``checkpoint``:
         Interrupted after Ctrl-C here, else Preempted (a signal here or on another rank)."""
-        why = self.name if self.received else "a stop signal on another rank"
+        why = signal.Signals(self.received).name if self.received else "a stop signal on another rank"
         stop = Interrupted if self.received == signal.SIGINT else Preempted
         return stop(f"stopped by {why} after step {step}; checkpoint written to {checkpoint}; "
                     "run again with the same --run-dir to resume")

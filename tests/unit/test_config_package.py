@@ -116,6 +116,14 @@ def test_mnistdist_version(capsys):
     assert capsys.readouterr().out.strip() == version_string()
 
 
+@pytest.mark.parametrize("argv", [["--version"], ["--version", "train.lr=-1"]])
+def test_train_dist_version_through_the_train_parser(capsys, argv):
+    assert cli.train_main(argv) == 0  # before the config is read: a bad override does not matter
+    assert capsys.readouterr().out.strip() == version_string()
+    assert cli.main(["train", *argv]) == 0
+    assert capsys.readouterr().out.strip() == version_string()
+
+
 def test_version_is_one_source():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
