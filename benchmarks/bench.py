@@ -21,7 +21,7 @@ the first step. Built-in variants, on ``--config`` (default ``configs/seed.yaml`
 Method: each of ``--reps`` rounds runs every variant once, in turn, so a busy machine slows all
 of them alike; each run trains ``--epochs`` epochs and the first ``--warmup-epochs`` of them are
 reported separately (they hold lazy initialisation and any compilation). The remaining epochs
-of all rounds are pooled: median, min and max. (a) costs 8-15 s per epoch on 2 CPU cores, so it
+of all rounds are pooled: median, min and max. (a) is several times slower than the others, so it
 runs ``--epochs-a`` epochs (default 2: one warm-up, one measured). Ratios are of medians:
 b/a = epoch time of a / epoch time of b (speed-up), c/b = epoch time of c / epoch time of b.
 
@@ -574,8 +574,8 @@ def run_bench(variants: list[Variant], *, config: Path, reps: int, epochs: int, 
 BARE = "bare"
 """``python -c "import torch"``: what every training process pays."""
 # Every torch.optim optimizer imports torch._dynamo when it is built (Optimizer.__init__ ->
-# torch._disable_dynamo) and again in step()/zero_grad(): 1.5-2 s more on 2 CPU cores that no
-# training with a torch optimizer avoids. This row shows that floor.
+# torch._disable_dynamo), a cost no training with a torch optimizer avoids: this row is that
+# floor (docs/benchmarks.md, "Start-up").
 FLOOR = "bare+optimizer"
 REFERENCE_CODE = {
     BARE: "import torch",
@@ -690,7 +690,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="rounds; each runs every variant once (default 3)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3: 1 warm-up + 2 measured)")
     p.add_argument("--epochs-a", type=int, default=2,
-                   help="epochs per run of variant a, ~15 s each on 2 CPU cores (default 2: 1 warm-up + 1 measured)")
+                   help="epochs per run of variant a, the slow one (default 2: 1 warm-up + 1 measured)")
     p.add_argument("--warmup-epochs", type=int, default=1,
                    help="leading epochs of each run reported as warm-up, not measured (default 1)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="dist.device of every run (default cpu)")

@@ -1,5 +1,5 @@
 """Eager vs ``torch.compile`` training step on the CPU, side by side in one run (issue 17;
-docs/benchmarks.md, "torch.compile on the CPU").
+docs/benchmarks.md, "torch.compile of the training step on the CPU").
 
     MNISTDIST_DATA_ROOT=DIR python benchmarks/compile_cpu_check.py [--config configs/seed.yaml]
         [--mode default] [--rounds 24] [--block 50] [--threads 0] [--warm-cache]

@@ -7,8 +7,8 @@
 #
 # Runs, in this order, keeping every output under OUT_DIR:
 # 1. the `gpu` tests (tests/gpu/: one-GPU training eager and as a CUDA graph, bf16, exact
-#    evaluation, exact resume, NaN stop, eager vs graph equality, the device-side batch and
-#    schedule blocks): OUT_DIR/gpu_tests.log and gpu_tests.xml;
+#    evaluation, exact resume, NaN stop, eager vs graph equality): OUT_DIR/gpu_tests.log and
+#    gpu_tests.xml;
 # 2. the benchmark on the seed config: (a) the per-sample torchvision pipeline, (b) the tensor
 #    pipeline eager, and the compiled/graph-captured step (dist.compile=reduce-overhead), each
 #    for 10 measured epochs after 1 warm-up epoch (a: 1 measured epoch, it is slow), plus a
