@@ -359,7 +359,7 @@ class WandbLog:
         deadline = time.monotonic() + self.cfg.finish_timeout_s
         if not self._given_up:
             try:
-                self._queue.put_nowait(("finish", (exit_code, deadline)))
+                self._queue.put_nowait(("finish", lambda run: self._finish(run, exit_code, deadline)))
             except queue.Full:
                 self._give_up(f"W&B fell {QUEUE_RECORDS:,} records behind")
         while not self._stuck() and not self._done.wait(0.05):
@@ -394,7 +394,7 @@ class WandbLog:
             if self._given_up:
                 return  # abandoned: no W&B call after a stuck one
             if what == "finish":
-                self._finish(run, *call)
+                call(run)
                 break
             if self._failed:
                 continue
