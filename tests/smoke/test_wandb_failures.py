@@ -1,5 +1,5 @@
 """W&B can never stop or hold training: a W&B call after start-up that fails (``run.log``, a
-``wandb.Table`` or ``wandb.Image``, ``run.summary[...] = ...``, ``run.finish``), or any W&B call
+``wandb.Table`` or ``wandb.Image``, ``run.summary.update``, ``run.finish``), or any W&B call
 that never returns (``wandb.init`` too), is reported once on stderr, W&B is dropped for the rest
 of the run, and training finishes with a complete metrics.jsonl and summary.json. The last line
 of a run names its W&B run: the URL, or the offline directory and the ``wandb sync`` command.
@@ -33,10 +33,10 @@ class FakeSummary(dict):
         super().__init__()
         self.fail = fail
 
-    def __setitem__(self, key: str, value: Any) -> None:
+    def update(self, *args: Any, **kwargs: Any) -> None:
         if self.fail:
             raise Broken("summary upload failed")
-        super().__setitem__(key, value)
+        super().update(*args, **kwargs)
 
 
 class FakeRun:
@@ -105,7 +105,7 @@ def overrides(data_root: Path) -> list[str]:
 @pytest.mark.parametrize("fail,fail_after", [
     ("log", 4),         # mid-epoch, on a training line
     ("table", 0),       # building the confusion table of the first evaluation
-    ("summary", 0),     # run.summary[...] = ... after training
+    ("summary", 0),     # run.summary.update(...) after training
     ("image", 0),       # wandb.Image of the final plots
     ("finish", 0),      # run.finish at the very end
 ])
@@ -190,9 +190,9 @@ class HangingSummary(dict):
         super().__init__()
         self.run = run
 
-    def __setitem__(self, key: str, value: Any) -> None:
+    def update(self, *args: Any, **kwargs: Any) -> None:
         self.run.stuck("summary")
-        super().__setitem__(key, value)
+        super().update(*args, **kwargs)
 
 
 @pytest.fixture
