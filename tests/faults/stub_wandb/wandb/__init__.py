@@ -43,6 +43,10 @@ class _Summary(dict):
         _hang_here("summary")
         super().__setitem__(key, value)
 
+    def update(self, *args, **kwargs):
+        _hang_here("summary")
+        super().update(*args, **kwargs)
+
 
 class _Run:
     def __init__(self, kwargs):
