@@ -529,7 +529,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         for file, data in _read_chain(resolve_config_path(path)):
             for section_name, section in data.items():
                 if not isinstance(section, dict):
-                    raise ConfigError(f"{file}: {section_name}: must be a mapping of keys, got {type(section).__name__}")
+                    raise ConfigError(f"{file}: {section_name}: must be a mapping of keys, "
+                                      f"got {type(section).__name__}")
                 for name, value in section.items():
                     try:
                         _apply(cfg, f"{section_name}.{name}", value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,7 @@ class MnistTensors:
 
     def to(self, device: torch.device) -> MnistTensors:
         """The same tensors on ``device``."""
-        return MnistTensors(*(t.to(device) for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)))
+        return MnistTensors(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -228,8 +229,8 @@ class TrainBatches:
                  num_replicas: int, seed: int, device: torch.device, train_indices: torch.Tensor | None = None) -> None:
         self.cfg, self.batch_size, self.device = cfg, per_process_batch_size, device
         self.train_indices = torch.arange(len(tensors.train_labels)) if train_indices is None else train_indices.cpu()
-        self.sampler = DistributedSampler(range(len(self.train_indices)),  # the sampler only needs len()
-                                          num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.sampler = DistributedSampler(range(len(self.train_indices)), num_replicas=num_replicas, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=False)  # it only needs len()
         if cfg.pipeline == "tensor":
             # Normalized once and gathered by index: cheaper than normalizing per batch
             # (docs/benchmarks.md), and the same elementwise ops, so the same bits.

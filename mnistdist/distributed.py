@@ -195,9 +195,9 @@ class Dist:
             start_process_group("nccl" if device == "cuda" else "gloo", cfg.timeout_s)
         # cpu=True: without it, on a machine without CUDA, accelerate would make every worker
         # its own rank 0 of "world size 1"; the check below catches that too.
-        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=self.mixed_precision,
-                                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))])
-        acc = self.accelerator
+        handler = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))
+        acc = self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=self.mixed_precision,
+                                             kwargs_handlers=[handler])
         if acc.num_processes != expected:
             raise RuntimeError(
                 f"the launcher started {expected} processes (WORLD_SIZE) but this one joined a "

@@ -105,8 +105,8 @@ def _make_agent_class() -> type:
                         _send(workers[rank], signal.SIGTERM)
                 elif time.monotonic() - self._failed_at > WORKER_GRACE_S:
                     for rank in alive:
-                        print(f"mnistdist.launch: rank {rank} (pid {workers[rank].pid}) still running {WORKER_GRACE_S:g}"
-                              " s after another rank ended; killing it", file=sys.stderr, flush=True)
+                        print(f"mnistdist.launch: rank {rank} (pid {workers[rank].pid}) still running "
+                              f"{WORKER_GRACE_S:g} s after another rank ended; killing it", file=sys.stderr, flush=True)
                         _send(workers[rank], signal.SIGKILL, group=True)
                 return RunResult(state=WorkerState.HEALTHY)  # look again at the next interval
             result = super()._monitor_workers(worker_group)
