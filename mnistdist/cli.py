@@ -1,11 +1,10 @@
 """Command lines: ``train_dist.py`` and ``mnistdist train|evaluate|predict|plot|sweep|compare``.
 
-``mnistdist`` is an argparse parser with one sub-parser per command. ``train`` is defined here
-(``train_dist.py`` calls ``train_main``); every other command lives in ``mnistdist.tools``, in a
-module with ``add_arguments(parser)`` and ``main(args) -> int``, imported only when that command
-runs. Every command runs through ``run_command``, the one place where user errors (bad config,
-flags, data, checkpoint or image) become one line and exit 2, before any process group is
-started, and stopped trainings become their exit codes; bugs keep their traceback.
+``train`` is defined here (``train_dist.py`` calls ``train_main``); every other command is a
+module of ``mnistdist.tools`` with ``add_arguments(parser)`` and ``main(args) -> int``, imported
+only when that command runs. Every command runs through ``run_command``, the one place where
+user errors (bad config, flags, data, checkpoint or image) become one line and exit 2, and
+stopped trainings become their exit codes; bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from mnistdist.config import DEFAULT_CONFIG, ConfigError, load_config, shipped_configs, to_yaml, version_string
+from mnistdist.config import (DEFAULT_CONFIG, Config, ConfigError, load_config, shipped_configs, to_yaml,
+                              version_string)
 from mnistdist.signals import EXIT_USAGE, Preempted, TrainingStopped
 
 # torch, accelerate and what imports them (checkpoint, data, distributed, training) are imported
@@ -41,12 +41,8 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
 }
 
 # Exceptions that mean bad input, by module: ``user_errors`` looks them up lazily.
-USER_ERRORS = (
-    ("mnistdist.config", "ConfigError"),
-    ("mnistdist.data", "DataError"),
-    ("mnistdist.checkpoint", "CheckpointError"),
-    ("mnistdist.tools.images", "ImageError"),
-)
+USER_ERRORS = (("mnistdist.config", "ConfigError"), ("mnistdist.data", "DataError"),
+               ("mnistdist.checkpoint", "CheckpointError"), ("mnistdist.tools.images", "ImageError"))
 
 
 def quiet_when_stdout_closes(command: Callable[[], int]) -> int:
@@ -102,28 +98,22 @@ def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namesp
     (exit 2), a stopped training becomes its exit code. The one error handler of every command."""
     try:
         return main(parser.parse_intermixed_args(undash_overrides(argv)))
-    except Preempted as e:  # every rank stopped at the same step: the main process says where
+    except Exception as e:
+        if not isinstance(e, (TrainingStopped, *user_errors())):  # user_errors() sees what is imported now
+            raise  # a bug: its traceback
         from mnistdist import distributed
 
-        # The checkpoint is written and the ranks leave together; a launcher that SIGTERMs the
-        # rank still exiting (torchrun does, once another rank ended) must not turn it into -15.
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
-        if distributed.is_main_process():  # the message alone: a "label:" would repeat its first word
-            several = "RANK" in os.environ and distributed.launched_world_size() > 1
-            print(f"[rank 0] {e}" if several else e, file=sys.stderr, flush=True)
-        return e.exit_code
-    except TrainingStopped as e:
-        from mnistdist import distributed
-
-        if not e.agreed or distributed.is_main_process():  # one decision, raised on every rank: said once
+        if isinstance(e, Preempted):  # every rank stopped at the same step: the main process says where
+            # The checkpoint is written and the ranks leave together; a launcher that SIGTERMs the
+            # rank still exiting (torchrun does, once another rank ended) must not turn it into -15.
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
+            if distributed.is_main_process():  # the message alone: a "label:" would repeat its first word
+                several = "RANK" in os.environ and distributed.launched_world_size() > 1
+                print(f"[rank 0] {e}" if several else e, file=sys.stderr, flush=True)
+        elif not getattr(e, "agreed", False) or distributed.is_main_process():  # one decision: said once
             distributed.report_exception(e)
-        return e.exit_code
-    except user_errors() as e:  # evaluated when an exception arrives, so it sees what was imported
-        from mnistdist import distributed
-
-        distributed.report_exception(e)
-        return EXIT_USAGE
+        return e.exit_code if isinstance(e, TrainingStopped) else EXIT_USAGE
 
 
 _DASHED_OVERRIDE = re.compile(r"--([A-Za-z_]\w*\.[A-Za-z_]\w*)(=.*)?", re.DOTALL)
@@ -145,17 +135,6 @@ def undash_overrides(argv: list[str]) -> list[str]:
     return out
 
 
-def _config_sections() -> str:
-    """One line per config section, listing its keys."""
-    import dataclasses
-
-    from mnistdist.config import Config
-
-    cfg = Config()
-    return "\n".join(f"  {f.name:<11} {', '.join(x.name for x in dataclasses.fields(getattr(cfg, f.name)))}"
-                     for f in dataclasses.fields(cfg))
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` command's arguments (``train_dist.py`` takes the same)."""
     parser.description = ("Train the MNIST MLP on 1..N processes: `python train_dist.py` for one; "
@@ -163,7 +142,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Overrides are section.key=value after the flags (values are YAML), e.g.\n"
                      "  train.lr=0.05 train.epochs=3 dist.device=cpu\n"
                      "--section.key=value is the same (the form `wandb agent` uses).\n"
-                     "Config sections and their keys:\n" + _config_sections()
+                     "Config sections and their keys:\n"
+                     + "\n".join(f"  {name:<11} {', '.join(section.__dataclass_fields__)}"
+                                 for name, section in Config().__dict__.items())
                      + "\nEvery key is documented in mnistdist/config.py; --print-config shows the resolved values.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", type=Path, default=None,
@@ -216,16 +197,6 @@ def train_main(argv: list[str] | None = None, prog: str = "train_dist.py") -> in
     return quiet_when_stdout_closes(lambda: run_command(parser, train, list(sys.argv[1:] if argv is None else argv)))
 
 
-def command_functions(name: str) -> tuple[Callable[[argparse.ArgumentParser], None],
-                                          Callable[[argparse.Namespace], int]]:
-    """(add_arguments, main) of command ``name``, its module imported now."""
-    module = COMMANDS[name][0]
-    if module is None:
-        return add_train_arguments, train
-    imported = importlib.import_module(module)
-    return imported.add_arguments, imported.main
-
-
 def main(argv: list[str] | None = None) -> int:
     """``mnistdist <command> ...``; returns the process exit code."""
     return quiet_when_stdout_closes(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
@@ -244,9 +215,10 @@ def _main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # --help, or no/an unknown command: argparse's message and exit
         return EXIT_USAGE
-    add_arguments, command_main = command_functions(argv[0])
-    add_arguments(parsers[argv[0]])
-    return run_command(parsers[argv[0]], command_main, argv[1:])
+    module = COMMANDS[argv[0]][0]
+    command = importlib.import_module(module) if module else None  # imported now, when it runs
+    (command.add_arguments if command else add_train_arguments)(parsers[argv[0]])
+    return run_command(parsers[argv[0]], command.main if command else train, argv[1:])
 
 
 if __name__ == "__main__":

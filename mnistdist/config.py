@@ -1,13 +1,11 @@
 """Typed run configuration: dataclasses mirrored by YAML, with dotted CLI overrides.
 
 Precedence, highest first: CLI overrides (``train.lr=0.05``) > ``MNISTDIST_DATA_ROOT`` (for
-``data.root`` only) > the YAML file (and its ``base:`` chain, see ``load_config``) > the
-dataclass defaults below. Every field carries a docstring.
-
-Unknown keys, wrong types and impossible values raise ``ConfigError``: one line naming the key
-(and the file that set it), which the command line turns into exit code 2 before any process
-group starts, so a typo never costs a cluster allocation. All YAML is read, bounded, by
-``read_yaml``. docs/config.md says why this is not a config library.
+``data.root`` only) > the YAML file and its ``base:`` chain > the dataclass defaults below,
+where every field has a docstring. Unknown keys, wrong types and impossible values raise
+``ConfigError``: one line naming the key (and the file that set it), exit code 2 before any
+process group starts. All YAML is read, bounded, by ``read_yaml``. docs/config.md says why
+this is not a config library.
 """
 
 from __future__ import annotations
@@ -30,22 +28,16 @@ import yaml
 
 DATA_ROOT_ENV = "MNISTDIST_DATA_ROOT"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-"""The shipped configs, inside the package (an install carries them; a checkout's top-level
-``configs`` links here)."""
+"""The shipped configs, inside the package (a checkout's top-level ``configs`` links here)."""
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 """The config used when none is named."""
-
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
-"""Upper bound of every ``*timeout_s`` (one week). torch's TCPStore and gloo count timeouts in
-int64 nanoseconds and fail at once from about 9.2e9 s; ``threading.Event.wait`` overflows
-there too; ``timedelta`` raises OverflowError beyond 999999999 days."""
-
+"""Upper bound of every ``*timeout_s`` (one week): torch's TCPStore and gloo count timeouts in
+int64 nanoseconds and fail at once from about 9.2e9 s."""
 MNIST_TRAIN_IMAGES = 60_000
 """Images in MNIST's training set: ``data.validation_size`` holds some of them out."""
-
 MAX_SEED = 2**32 - 1
-"""``train.seed`` must be in 0..MAX_SEED: accelerate's ``set_seed`` also seeds numpy, whose
-``RandomState`` refuses anything else (torch takes more)."""
+"""The largest ``train.seed``: accelerate's ``set_seed`` also seeds numpy, which takes no more."""
 
 
 class ConfigError(ValueError):
@@ -56,18 +48,16 @@ _repr = reprlib.Repr()  # builds a short repr of a huge value without building t
 _repr.maxstring = _repr.maxother = 60
 _repr.maxlist = _repr.maxdict = 6
 _repr.maxlevel = 3
-_SHOW_CHARS = 100
+
+
+def _cut(text: str, limit: int = 100) -> str:
+    """``text`` (a key as typed, say) cut to at most ``limit`` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _show(value: Any) -> str:
-    """``repr(value)`` cut short (long strings, lists and nesting end in ``...``): what a
-    message shows of a value, however large the value is."""
+    """``repr(value)`` cut short, however large the value is: what a message shows of it."""
     return _cut(_repr.repr(value))
-
-
-def _cut(text: str) -> str:
-    """``text`` (a key as typed, say) cut to at most _SHOW_CHARS characters."""
-    return text if len(text) <= _SHOW_CHARS else text[: _SHOW_CHARS - 3] + "..."
 
 
 @dataclass
@@ -77,9 +67,8 @@ class ModelConfig:
     (a logit stuck at 0 gets no gradient), so it is off except in configs/seed.yaml."""
 
     dtype: Literal["float32", "float64"] = "float32"
-    """Parameter precision. float64 is for numerical checks: it shrinks rounding differences
-    (e.g. between 1 and N processes, which sum the same gradients in another order) so far
-    that training's amplification of them stays invisible. Slower, on CPU too."""
+    """Parameter precision. float64 (slower) is for numerical checks: it shrinks rounding
+    differences, e.g. between 1 and N processes summing gradients in another order."""
 
 
 @dataclass
@@ -89,7 +78,7 @@ class DataConfig:
     overrides it; a CLI override beats both."""
 
     pipeline: Literal["tensor", "torchvision"] = "tensor"
-    """``tensor``: images held once as uint8 on the training device, normalized per batch.
+    """``tensor``: images normalized once on the training device, batches gathered by index.
     ``torchvision``: the seed's per-sample ToTensor/Normalize DataLoader (the slow baseline).
     Both yield the same samples in the same order for the same seed."""
 
@@ -106,11 +95,10 @@ class DataConfig:
     """Standard deviation used to normalize pixel values in [0, 1]."""
 
     validation_size: int = 0
-    """Training images held out as a validation set (0..59999; 0 = none, the seed's recipe).
-    Drawn from the training set by ``train.seed`` (the same images at any number of
-    processes); training uses the rest. Each epoch is then evaluated on the validation set, the
-    model with the best validation accuracy is kept as ``RUN_DIR/best.safetensors``, and the
-    test set is evaluated once, at the end, for the final and the best model. 5000 is usual."""
+    """Training images held out as a validation set (0..59999; 0 = none, the seed's recipe;
+    5000 is usual), drawn by ``train.seed`` alike at any number of processes. Each epoch is
+    then evaluated on it, the best model is kept as ``RUN_DIR/best.safetensors``, and the test
+    set is evaluated once, at the end, for the final and the best model."""
 
 
 @dataclass
@@ -158,13 +146,11 @@ class TrainConfig:
     """Test images per forward pass on each process during evaluation."""
 
     stop_check_every_steps: int = 10
-    """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1/Ctrl-C): one tiny
-    all-reduce, so every rank stops after the same step. Not every step, because an agreement
-    costs a sizeable share of a small CPU step (docs/config.md); 1 stops after the very next
-    step. NaN/Inf gradients are caught before every update regardless (each rank checks its
-    own copy: they are identical after the all-reduce). With ``dist.cuda_graph`` the check
-    runs on the GPU, which skips a non-finite update at once, but the run stops only at the
-    next agreement; larger values save a host-device sync per step there."""
+    """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1/Ctrl-C), one tiny
+    all-reduce that makes every rank stop after the same step; 1 stops after the very next
+    step, larger values cost less (docs/config.md). NaN/Inf gradients are caught before every
+    update regardless; with ``dist.cuda_graph`` a non-finite update is skipped at once, but
+    the run stops only at the next agreement (larger values save a host-device sync there)."""
 
 
 @dataclass
@@ -184,27 +170,24 @@ class DistConfig:
     which). CPU processes talk gloo, GPUs NCCL."""
 
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    """``bf16`` autocast for training; parameters and evaluation sums stay fp32/fp64. ``auto``
+    """``bf16`` autocast for training (parameters and evaluation sums stay fp32/fp64). ``auto``
     follows the launcher (``accelerate launch --mixed_precision``), else ``no``; an explicit
-    value wins over the launcher's, with one warning when they disagree. Falls back to fp32
-    with one warning on a GPU without bf16. On a CPU bf16 autocast runs, but slower than fp32."""
+    value wins, with one warning when they disagree. A GPU without bf16 falls back to fp32;
+    on a CPU bf16 runs, slower than fp32."""
 
     threads_per_process: int = 0
-    """CPU threads each process uses for its math (``torch.set_num_threads``). 0 follows the
-    launcher (``OMP_NUM_THREADS``, which torchrun and accelerate set to 1 per process when
-    several share a machine), else torch's default; an explicit value wins, with one warning
-    when it disagrees with the launcher's."""
+    """CPU threads of each process (``torch.set_num_threads``). 0 follows the launcher
+    (``OMP_NUM_THREADS``: torchrun and accelerate set 1 when several processes share a
+    machine), else torch's default; an explicit value wins, with one warning."""
 
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
-    """``torch.compile`` the forward pass and loss (and so their backward) with this mode;
-    ``reduce-overhead`` also captures them as CUDA graphs, which removes most kernel-launch
-    overhead of this tiny model. GPU only: on CPU it falls back to eager with one warning
-    (inductor's C++ backend is no faster there, after seconds of compiling: docs/config.md)."""
+    """``torch.compile`` the forward pass and loss with this mode (``reduce-overhead`` also
+    captures CUDA graphs). GPU only: on CPU it falls back to eager with one warning, as it is
+    no faster there (docs/config.md)."""
 
     cuda_graph: bool = False
-    """Capture the whole training step (forward, backward, update, loss sums) once as a CUDA
-    graph and replay it: the fast path for this launch-bound model on one GPU. Falls back to
-    the eager step with one warning with several processes, bf16 or without CUDA."""
+    """Capture the whole training step once as a CUDA graph and replay it: the fast path of
+    one GPU. Falls back to the eager step, with one warning, with several processes, bf16 or no CUDA."""
 
     timeout_s: float = 300.0
     """Process-group timeout: a collective that waits longer than this fails instead of
@@ -218,14 +201,13 @@ class TrackingConfig:
     offline. The environment variable WANDB_MODE always wins. The key is never read from here."""
 
     tensorboard: bool = True
-    """Also write TensorBoard event files to ``RUN_DIR/tensorboard/`` (the same values and
-    steps as metrics.jsonl), for clusters where W&B is blocked. W&B, TensorBoard, both or
-    neither: ``mode`` and this key are independent."""
+    """Also write TensorBoard event files to ``RUN_DIR/tensorboard/`` (the same values as
+    metrics.jsonl), for clusters where W&B is blocked; independent of ``mode``."""
 
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
-    """How training shows progress on the main process: ``bar`` (a tqdm bar), ``lines`` (plain
-    lines every ``train.log_every_steps`` steps and at each epoch end: readable in Slurm logs and
-    files), ``off``. ``auto``: a bar on a terminal, lines otherwise. ``TQDM_DISABLE=1`` means off."""
+    """Progress on the main process: ``bar`` (tqdm), ``lines`` (every ``train.log_every_steps``
+    steps and at each epoch end: readable in Slurm logs), ``off``. ``auto``: a bar on a
+    terminal, lines otherwise. ``TQDM_DISABLE=1`` means off."""
 
     project: str = "mnistdist"
     """W&B project."""
@@ -246,9 +228,8 @@ class TrackingConfig:
     """Longest wait for W&B to start; after it the run is logged offline instead."""
 
     finish_timeout_s: float = 60.0
-    """Longest wait for W&B to finish uploading at the end; the rest stays on disk for wandb sync.
-    At most 80% of ``dist.timeout_s`` is used: after a stop the other ranks wait (that long at
-    most) at a barrier for the main process."""
+    """Longest wait for W&B to finish uploading at the end (the rest stays on disk for wandb
+    sync); at most 80% of ``dist.timeout_s``, which bounds the other ranks' wait for it."""
 
 
 @dataclass
@@ -272,6 +253,7 @@ class Config:
     """Weights & Biases."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested dicts (``section -> key -> value``)."""
         return dataclasses.asdict(self)
 
 
@@ -359,22 +341,12 @@ class _Loader(yaml.SafeLoader):
     digit limit."""
 
 
-# YAML 1.1 (PyYAML) reads 1e-3, 1E3 and 2e+2 as strings: they need a dot there. YAML 1.2 reads
-# them as floats, as people mean them; the same pattern as PyYAML's float resolver, with the
-# dot optional before an exponent.
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+# YAML 1.1 (PyYAML) reads 1e-3, 1E3 and 1.0e3 as strings (an exponent needs a dot and a sign
+# there); YAML 1.2 reads them as floats, as people mean them. PyYAML's float resolver still
+# reads every other float; this one, tried after it, the exponents it refuses.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
@@ -390,34 +362,22 @@ def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return node.value
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return []
-
-
-def _check_size(root: yaml.Node) -> None:
-    """Refuse a node graph that expands to more than MAX_YAML_VALUES values, or never ends
-    (an alias inside its own anchor), before anything is built from it."""
-    sizes: dict[int, int] = {}  # id(node) -> values it expands to
-    open_nodes: set[int] = set()  # the nodes on the path being walked
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        if children_done:
-            open_nodes.discard(id(node))
-            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
-            if sizes[id(node)] > MAX_YAML_VALUES:
-                raise _Unreadable(f"expands to more than {MAX_YAML_VALUES} values (through aliases)",
-                                  node.start_mark.line + 1)
-        elif id(node) in open_nodes:
-            raise _Unreadable("an alias refers to itself (an endless structure)", node.start_mark.line + 1)
-        elif id(node) not in sizes:
-            open_nodes.add(id(node))
-            stack.append((node, True))
-            stack.extend((child, False) for child in _children(node))
+def _size(node: yaml.Node, sizes: dict[int, int], path: set[int]) -> int:
+    """The values ``node`` expands to (``sizes`` caches each node's, ``path`` holds the nodes
+    above it); _Unreadable, before anything is built, beyond MAX_YAML_VALUES or for an alias
+    inside its own anchor (an endless structure). Deep nesting ends in RecursionError."""
+    if id(node) in path:
+        raise _Unreadable("an alias refers to itself (an endless structure)", node.start_mark.line + 1)
+    if id(node) not in sizes:
+        path.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        sizes[id(node)] = 1 + sum([_size(child, sizes, path) for child in children])
+        path.discard(id(node))
+        if sizes[id(node)] > MAX_YAML_VALUES:
+            raise _Unreadable(f"expands to more than {MAX_YAML_VALUES} values (through aliases)",
+                              node.start_mark.line + 1)
+    return sizes[id(node)]
 
 
 def _load_yaml(text: str) -> Any:
@@ -430,7 +390,7 @@ def _load_yaml(text: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        _check_size(node)
+        _size(node, {}, set())
         return loader.construct_document(node)
     except RecursionError:
         raise _Unreadable("nested too deeply", None) from None
@@ -474,8 +434,7 @@ def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
     while True:
         seen[current.resolve()] = current
         data = read_yaml(current)
-        if data is None:  # an empty file or one holding only comments
-            data = {}
+        data = {} if data is None else data  # an empty file, or one of comments only
         if not isinstance(data, dict):
             raise ConfigError(f"{current}: top level must be a mapping of sections, got {type(data).__name__}")
         chain.append((current, data))
@@ -496,23 +455,6 @@ def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
             raise ConfigError(f"{current}: base: {base!r} not found (looked for {base_path})")
         current = base_path
     return chain[::-1]
-
-
-def _apply_file(cfg: Config, path: Path, data: dict[str, Any]) -> list[str]:
-    """Apply one file's sections to ``cfg``, key by key; the keys it set. An error names the
-    file and the key."""
-    keys = []
-    for section_name, section in data.items():
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: {section_name}: must be a mapping of keys, got {type(section).__name__}")
-        for name, value in section.items():
-            key = f"{section_name}.{name}"
-            try:
-                _apply(cfg, key, value)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
-            keys.append(key)
-    return keys
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -539,10 +481,9 @@ def shipped_configs(under: str = "") -> list[str]:
 
 
 def resolve_config_path(name: str | os.PathLike, what: str = "config file", under: str = "") -> Path:
-    """The file ``name`` names: the path itself when it exists, else a shipped file, so that
-    ``seed``, ``seed.yaml`` and ``configs/seed.yaml`` all work from any directory after a
-    non-editable install. ``under`` is a sub-folder searched first (``sweeps`` for sweep
-    files). Neither: a one-line ConfigError listing the shipped names."""
+    """The file ``name`` names: the path itself when it exists, else a shipped file (``seed``,
+    ``seed.yaml`` and ``configs/seed.yaml`` work from any directory after an install; the
+    sub-folder ``under`` is searched first), else a one-line ConfigError listing the shipped names."""
     path = Path(name)
     if path.exists():
         return path
@@ -574,24 +515,28 @@ def version_string() -> str:
     return text
 
 
-def load_config(
-    path: str | os.PathLike | None,
-    overrides: list[str] | tuple[str, ...] = (),
-    world_size: int | None = None,
-) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                world_size: int | None = None) -> Config:
     """Build and validate the config: defaults < YAML file chain < env < CLI overrides.
 
-    ``path`` is a file, or the name of a shipped one (``seed``; see ``resolve_config_path``).
-    A top-level ``base: other.yaml`` (relative to the file's directory; a base may name a base
-    in turn) is applied first, so a file states only the keys it changes. A bad key or value
-    is a ``ConfigError`` naming the file it came from, unless the environment or an override
-    replaced it.
-    """
+    ``path`` is a file or a shipped name (``resolve_config_path``). Its top-level ``base:
+    other.yaml`` (relative to it; a base may name a base in turn) is applied first, so a file
+    states only the keys it changes. A bad key or value is a ``ConfigError`` naming the file it
+    came from, unless the environment or an override replaced it."""
     cfg = Config()
     set_by: dict[str, Path] = {}  # key -> the file whose value it has
     if path is not None:
         for file, data in _read_chain(resolve_config_path(path)):
-            set_by.update(dict.fromkeys(_apply_file(cfg, file, data), file))
+            for section_name, section in data.items():
+                if not isinstance(section, dict):
+                    raise ConfigError(f"{file}: {section_name}: must be a mapping of keys, "
+                                      f"got {type(section).__name__}")
+                for name, value in section.items():
+                    try:
+                        _apply(cfg, f"{section_name}.{name}", value)
+                    except ConfigError as e:
+                        raise ConfigError(f"{file}: {e}") from None
+                    set_by[f"{section_name}.{name}"] = file
     if os.environ.get(DATA_ROOT_ENV):
         cfg.data.root = os.environ[DATA_ROOT_ENV]
         set_by.pop("data.root", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,34 +24,24 @@ class DataError(RuntimeError):
     """MNIST files missing or damaged; the message says which file and what to do."""
 
 
-# name -> magic number. IDX format: a big-endian header, then one unsigned byte per value.
-# Images (2051 = unsigned bytes, 3 dims): magic, count, rows, cols, then count*28*28 bytes.
-# Labels (2049 = unsigned bytes, 1 dim): magic, count, then count bytes.
-MNIST_FILES: dict[str, int] = {
-    "train-images-idx3-ubyte": 2051,
-    "train-labels-idx1-ubyte": 2049,
-    "t10k-images-idx3-ubyte": 2051,
-    "t10k-labels-idx1-ubyte": 2049,
-}
-# (images, labels) of each split: both must hold the same number of items.
-MNIST_SPLITS: tuple[tuple[str, str], ...] = (
-    ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-)
+MNIST_SPLITS = tuple((f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte") for split in ("train", "t10k"))
+"""(images, labels) file of each split: both must hold the same number of items."""
+# IDX format: a big-endian header, then one unsigned byte per value. Images (magic 2051 =
+# unsigned bytes, 3 dims): magic, count, rows, cols. Labels (2049, 1 dim): magic, count.
+MNIST_FILES = {name: magic for files in MNIST_SPLITS for name, magic in zip(files, (2051, 2049))}
+"""File name -> its magic number."""
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 IMAGE_SIZE = 28
 
 
 def raw_dir(root: str | os.PathLike) -> Path:
+    """Where the four raw files live under ``data.root`` (torchvision's layout)."""
     return Path(root) / "MNIST" / "raw"
 
 
 def _check_idx_file(path: Path, magic: int) -> tuple[int | None, str | None]:
-    """``(item count, None)`` for a sound IDX file, else ``(None, problem)``.
-
-    Any number of items is accepted (the real files hold 60,000 and 10,000; the fast tests
-    use a tiny synthetic set) as long as the header describes the file exactly.
-    """
+    """``(item count, None)`` for a sound IDX file, else ``(None, problem)``. Any number of
+    items is accepted (the fast tests use a tiny synthetic set) if the header describes the file."""
     if not path.is_file():
         return None, f"{path}: missing"
     images = magic == 2051
@@ -83,11 +74,9 @@ def _check_idx_file(path: Path, magic: int) -> tuple[int | None, str | None]:
 
 
 def check_mnist_files(root: str | os.PathLike) -> list[str]:
-    """Return one problem per bad file (empty when all four files are present and sound).
-
-    Each file: magic number, header count consistent with the file size (and 28x28 images),
-    labels in 0..9. Then the images and labels of each split must agree on the count.
-    """
+    """One problem per bad file (none when all four are present and sound): magic number,
+    header count matching the file size, 28x28 images, labels in 0..9, and the images and
+    labels of each split agreeing on the count."""
     problems, counts = [], {}
     for name, magic in MNIST_FILES.items():
         count, problem = _check_idx_file(raw_dir(root) / name, magic)
@@ -104,18 +93,6 @@ def check_mnist_files(root: str | os.PathLike) -> list[str]:
     return problems
 
 
-def _missing_files_message(root: str | os.PathLike, problems: list[str], download_error: str | None) -> str:
-    lines = ["MNIST data is not usable:", *[f"  {p}" for p in problems]]
-    if download_error:
-        lines.append(f"  download failed: {download_error}")
-    lines.append(
-        f"Put the four uncompressed files ({', '.join(MNIST_FILES)}) in {raw_dir(root)}/ "
-        f"(from {MNIST_URL}, gunzipped), or point data.root / MNISTDIST_DATA_ROOT at a "
-        "directory that has MNIST/raw/."
-    )
-    return "\n".join(lines)
-
-
 def download_mnist(root: str | os.PathLike) -> str | None:
     """Download with torchvision; return an error text instead of raising (see ``prepare_mnist``)."""
     import torchvision
@@ -128,27 +105,25 @@ def download_mnist(root: str | os.PathLike) -> str | None:
     return None
 
 
-def prepare_mnist(
-    cfg: DataConfig,
-    is_local_main: bool,
-    barrier: Callable[[], None],
-) -> None:
+def prepare_mnist(cfg: DataConfig, is_local_main: bool, barrier: Callable[[], None]) -> None:
     """Make sure MNIST is present and sound on every rank, downloading once per node.
 
     Only local rank 0 downloads; the others wait at ``barrier``. The downloader never raises
-    before the barrier (a rank that raised there would leave the others waiting for the
-    process-group timeout); every rank checks the files after it and raises the same error.
-    """
+    before the barrier (the others would wait there for the process-group timeout); every rank
+    checks the files after it and raises the same DataError."""
     download_error = None
-    if is_local_main and check_mnist_files(cfg.root):
-        if cfg.download:
-            download_error = download_mnist(cfg.root)
+    if is_local_main and cfg.download and check_mnist_files(cfg.root):
+        download_error = download_mnist(cfg.root)
     barrier()
     problems = check_mnist_files(cfg.root)
     if problems:
         if not cfg.download:
             download_error = "data.download is false"
-        raise DataError(_missing_files_message(cfg.root, problems, download_error))
+        raise DataError("\n".join([
+            "MNIST data is not usable:", *[f"  {p}" for p in problems],
+            *([f"  download failed: {download_error}"] if download_error else []),
+            f"Put the four uncompressed files ({', '.join(MNIST_FILES)}) in {raw_dir(cfg.root)}/ (from "
+            f"{MNIST_URL}, gunzipped), or point data.root / MNISTDIST_DATA_ROOT at a directory that has MNIST/raw/."]))
 
 
 @dataclass
@@ -161,7 +136,8 @@ class MnistTensors:
     test_labels: torch.Tensor
 
     def to(self, device: torch.device) -> MnistTensors:
-        return MnistTensors(*(t.to(device) for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)))
+        """The same tensors on ``device``."""
+        return MnistTensors(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -170,15 +146,14 @@ def read_idx(path: Path) -> torch.Tensor:
     with open(path, "rb") as f:
         ndim = f.read(4)[3]  # magic = 0x00 0x00 <type 0x08: unsigned byte> <number of dimensions>
         shape = [int.from_bytes(f.read(4), "big") for _ in range(ndim)]
-        values = np.fromfile(f, dtype=np.uint8)  # one copy, straight from the file (~12 ms for 47 MB)
+        values = np.fromfile(f, dtype=np.uint8)  # one copy, straight from the file
     return torch.from_numpy(values).reshape(shape)
 
 
 def load_tensors(root: str | os.PathLike) -> MnistTensors:
-    """Read the verified raw files into tensors: the same tensors as torchvision's ``MNIST``
-    (``.data`` uint8, ``.targets`` int64; tested). Measured on 2 CPU cores: 0.05 s instead of
-    0.18 s for torchvision's reader, and no ``import torchvision`` before the first step (0.15 s
-    once torch._dynamo is loaded, as torch.optim does anyway; 1.5-2.5 s alone)."""
+    """Read the verified raw files into the same tensors as torchvision's ``MNIST`` (``.data``
+    uint8, ``.targets`` int64; tested): faster, and no ``import torchvision`` before the first
+    step (docs/benchmarks.md)."""
     raw = raw_dir(root)
     return MnistTensors(
         read_idx(raw / "train-images-idx3-ubyte"), read_idx(raw / "train-labels-idx1-ubyte").long(),
@@ -215,12 +190,9 @@ class Split:
 
 
 def validation_split(num_items: int, validation_size: int, seed: int) -> Split:
-    """Hold ``validation_size`` of the ``num_items`` training images out, chosen by ``seed``.
-
-    A function of its arguments only (no process rank, no global random state), so every rank
-    of every world size draws the same split. ``validation_size`` 0 keeps every image for
-    training. A ConfigError when nothing would be left to train on.
-    """
+    """Hold ``validation_size`` of the ``num_items`` training images out, chosen by ``seed``
+    alone (no rank, no global random state: every rank of every world size draws the same
+    split); a ConfigError when nothing would be left to train on."""
     if validation_size >= num_items:
         raise ConfigError(f"data.validation_size: {validation_size} leaves no training images "
                           f"(the training set has {num_items})")
@@ -253,41 +225,22 @@ class TrainBatches:
     image ``train_indices[p]``, so the same argument holds for any subset.
     """
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        tensors: MnistTensors,
-        per_process_batch_size: int,
-        rank: int,
-        num_replicas: int,
-        seed: int,
-        device: torch.device,
-        train_indices: torch.Tensor | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.batch_size = per_process_batch_size
-        self.device = device
+    def __init__(self, cfg: DataConfig, tensors: MnistTensors, per_process_batch_size: int, rank: int,
+                 num_replicas: int, seed: int, device: torch.device, train_indices: torch.Tensor | None = None) -> None:
+        self.cfg, self.batch_size, self.device = cfg, per_process_batch_size, device
         self.train_indices = torch.arange(len(tensors.train_labels)) if train_indices is None else train_indices.cpu()
-        self.sampler = DistributedSampler(
-            range(len(self.train_indices)),  # the sampler only needs len()
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=False,
-        )
+        self.sampler = DistributedSampler(range(len(self.train_indices)), num_replicas=num_replicas, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=False)  # it only needs len()
         if cfg.pipeline == "tensor":
-            # Normalized once (188 MB of float32 on the training device) and gathered by index:
-            # normalizing per batch instead cost 8% of a CPU epoch. The same elementwise ops
-            # as per batch, so the same bits.
+            # Normalized once and gathered by index: cheaper than normalizing per batch
+            # (docs/benchmarks.md), and the same elementwise ops, so the same bits.
             self.images = normalize(tensors.train_images.to(device), cfg.normalize_mean, cfg.normalize_std)
             self.labels = tensors.train_labels.to(device)
         else:
             import torchvision
 
-            self.dataset = torchvision.datasets.MNIST(
-                cfg.root, train=True, download=False, transform=seed_transform(cfg.normalize_mean, cfg.normalize_std)
-            )
+            transform = seed_transform(cfg.normalize_mean, cfg.normalize_std)
+            self.dataset = torchvision.datasets.MNIST(cfg.root, train=True, download=False, transform=transform)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
@@ -301,7 +254,7 @@ class TrainBatches:
     @property
     def repeated_per_epoch(self) -> int:
         """Images the sampler repeats per epoch to even out the ranks' shares."""
-        return repeated_per_epoch(self.num_images, self.sampler.num_replicas)
+        return repeated_per_epoch(len(self.train_indices), self.sampler.num_replicas)
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices (into the training images) for ``epoch``, in order."""
@@ -319,13 +272,8 @@ class TrainBatches:
                 # index_select: several times faster than self.images[chunk] on a CPU
                 yield self.images.index_select(0, chunk), self.labels.index_select(0, chunk)
         else:
-            loader = DataLoader(
-                self.dataset,
-                batch_size=self.batch_size,
-                sampler=indices.tolist(),  # a list of indices is a valid sampler
-                num_workers=self.cfg.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.cfg.num_workers,
+                                sampler=indices.tolist(), pin_memory=self.device.type == "cuda")  # indices: a sampler
             for x, y in loader:
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 

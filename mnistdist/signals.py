@@ -1,16 +1,12 @@
 """Why training stops early: stop requests (SIGTERM, SIGUSR1, Ctrl-C), and the exceptions and
 exit codes that report it.
 
-A signal handler only records the request; the training loop reads it at a step boundary and
-all ranks agree (one all-reduce) on the step at which they stop, checkpoint and exit with
-``EXIT_PREEMPTED`` (or ``EXIT_INTERRUPTED`` after Ctrl-C). Signals can reach ranks at different
-moments, so acting on a local flag alone would leave ranks at different steps and deadlock the
-next collective.
-
-Ctrl-C reaches every process of the terminal's foreground group, and launchers pass it on
-again, so a rank sees one key press as several SIGINTs within milliseconds. SIGINTs within
-``SIGINT_REPEAT_S`` of the first count as that one press; a later one is a second press and
-exits at once (no checkpoint; the newest one stays valid).
+A signal handler only records the request; at a step boundary all ranks agree (one all-reduce)
+on the step at which they stop, checkpoint and exit with ``EXIT_PREEMPTED`` (``EXIT_INTERRUPTED``
+after Ctrl-C): signals reach ranks at different moments, and a rank acting alone would deadlock
+the next collective. One Ctrl-C reaches a rank as several SIGINTs (the terminal's whole group,
+then the launchers again): those within ``SIGINT_REPEAT_S`` of the first are that one press; a
+later one exits at once (no checkpoint; the newest one stays valid).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def test_helpers_degrade_to_one_process(monkeypatch):
         t = torch.tensor([1.0, 2.0])
         assert torch.equal(dist.all_reduce_sum(t), t)
         assert dist.any_flags([torch.tensor(True), False]) == [True, False]
-        assert dist.broadcast_object({"a": 1}) == {"a": 1} and dist.gather_object(3) == [3]
+        assert dist.on_main(lambda: {"a": 1}) == {"a": 1} and dist.gather_object(3) == [3]
         dist.barrier()
     finally:
         dist.close()
