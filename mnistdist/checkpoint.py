@@ -4,9 +4,8 @@ One checkpoint, ``RUN_DIR/checkpoints/step-00000600/``:
 
     model.safetensors       the model's state dict (also loadable by ``mnistdist evaluate``)
     optimizer.safetensors   the optimizer's tensors (SGD's momentum buffers) as ``<parameter index>.<key>``
-    state.json              step, epoch, position in the epoch, world size, global batch, each rank's
-                            loss sums, the W&B run id, the config, the training time over all jobs,
-                            the best model's validation result
+    state.json              ``Snapshot``'s other fields: the position in the run, each rank's loss
+                            sums, the W&B run id, the config, the training time, the best model's result
     best.safetensors        the best model's weights (only once a validation set chose one)
     manifest.json           size and sha256 of every file above: written last
 
@@ -14,13 +13,13 @@ That is all a run needs to continue exactly: nothing random decides anything aft
 (the sampler is seeded by ``train.seed`` + epoch, the model has no dropout), so no RNG state; the
 optimizer's hyper-parameters are the config's, so only its tensors.
 
-Commit: everything is written into ``checkpoints/.tmp-step-N-PID`` and fsynced, the manifest
-last; then the directory is renamed into place and ``checkpoints/`` fsynced; older checkpoints
-are pruned after that. Loading trusts nothing: the manifest may list only the files above, each
-must match its size and sha256, state.json must match ``_STATE``, and tensors are read by
-safetensors, the rest as JSON. Whatever is wrong is a ``CheckpointError`` naming the file, and
-auto-resume falls back to the checkpoint before. The two earlier formats still load (the first
-also held RNG states, in ``ranks.safetensors``: verified, never read; neither has a best model).
+Files go into ``checkpoints/.tmp-step-N-PID``, fsynced, the manifest last; then the directory
+is renamed into place and ``checkpoints/`` fsynced; older checkpoints are pruned after that.
+Loading trusts nothing: the manifest lists only the files above, each must match its size and
+sha256, state.json must match ``_STATE``; tensors are read by safetensors, the rest as JSON.
+Whatever is wrong is a ``CheckpointError`` naming the file, and auto-resume falls back to the
+checkpoint before. The two earlier formats still load (the first also held RNG states, in
+``ranks.safetensors``: verified, never read; neither has a best model).
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ FORMAT = "mnistdist-checkpoint-3"
 BEST_FILE = "best.safetensors"
 """The one optional file: listed in the manifest exactly when state.json has a ``best``."""
 _FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
-FILES = {FORMAT: _FILES, "mnistdist-checkpoint-2": _FILES, "mnistdist-checkpoint-1": (*_FILES, "ranks.safetensors")}
+FORMATS = {FORMAT: _FILES, "mnistdist-checkpoint-2": _FILES, "mnistdist-checkpoint-1": (*_FILES, "ranks.safetensors")}
 """The files each format's manifest lists (besides ``BEST_FILE``), newest format first."""
 _STEP = re.compile(r"step-([0-9]+)")
 _TRASHED = re.compile(r"\.trash-step-([0-9]+)-[0-9]+")
@@ -69,33 +68,27 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Snapshot:
-    """A checkpoint in memory: what ``save_checkpoint`` writes and ``load_checkpoint`` reads."""
+    """A checkpoint in memory: what ``save_checkpoint`` writes and ``load_checkpoint`` reads.
+    ``step``: optimizer steps done; ``epoch`` (0-based) is in progress, ``batch_in_epoch`` of its
+    batches done. ``optimizer``: ``optimizer.state_dict()["state"]``. ``losses``: each rank's
+    ``LossMeter.state_dict()``. ``tracking``: e.g. the W&B run id. ``train_time_s``: over all the
+    jobs so far. ``best``: the best model's validation result (``metrics.Best.state_dict()``),
+    kept exactly when its weights ``best_model`` are. ``path``: the directory it was read from."""
 
     step: int
-    """Optimizer steps done since the start of the run."""
     epoch: int
-    """The epoch in progress (0-based)."""
     batch_in_epoch: int
-    """Batches of ``epoch`` already trained; resume continues with the next one."""
     world_size: int
     global_batch_size: int
     model: dict[str, torch.Tensor]
     optimizer: dict[int, dict[str, torch.Tensor]]
-    """``optimizer.state_dict()["state"]``: each parameter's tensors, by parameter index."""
     losses: list[dict[str, Any]]
-    """Each rank's ``LossMeter.state_dict()``, in rank order."""
     tracking: dict[str, Any] = field(default_factory=dict)
-    """E.g. the W&B run id, so a resumed job continues the same W&B run."""
     config: dict[str, Any] = field(default_factory=dict)
-    """The resolved config of the run that wrote it."""
     train_time_s: float = 0.0
-    """The run's training time up to this step, over all the jobs that trained it."""
     best: dict[str, Any] | None = None
-    """The best model's validation result (``metrics.Best.state_dict()``); None without one."""
     best_model: dict[str, torch.Tensor] | None = None
-    """The best model's state dict; present exactly when ``best`` is."""
     path: Path | None = None
-    """The directory it was read from (None before it is saved)."""
 
     def train_state(self, rank: int, world_size: int) -> dict[str, Any]:
         """What rank ``rank`` of ``world_size`` resumes with: ``TrainState.load_state_dict``'s
@@ -103,10 +96,6 @@ class Snapshot:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "loss": LossMeter.for_rank(self.losses, rank, world_size), "best": self.best,
                 "train_time_s": self.train_time_s}
-
-
-# --------------------------------------------------------------------------------------
-# Saving
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -142,11 +131,8 @@ def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
     if snap.best_model is not None:
         _write(tmp / BEST_FILE, _tensors(snap.best_model))
     _write_json(tmp / "state.json", {
-        "format": FORMAT, "step": snap.step, "epoch": snap.epoch, "batch_in_epoch": snap.batch_in_epoch,
-        "world_size": snap.world_size, "global_batch_size": snap.global_batch_size,
-        "ranks": [{"loss": loss} for loss in snap.losses], "tracking": snap.tracking, "config": snap.config,
-        "best": snap.best if snap.best_model is not None else None, "train_time_s": snap.train_time_s,
-        "saved_at": time.time()})
+        "format": FORMAT, **{key: getattr(snap, key) for key in _SCALARS}, "ranks": [{"loss": x} for x in snap.losses],
+        "best": snap.best if snap.best_model is not None else None, "saved_at": time.time()})
     files = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
              for p in sorted(tmp.iterdir())}
     _write_json(tmp / MANIFEST, {"format": FORMAT, "step": snap.step, "files": files})  # the commit marker
@@ -182,11 +168,6 @@ def prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model: torch.nn.Module, path: Path) -> None:
-    """``save_weights`` of ``model``'s state dict."""
-    save_weights(model.state_dict(), path)
-
-
 def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a state dict to ``path`` (with ``metadata`` in the safetensors header) via a
     temporary file and an atomic rename, both fsynced."""
@@ -201,10 +182,6 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Weights from ``model.safetensors`` or from a checkpoint directory holding one."""
     path = Path(path)
     return load_file(str(path / "model.safetensors" if path.is_dir() else path))
-
-
-# --------------------------------------------------------------------------------------
-# Finding and loading
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -228,7 +205,7 @@ def _number(v: Any) -> bool:
 
 
 _ENTRY = {"bytes": _nat, "sha256": lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None}
-_MANIFEST = {"format": lambda v: isinstance(v, str) and v in FILES, "step": _nat, "files": lambda v: isinstance(v, dict)}
+_MANIFEST = {"format": lambda v: isinstance(v, str) and v in FORMATS, "step": _nat, "files": lambda v: isinstance(v, dict)}
 _BEST = {"step": _nat, "epoch": _nat, "val_correct": _nat, "val_total": lambda v: _nat(v) and v > 0,
          "val_acc": _number, "val_loss": _number}
 _STATE = {"step": _nat, "epoch": _nat, "batch_in_epoch": _nat, "world_size": lambda v: _nat(v) and v > 0,
@@ -237,6 +214,8 @@ _STATE = {"step": _nat, "epoch": _nat, "batch_in_epoch": _nat, "world_size": lam
           "tracking": {"wandb_run_id": lambda v: v is None or isinstance(v, str)},
           "config": lambda v: isinstance(v, dict), "train_time_s": lambda v: _number(v) and v >= 0}
 """What resuming reads of state.json (besides format, step and best, checked against the manifest)."""
+_SCALARS = [key for key in _STATE if key != "ranks"]
+"""The fields of state.json that are the Snapshot's fields of the same name."""
 
 
 def _mismatch(value: Any, spec: Any, where: str = "") -> str | None:
@@ -256,21 +235,15 @@ def _mismatch(value: Any, spec: Any, where: str = "") -> str | None:
 
 
 def _read(file: Path) -> bytes:
-    """The content of ``file``, a regular file: a link is never followed (it could lead out of
-    the checkpoint), a FIFO never waited on."""
+    """The content of ``file``, a regular file (a link is never followed: it could lead out of the checkpoint)."""
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.lstat(file).st_mode):
+            raise CheckpointError(f"{file}: not a regular file (links and directories are never followed)")
+        return file.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
     except OSError as e:
-        why = "missing" if isinstance(e, FileNotFoundError) else "a link, never followed" if file.is_symlink() else \
-            f"cannot read it ({e.strerror or e})"
-        raise CheckpointError(f"{file}: {why}") from None
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(f"{file}: not a regular file")
-        try:
-            return f.read()
-        except OSError as e:
-            raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
 
 
 def _parse(file: Path, data: bytes, what: str) -> Any:
@@ -285,7 +258,7 @@ def _verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     manifest = _parse(path / MANIFEST, _read(path / MANIFEST), "unreadable manifest")
     problem = _mismatch(manifest, _MANIFEST)
     if problem is None:
-        listed, needed = set(manifest["files"]), FILES[manifest["format"]]
+        listed, needed = set(manifest["files"]), FORMATS[manifest["format"]]
         allowed = {*needed, BEST_FILE} if manifest["format"] == FORMAT else set(needed)
         # Only the checkpoint's own files, by plain name: nothing else is ever opened.
         if listed - allowed or set(needed) - listed:
@@ -302,11 +275,6 @@ def _verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(f"{path / name}: checksum mismatch (corrupted)")
     return manifest, content
-
-
-def verify(path: Path) -> dict[str, Any]:
-    """Check the manifest of checkpoint ``path`` and every file's size and sha256; return the manifest."""
-    return _verified(Path(path))[0]
 
 
 def load_checkpoint(path: Path) -> Snapshot:
@@ -344,11 +312,8 @@ def load_checkpoint(path: Path) -> Snapshot:
             raise CheckpointError(f"{path / 'optimizer.safetensors'}: unreadable checkpoint content "
                                   f"({name!r} is not <parameter index>.<key>)")
         optimizer.setdefault(int(index), {})[key] = tensor
-    return Snapshot(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
-                    world_size=state["world_size"], global_batch_size=state["global_batch_size"],
-                    model=tensors("model.safetensors"), optimizer=optimizer,
-                    losses=[rank["loss"] for rank in state["ranks"]], tracking=state["tracking"],
-                    config=state["config"], train_time_s=state["train_time_s"], best=state["best"],
+    return Snapshot(**{key: state[key] for key in _SCALARS}, model=tensors("model.safetensors"), optimizer=optimizer,
+                    losses=[rank["loss"] for rank in state["ranks"]], best=state["best"],
                     best_model=tensors(BEST_FILE) if has_best else None, path=path)
 
 
@@ -389,11 +354,10 @@ def save(dist: Dist, run_dir: Path, cfg: Config, model: torch.nn.Module, optimiz
     (its ``best``, if any, goes with ``best_model``, the best model's weights); the loss sums of
     every rank are gathered, and rank 0 writes, after ``before_writing()`` (e.g.
     ``RunDir.check_held``): what it raises is raised on every rank, and nothing is written."""
-    snap = Snapshot(step=train_state["step"], epoch=train_state["epoch"], batch_in_epoch=train_state["batch_in_epoch"],
-                    world_size=dist.world_size, global_batch_size=cfg.train.global_batch_size,
-                    model=model.state_dict(), optimizer=optimizer.state_dict()["state"],
-                    losses=dist.gather_object(train_state["loss"]), tracking=tracking, config=cfg.to_dict(),
-                    best=train_state.get("best") if best_model is not None else None, best_model=best_model,
+    snap = Snapshot(**{k: train_state[k] for k in ("step", "epoch", "batch_in_epoch")}, world_size=dist.world_size,
+                    global_batch_size=cfg.train.global_batch_size, model=model.state_dict(),
+                    optimizer=optimizer.state_dict()["state"], losses=dist.gather_object(train_state["loss"]),
+                    tracking=tracking, config=cfg.to_dict(), best=train_state.get("best"), best_model=best_model,
                     train_time_s=train_state.get("train_time_s", 0.0))
 
     def write() -> Path:
@@ -417,49 +381,38 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
     chosen: list[Snapshot] = []  # rank 0 keeps the snapshot it checked instead of reading it twice
 
     def choose() -> str | None:
-        # Rank 0 loads the checkpoint completely before naming it, so every rank then loads one
-        # that loads; a bad one is skipped (auto) or raised on every rank together (a path).
+        # Rank 0 loads it completely before naming it: every rank then loads one that loads.
         if resume == "never":
-            if list_checkpoints(run_dir):
-                try:
-                    load_latest(run_dir, warn=lambda _: None)
-                except CheckpointError:  # none loads: kept, out of the new run's way
-                    set_aside(Path(run_dir) / CHECKPOINTS, "checkpoints")
-                    return None
-                raise ConfigError(f"--resume never: {Path(run_dir) / CHECKPOINTS} already holds checkpoints; "
-                                  "use another --run-dir or --resume auto")
+            try:
+                if load_latest(run_dir, warn=lambda _: None) is not None:
+                    raise ConfigError(f"--resume never: {Path(run_dir) / CHECKPOINTS} already holds checkpoints; "
+                                      "use another --run-dir or --resume auto")
+            except CheckpointError:  # none loads: kept, out of the new run's way
+                set_aside(Path(run_dir) / CHECKPOINTS, "checkpoints")
             return None
         snap = load_latest(run_dir, lambda m: print(m, flush=True)) if resume == "auto" else load_checkpoint(Path(resume))
         if snap is None:
             return None
+        # Another number of processes is fine: the training trajectory does not depend on it (see
+        # data.TrainBatches); another global batch would change every batch from here on.
+        if snap.global_batch_size != global_batch_size:
+            raise ConfigError(
+                f"{snap.path}: written with train.global_batch_size {snap.global_batch_size}; this run has "
+                f"{global_batch_size}, which would change every batch from here on. Resume with the same global "
+                "batch, or start a new run with another --run-dir")
         chosen.append(snap)
         return str(snap.path)
 
     path = dist.on_main(choose)
-    if path is None:
-        return None
-    snap = chosen[0] if chosen else load_checkpoint(Path(path))
-    # Another number of processes is fine: the training trajectory does not depend on it (see
-    # data.TrainBatches); another global batch would change every batch from here on.
-    if snap.global_batch_size != global_batch_size:
-        raise ConfigError(
-            f"{path}: written with train.global_batch_size {snap.global_batch_size}; this run has "
-            f"{global_batch_size}, which would change every batch from here on. Resume with the same global "
-            "batch, or start a new run with another --run-dir")
-    return snap
+    return None if path is None else chosen[0] if chosen else load_checkpoint(Path(path))
 
 
 def finished(dist: Dist, run: RunDir, cfg: Config) -> dict[str, Any] | None:
-    """The summary of a finished run that ``--resume auto`` has nothing left to train in (after
-    saying so in one line), for every rank; None to go on as usual.
-
-    Decided on rank 0 while it holds the run directory's lock, before any tracker or data
-    exists, so a finished run gets no new W&B run and no file rewritten. Finished means:
-    summary.json and model.safetensors are there; the summary is of the newest checkpoint's
-    step (its job completed its final writes); and that step ends the run under ``cfg`` (all
-    train.epochs done, or train.max_steps reached) with no key of the trajectory changed.
-    Anything else goes the usual way (resuming, which also refuses a changed trajectory).
-    """
+    """The summary of a run that ``--resume auto`` has nothing left to train in (said in one
+    line), for every rank; None to go on as usual. Decided on rank 0 while it holds the lock,
+    before any tracker or data exists, so nothing is written. Finished: summary.json and
+    model.safetensors are there, the summary is of the newest checkpoint's step (its job did its
+    final writes), and that step ends the run under ``cfg`` with no key of the trajectory changed."""
 
     def decide() -> dict[str, Any] | None:
         summary, newest = read_summary(run), list_checkpoints(run.root)[:1]
@@ -488,32 +441,25 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
     own hyper-parameters (the config's). A checkpoint of another model (other layer names,
     shapes or number of parameters) is a CheckpointError naming the file, raised on every rank
     alike (they all restore the same snapshot into the same model)."""
-    where = snap.path if snap.path is not None else Path("checkpoint")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-    def load_optimizer() -> None:
-        for index, tensors in snap.optimizer.items():  # load_state_dict checks neither
-            if index >= len(params):
-                raise ValueError(f"state of parameter {index}, but the model has {len(params)} parameters")
+    name, what = "model.safetensors", "model"
+    try:
+        model.load_state_dict(snap.model)
+        name, what = "optimizer.safetensors", "optimizer"
+        for index, tensors in snap.optimizer.items():  # optimizer.load_state_dict checks neither
+            want = tuple(params[index].shape) if index < len(params) else f"none of the {len(params)} parameters"
             for key, value in tensors.items():
-                if value.shape != params[index].shape:
-                    raise ValueError(f"{key} of shape {tuple(value.shape)} for a parameter of shape "
-                                     f"{tuple(params[index].shape)}")
+                if tuple(value.shape) != want:
+                    raise ValueError(f"{index}.{key} of shape {tuple(value.shape)} for {want}")
         # The saved tensors go to this optimizer's parameters (moved to their device and dtype);
         # its own param_groups keep its hyper-parameters.
         optimizer.load_state_dict({"state": snap.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
-
-    def check_best() -> None:  # loaded into a model only at the end: checked now, as the others are
-        theirs = {k: tuple(v.shape) for k, v in (snap.best_model or {}).items()}
-        if snap.best_model is not None and theirs != shapes:
+        name, what = BEST_FILE, "model"  # loaded into a model only at the end: checked now, as the others
+        theirs = {k: tuple(v.shape) for k, v in snap.best_model.items()} if snap.best_model is not None else shapes
+        if theirs != shapes:
             raise ValueError(f"tensors {sorted(theirs.items())} for a model of {sorted(shapes.items())}")
-
-    for name, what, load in (("model.safetensors", "model", lambda: model.load_state_dict(snap.model)),
-                             ("optimizer.safetensors", "optimizer", load_optimizer),
-                             (BEST_FILE, "model", check_best)):
-        try:
-            load()
-        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, KeyError...
-            reason = " ".join(str(e).split())[:300] or type(e).__name__
-            raise CheckpointError(f"{where / name}: does not fit this run's {what} ({reason})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, KeyError...
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        where = (snap.path or Path("checkpoint")) / name
+        raise CheckpointError(f"{where}: does not fit this run's {what} ({reason})") from None

@@ -65,8 +65,7 @@ class RunDir:
 
     root: Path
     held: tuple[tuple[int, int], IO[str]] | None = field(default=None, compare=False, repr=False)
-    """On the main process of the job that holds it (``claim``): the directory's (st_dev,
-    st_ino) and the open lock file, for ``check_held``."""
+    """(the directory's (st_dev, st_ino), the open lock file) on the main process of ``claim``."""
 
     config = property(lambda self: self.root / CONFIG)
     run_record = property(lambda self: self.root / "run.json")
@@ -81,10 +80,9 @@ class RunDir:
     lock = property(lambda self: self.root / LOCK)
 
     def check_held(self) -> None:
-        """Raise ``RunDirLost`` when the directory, or its lock file, is no longer the one
-        ``claim`` took: deleted (perhaps made anew, by hand or by another job) during the run,
-        the job would go on writing where nobody looks, or where its lock protects nothing, and
-        end with exit 0. A directory this process did not claim holds nothing to check."""
+        """Raise ``RunDirLost`` when the directory or its lock file is no longer the one ``claim``
+        took (deleted, perhaps made anew by another job): else the job would write where nobody
+        looks, or its lock protects nothing, and end with exit 0. Unclaimed: nothing to check."""
         if self.held is None:
             return
         directory, lock_file = self.held
@@ -131,15 +129,12 @@ def _open_lock(path: Path) -> IO[str]:
 
 @contextlib.contextmanager
 def claim(requested: str | Path | None, dist: Dist) -> Iterator[RunDir]:
-    """The run directory, held by this job while the ``with`` lasts.
-
-    ``requested``, or ``runs/<time>-<random>`` chosen on rank 0 (clocks and random state differ
-    between processes, so each rank must not pick its own). Created and probed for writing now,
-    and locked (an exclusive ``flock`` of ``RUN_DIR/.lock`` held by the main process): a second
-    job given the same directory is refused at start with one line naming the holder, instead
-    of both jobs writing checkpoints into it. The kernel drops the lock when the process ends,
-    however it ends (SIGKILL too). Every rank gets the same outcome.
-    """
+    """The run directory, held by this job while the ``with`` lasts: ``requested``, or
+    ``runs/<time>-<random>`` chosen on rank 0 (each rank would pick another). Created, probed
+    for writing, and locked: an exclusive ``flock`` of ``RUN_DIR/.lock`` held by the main
+    process, which the kernel drops however the process ends (SIGKILL too), so a second job
+    given the same directory is refused at start, in one line naming the holder. Every rank
+    gets the same outcome."""
     held: list[tuple[tuple[int, int], IO[str]]] = []
 
     def make() -> str:
@@ -187,10 +182,8 @@ def start(run: RunDir, config_yaml: str, resumed_step: int | None) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` durable: after a rename (or a new file or
-    directory) in it, the rename survives a power loss only once its directory is fsynced."""
-    if os.name == "nt":  # a directory cannot be opened there; NTFS journals its metadata itself
-        return
+    """Make the entries of directory ``path`` durable: a rename (or a new file) in it survives a
+    power loss only once the directory is fsynced."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -199,9 +192,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old
-    file or the new one, never half of one. Durable on return: the file and then its directory
-    (the rename) are fsynced."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (readers see the old file
+    or the new one), durably: the file, then its directory are fsynced."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -266,11 +258,8 @@ def _parse_metrics_lines(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
 
 
 def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]]:
-    """The records of ``RUN_DIR/metrics.jsonl``, in order.
-
-    Tolerant: a line that is not a JSON object (a run killed while writing its last line) is
-    skipped, with a note on stderr when ``warn``. A missing file reads as no records.
-    """
+    """The records of ``RUN_DIR/metrics.jsonl``, in order (none when it is missing). A line that
+    is not a JSON object (a run killed while writing it) is skipped, said on stderr if ``warn``."""
     path = RunDir(Path(run_dir)).metrics
     try:
         records, skipped = _parse_metrics_lines(path.read_text(errors="replace").splitlines())
@@ -283,14 +272,10 @@ def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]
 
 def truncate_metrics(run: RunDir, last_step: int) -> None:
     """Keep only records up to ``last_step`` (a run that died after its last checkpoint logged
-    more), so a resumed run's metrics.jsonl reads like one uninterrupted run.
-
-    A half-written last line (no newline: the run was killed while writing it; every record is
-    written with its newline in one go) is dropped even when it happens to parse, and so is
-    any other line that is not a JSON object with an integer ``step``; the log says how many.
-    The file is rewritten atomically and ends with a newline, so the resumed run's first
-    record starts a line of its own.
-    """
+    more), so a resumed run's metrics.jsonl reads like one uninterrupted run. A half-written last
+    line (no newline: every record is written with its newline at once) is dropped even when it
+    parses, and so is any line that is not a JSON object with an integer ``step``, with a
+    warning. Rewritten atomically, ending with a newline."""
     path = run.metrics
     try:
         text = path.read_text(errors="replace")

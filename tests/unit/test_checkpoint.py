@@ -103,7 +103,7 @@ def test_missing_manifest_means_not_a_checkpoint(tmp_path):
     path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
     (path / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="manifest.json: missing"):
-        checkpoint.verify(path)
+        checkpoint.load_checkpoint(path)
 
 
 def test_load_latest_skips_damaged_and_says_so(tmp_path):
@@ -297,10 +297,9 @@ def test_malformed_manifest_is_a_checkpoint_error_naming_it(tmp_path, case):
         BAD_MANIFESTS[case](manifest)
         data = json.dumps(manifest).encode()
     (path / "manifest.json").write_bytes(data)
-    for call in (checkpoint.verify, checkpoint.load_checkpoint):
-        with pytest.raises(CheckpointError) as info:
-            call(path)
-        assert str(path / "manifest.json") in str(info.value)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_checkpoint(path)
+    assert str(path / "manifest.json") in str(info.value)
 
 
 class OneProcess:
@@ -407,7 +406,7 @@ def test_manifest_naming_anything_but_a_checkpoint_file_is_refused(tmp_path, nam
     manifest["files"][name] = {"bytes": 9, "sha256": hashlib.sha256(secret.read_bytes()).hexdigest()}
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError) as info:
-        checkpoint.verify(path)
+        checkpoint.load_checkpoint(path)
     assert str(path / "manifest.json") in str(info.value)
 
 
@@ -417,7 +416,7 @@ def test_a_checkpoint_file_that_is_a_symlink_out_of_the_checkpoint_is_refused(tm
     (path / "model.safetensors").rename(outside)
     (path / "model.safetensors").symlink_to(outside)  # same bytes, so the checksum matches
     with pytest.raises(CheckpointError) as info:
-        checkpoint.verify(path)
+        checkpoint.load_checkpoint(path)
     assert str(path / "model.safetensors") in str(info.value)
 
 
@@ -454,9 +453,9 @@ def test_checkpoint_files_and_directories_are_fsynced(tmp_path, fsynced):
     assert os.path.realpath(run) in fsynced  # and so is the new checkpoints/ entry of the run dir
 
 
-def test_save_model_fsyncs_the_file_and_its_directory(tmp_path, fsynced):
+def test_save_weights_fsyncs_the_file_and_its_directory(tmp_path, fsynced):
     model = torch.nn.Linear(2, 2)
-    checkpoint.save_model(model, tmp_path / "model.safetensors")
+    checkpoint.save_weights(model.state_dict(), tmp_path / "model.safetensors")
     assert fsynced[-1] == os.path.realpath(tmp_path)
     assert any(p.endswith("model.safetensors.tmp") for p in fsynced)
 
@@ -567,7 +566,7 @@ def test_checkpoint_and_model_files_follow_the_umask(tmp_path, umask):
     before = os.umask(umask)
     try:
         path = checkpoint.save_checkpoint(tmp_path, make_snapshot(5), keep_last=0)
-        checkpoint.save_model(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+        checkpoint.save_weights(torch.nn.Linear(2, 2).state_dict(), tmp_path / "model.safetensors")
     finally:
         os.umask(before)
     for file in (*path.iterdir(), tmp_path / "model.safetensors"):
