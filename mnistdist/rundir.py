@@ -25,7 +25,6 @@ metrics.jsonl through ``read_metrics``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import math
@@ -47,75 +46,10 @@ if TYPE_CHECKING:
     from mnistdist.distributed import Dist
 
 CONFIG = "config.yaml"
-RUN_RECORD = "run.json"
-METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL = "model.safetensors"
-BEST = "best.safetensors"
 CHECKPOINTS = "checkpoints"
-PLOTS = "plots"
-WANDB_RUN_ID = "wandb_run_id"
-HEARTBEAT = ".heartbeat"
 LOCK = ".lock"
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """Paths inside one run directory (nothing is created by building one)."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def run_record(self) -> Path:
-        return self.root / RUN_RECORD
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def summary(self) -> Path:
-        return self.root / SUMMARY
-
-    @property
-    def model(self) -> Path:
-        return self.root / MODEL
-
-    @property
-    def best(self) -> Path:
-        return self.root / BEST
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def plots(self) -> Path:
-        return self.root / PLOTS
-
-    @property
-    def wandb_run_id(self) -> Path:
-        return self.root / WANDB_RUN_ID
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
-
-    @property
-    def heartbeat(self) -> Path:
-        return self.root / HEARTBEAT
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK
-
-    def check_held(self) -> None:
-        """Raise ``RunDirLost`` when the directory is no longer the one this process holds (see
-        ``HeldRunDir``); a directory this process did not claim holds nothing to check."""
 
 
 class RunDirLost(TrainingStopped):
@@ -126,17 +60,29 @@ class RunDirLost(TrainingStopped):
 
 
 @dataclass(frozen=True)
-class HeldRunDir(RunDir):
-    """The run directory that ``claim`` holds for this job. On the main process it remembers the
-    identity (device, inode) of the directory and of the lock file it holds, so that
-    ``check_held`` notices a directory deleted (and perhaps made anew, by hand or by another job)
-    during the run: without that, the job would go on writing into a directory nobody sees, or
-    into one its lock no longer protects, and end with exit 0."""
+class RunDir:
+    """Paths inside one run directory (nothing is created by building one)."""
 
+    root: Path
     held: tuple[tuple[int, int], IO[str]] | None = field(default=None, compare=False, repr=False)
-    """(the directory's (st_dev, st_ino), the open lock file); None off the main process."""
+    """(the directory's (st_dev, st_ino), the open lock file) on the main process of ``claim``."""
+
+    config = property(lambda self: self.root / CONFIG)
+    run_record = property(lambda self: self.root / "run.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    summary = property(lambda self: self.root / SUMMARY)
+    model = property(lambda self: self.root / MODEL)
+    best = property(lambda self: self.root / "best.safetensors")
+    plots = property(lambda self: self.root / "plots")
+    wandb_run_id = property(lambda self: self.root / "wandb_run_id")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    heartbeat = property(lambda self: self.root / ".heartbeat")
+    lock = property(lambda self: self.root / LOCK)
 
     def check_held(self) -> None:
+        """Raise ``RunDirLost`` when the directory or its lock file is no longer the one ``claim``
+        took (deleted, perhaps made anew by another job): else the job would write where nobody
+        looks, or its lock protects nothing, and end with exit 0. Unclaimed: nothing to check."""
         if self.held is None:
             return
         directory, lock_file = self.held
@@ -147,63 +93,51 @@ class HeldRunDir(RunDir):
                              "writing anything more (what is left of the run is gone with it)") from None
         if (now.st_dev, now.st_ino) != directory:
             raise RunDirLost(f"{self.root}: the run directory was deleted and made anew during the run (another "
-                             "job may be using it now); stopped without writing into it") from None
+                             "job may be using it now); stopped without writing into it")
         ours = os.fstat(lock_file.fileno())
-        try:
+        with contextlib.suppress(OSError):
             lock = os.lstat(self.lock)
-        except OSError:
-            lock = None
-        if lock is None or (lock.st_dev, lock.st_ino) != (ours.st_dev, ours.st_ino):
-            raise RunDirLost(f"{self.lock}: removed or replaced during the run, so this job no longer holds "
-                             f"{self.root} (another job may be using it now); stopped without writing into it")
+            if (lock.st_dev, lock.st_ino) == (ours.st_dev, ours.st_ino):
+                return
+        raise RunDirLost(f"{self.lock}: removed or replaced during the run, so this job no longer holds "
+                         f"{self.root} (another job may be using it now); stopped without writing into it")
 
 
 def _open_lock(path: Path) -> IO[str]:
     """``path`` (RUN_DIR/.lock) opened for reading and writing, created if missing, and never
-    through a link: the holder line written into it must not truncate and overwrite a file
-    outside the run directory that a symbolic or hard link named ``.lock`` leads to. A
-    ConfigError naming it when it is a link or not a regular file."""
-    fd = None
+    through a link: the holder line written into it must not overwrite a file outside the run
+    directory that a symbolic or hard link named ``.lock`` leads to. A ConfigError naming it
+    when it is a link or not a regular file."""
+    remove = f"remove {path}, or choose another --run-dir"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path}: not a regular file; remove it, or choose another --run-dir")
-        if info.st_nlink != 1:
-            raise ConfigError(f"{path}: the file also has another name (a hard link: the holder line written "
-                              f"into it would change that file too); remove {path}, or choose another --run-dir")
-        lock_file = os.fdopen(fd, "r+")
-        fd = None
-        return lock_file
     except OSError as e:
         if os.path.islink(path):  # O_NOFOLLOW refused it (ELOOP on Linux, EMLINK on some BSDs)
             raise ConfigError(f"{path}: a symbolic link; a run directory's lock is never followed out of it: "
-                              f"remove {path}, or choose another --run-dir") from None
-        if e.errno == errno.EISDIR:
-            raise ConfigError(f"{path}: not a regular file; remove it, or choose another --run-dir") from None
+                              f"{remove}") from None
+        if isinstance(e, IsADirectoryError):
+            raise ConfigError(f"{path}: not a regular file; {remove}") from None
         raise
-    finally:
-        if fd is not None:
-            os.close(fd)
+    info = os.fstat(fd)
+    problem = ("not a regular file" if not stat.S_ISREG(info.st_mode) else "the file also has another name (a hard "
+               "link: the holder line written into it would change that file too)" if info.st_nlink != 1 else None)
+    if problem:
+        os.close(fd)
+        raise ConfigError(f"{path}: {problem}; {remove}")
+    return os.fdopen(fd, "r+")
 
 
 @contextlib.contextmanager
-def claim(requested: str | Path | None, dist: Dist) -> Iterator[HeldRunDir]:
-    """The run directory, held by this job while the ``with`` lasts.
-
-    ``requested``, or ``runs/<time>-<random>`` chosen on rank 0 (clocks and random state differ
-    between processes, so each rank must not pick its own). Created and probed for writing now,
-    and locked (an exclusive ``flock`` of ``RUN_DIR/.lock`` held by the main process): a second
-    job given the same directory is refused at start with one line naming the holder, instead
-    of both jobs writing checkpoints into it. The kernel drops the lock when the process ends,
-    however it ends (SIGKILL too). A ``.lock`` that is a link is refused (``_open_lock``). Every
-    rank gets the same outcome.
-    """
-    lock_file: IO[str] | None = None
-    directory: tuple[int, int] | None = None
+def claim(requested: str | Path | None, dist: Dist) -> Iterator[RunDir]:
+    """The run directory, held by this job while the ``with`` lasts: ``requested``, or
+    ``runs/<time>-<random>`` chosen on rank 0 (each rank would pick another). Created, probed
+    for writing, and locked: an exclusive ``flock`` of ``RUN_DIR/.lock`` held by the main
+    process, which the kernel drops however the process ends (SIGKILL too), so a second job
+    given the same directory is refused at start, in one line naming the holder. Every rank
+    gets the same outcome."""
+    held: list[tuple[tuple[int, int], IO[str]]] = []
 
     def make() -> str:
-        nonlocal lock_file, directory
         path = Path(requested) if requested is not None else Path(
             "runs", f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}")
         try:
@@ -217,44 +151,39 @@ def claim(requested: str | Path | None, dist: Dist) -> Iterator[HeldRunDir]:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock_file.seek(0)
             holder = lock_file.read().strip() or "another process"
             lock_file.close()
             raise ConfigError(f"--run-dir {path}: in use by another job ({holder}); wait for it to end, "
                               "or choose another --run-dir") from None
-        lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
         lock_file.flush()
         info = os.stat(path)  # the directory itself (a --run-dir that is a link: where it leads)
-        directory = (info.st_dev, info.st_ino)
+        held.append(((info.st_dev, info.st_ino), lock_file))
         return str(path)
 
-    root = Path(dist.on_main(make))
-    run = HeldRunDir(root, held=(directory, lock_file) if lock_file is not None and directory is not None else None)
+    run = RunDir(Path(dist.on_main(make)), held=held[0] if held else None)
     try:
         yield run
     finally:
-        if lock_file is not None:
-            lock_file.close()  # releases the lock
+        if held:
+            held[0][1].close()  # releases the lock
 
 
 def start(run: RunDir, config_yaml: str, resumed_step: int | None) -> None:
     """Write the run's resolved config and make metrics.jsonl one history: after a resume, the
     records up to the checkpoint (``truncate_metrics``); on a fresh start (``resumed_step`` is
-    None), a new file, with an earlier one kept aside (``set_metrics_aside``)."""
+    None), a new file, with an earlier one kept aside (``set_aside``)."""
     write_text_atomic(run.config, config_yaml)
     if resumed_step is None:
-        set_metrics_aside(run)
+        set_aside(run.metrics, "metrics")
     else:
         truncate_metrics(run, resumed_step)
 
 
 def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` durable: after a rename (or a new file or
-    directory) in it, the rename survives a power loss only once its directory is fsynced."""
-    if os.name == "nt":  # a directory cannot be opened there; NTFS journals its metadata itself
-        return
+    """Make the entries of directory ``path`` durable: a rename (or a new file) in it survives a
+    power loss only once the directory is fsynced."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -263,9 +192,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old
-    file or the new one, never half of one. Durable on return: the file and then its directory
-    (the rename) are fsynced."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (readers see the old file
+    or the new one), durably: the file, then its directory are fsynced."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -280,25 +208,19 @@ def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
     write_text_atomic(run.summary, json.dumps(summary, indent=2) + "\n")
 
 
-def _is_fraction(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
-
-
 def read_summary(run: RunDir) -> dict[str, Any] | None:
     """summary.json, when it is one: a JSON object with an integer ``steps`` >= 0 and a
     ``final_test_acc`` in [0, 1]. None for anything else (missing, unreadable, not ours): the
     run is then not taken as finished, and finishing it writes the file anew."""
     try:
         summary = json.loads(run.summary.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        steps, acc = summary["steps"], summary["final_test_acc"]
+    except (OSError, ValueError, RecursionError, TypeError, KeyError):
         return None
-    if not isinstance(summary, dict):
-        return None
-    steps = summary.get("steps")
-    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0
-            and _is_fraction(summary.get("final_test_acc"))):
-        return None
-    return summary
+    ok = type(steps) is int and steps >= 0 and type(acc) in (int, float) and math.isfinite(acc) and 0 <= acc <= 1
+    return summary if ok else None
+
+
 def read_run_record(run_dir: str | Path) -> list[dict[str, Any]]:
     """The starts recorded in ``RUN_DIR/run.json``, oldest first; none when it is missing or
     unreadable."""
@@ -323,9 +245,7 @@ def record_start(run: RunDir, start: dict[str, Any]) -> None:
 def _parse_metrics_lines(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
     """(the lines that are JSON objects, the number of other non-blank lines)."""
     records, skipped = [], 0
-    for line in lines:
-        if not line.strip():
-            continue
+    for line in filter(str.strip, lines):
         try:
             record = json.loads(line)
         except ValueError:
@@ -338,17 +258,13 @@ def _parse_metrics_lines(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
 
 
 def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]]:
-    """The records of ``RUN_DIR/metrics.jsonl``, in order.
-
-    Tolerant: a line that is not a JSON object (a run killed while writing its last line) is
-    skipped, with a note on stderr when ``warn``. A missing file reads as no records.
-    """
+    """The records of ``RUN_DIR/metrics.jsonl``, in order (none when it is missing). A line that
+    is not a JSON object (a run killed while writing it) is skipped, said on stderr if ``warn``."""
     path = RunDir(Path(run_dir)).metrics
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        records, skipped = _parse_metrics_lines(path.read_text(errors="replace").splitlines())
     except FileNotFoundError:
         return []
-    records, skipped = _parse_metrics_lines(lines)
     if skipped and warn:
         print(f"warning: {path}: skipped {skipped} unreadable line(s)", file=sys.stderr, flush=True)
     return records
@@ -356,14 +272,10 @@ def read_metrics(run_dir: str | Path, warn: bool = False) -> list[dict[str, Any]
 
 def truncate_metrics(run: RunDir, last_step: int) -> None:
     """Keep only records up to ``last_step`` (a run that died after its last checkpoint logged
-    more), so a resumed run's metrics.jsonl reads like one uninterrupted run.
-
-    A half-written last line (no newline: the run was killed while writing it; every record is
-    written with its newline in one go) is dropped even when it happens to parse, and so is
-    any other line that is not a JSON object with an integer ``step``; the log says how many.
-    The file is rewritten atomically and ends with a newline, so the resumed run's first
-    record starts a line of its own.
-    """
+    more), so a resumed run's metrics.jsonl reads like one uninterrupted run. A half-written last
+    line (no newline: every record is written with its newline at once) is dropped even when it
+    parses, and so is any line that is not a JSON object with an integer ``step``, with a
+    warning. Rewritten atomically, ending with a newline."""
     path = run.metrics
     try:
         text = path.read_text(errors="replace")
@@ -371,18 +283,15 @@ def truncate_metrics(run: RunDir, last_step: int) -> None:
         return
     lines = text.splitlines()
     half_written = bool(lines) and not text.endswith("\n")
-    if half_written:
-        lines.pop()
-    records, unreadable = _parse_metrics_lines(lines)
-    with_step = [r for r in records if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
+    records, unreadable = _parse_metrics_lines(lines[:-1] if half_written else lines)
+    with_step = [r for r in records if type(r.get("step")) is int]
     unreadable += len(records) - len(with_step)
-    kept = [r for r in with_step if r["step"] <= last_step]
     if half_written or unreadable:
         what = ["a half-written last line"] if half_written else []
         what += [f"{unreadable} unreadable line(s)"] if unreadable else []
         print(f"warning: {path}: dropped {' and '.join(what)} before resuming at step {last_step}",
               file=sys.stderr, flush=True)
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in with_step if r["step"] <= last_step))
 
 
 def set_aside(path: Path, what: str) -> Path | None:
@@ -404,8 +313,3 @@ def set_aside(path: Path, what: str) -> Path | None:
     print(f"warning: {path} holds the {what} of an earlier start with no checkpoint that loads; "
           f"kept it as {aside.name}, starting anew", file=sys.stderr, flush=True)
     return aside
-
-
-def set_metrics_aside(run: RunDir) -> Path | None:
-    """``set_aside`` for metrics.jsonl."""
-    return set_aside(run.metrics, "metrics")

@@ -379,7 +379,7 @@ def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, An
     directory that is still this job's: ``RunDir.check_held``), then the finished line (the W&B
     run's line follows, as the tracker closes)."""
     run_dir.check_held()
-    checkpoint.save_model(model, run_dir.model)
+    checkpoint.save_weights(model.state_dict(), run_dir.model)
     rundir.write_summary(run_dir, summary)
     tracker.summary({k: v for k, v in summary.items() if k != "run_dir"})
     from mnistdist.plots import write_run_plots  # matplotlib: imported only here

@@ -65,7 +65,7 @@ def assert_like_golden(golden: dict, run_dir: Path) -> None:
     for name, value in golden["params"].items():
         assert torch.allclose(params[name], value, rtol=0, atol=1e-12), name
     newest = checkpoint.list_checkpoints(run_dir)[0]
-    checkpoint.verify(newest)
+    checkpoint.load_checkpoint(newest)
     assert newest.name == f"step-{STEPS:08d}"
 
 

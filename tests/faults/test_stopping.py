@@ -59,7 +59,7 @@ def test_ctrl_c_is_a_clean_stop_with_a_checkpoint_and_exit_130(tmp_path, launche
     steps = stop_steps(stderr)
     assert len(steps) == 1, stderr[-3000:]  # one line, from the main process
     assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{steps[0]:08d}"
-    checkpoint.verify(checkpoint.list_checkpoints(run_dir)[0])
+    checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[0])
     assert "run again with the same --run-dir to resume" in stderr
     if launcher == "mnistdist.launch":
         assert "mnistdist.launch: the workers stopped on Ctrl-C (exit 130)" in stderr
@@ -168,7 +168,7 @@ def test_sigterm_stops_with_a_checkpoint_while_wandb_hangs(tmp_path):
     assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
     steps = stop_steps(stderr)
     assert len(steps) == 1 and checkpoint.list_checkpoints(run_dir)[0].name == f"step-{steps[0]:08d}", stderr[-3000:]
-    checkpoint.verify(checkpoint.list_checkpoints(run_dir)[0])
+    checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[0])
     assert "Traceback" not in stderr
     warnings = [line for line in stderr.splitlines() if line.startswith("wandb:")]
     assert len(warnings) == 1 and "W&B is off for the rest of this run" in warnings[0], stderr[-3000:]
