@@ -71,10 +71,8 @@ class Progress:
     """The progress output of one run and its throughput: ``start_epoch``, ``update`` after each
     optimizer step, ``log`` with each training record, ``epoch_end`` with the epoch's evaluation
     record; leaving the ``with`` block removes a bar still drawn. Prints only where ``enabled``.
-
-    Training time runs from ``start_epoch`` to the latest ``log``: a record is logged after the
-    loss was all-reduced and read, so the steps before it have finished (on a GPU too), and
-    evaluation and checkpoints, which come after an epoch's last record, are not counted."""
+    Training time runs from ``start_epoch`` to the latest ``log`` (logged once the loss was read,
+    so the steps before it have finished, on a GPU too): evaluation and checkpoints don't count."""
 
     def __init__(self, mode: str, enabled: bool, epochs: int, last_step: int, global_batch_size: int,
                  train_time_s: float = 0.0):

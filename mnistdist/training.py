@@ -194,8 +194,7 @@ class Results:
     final_val: EvalCounts | None
 
     def record(self, state: TrainState) -> dict[str, Any]:
-        """What the last evaluation line adds with a validation set: the test results of the final
-        model (per class, confusion matrix) and of the best one, and when that was evaluated."""
+        """What the last evaluation line adds with a validation set: the final and best test results."""
         if self.final_val is None:
             return {}
         best = state.best or Best.of(self.final_val, state.step, state.epoch + 1)
