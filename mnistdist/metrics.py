@@ -13,17 +13,13 @@ from mnistdist.model import NUM_CLASSES
 
 
 def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
-    """Loss of each sample, shape [B], in the logits' precision (float32 for half-precision
-    logits, e.g. under bf16 autocast).
+    """Loss of each sample, shape [B]: ``cross_entropy`` (-log softmax(logits)[target]) or
+    ``mse`` (mean over the classes of (softmax(logits) - one_hot(target))^2, whose batch mean is
+    ``F.mse_loss``'s), in the logits' precision (float32 for half-precision logits).
 
-    ``cross_entropy``: -log softmax(logits)[target]. ``mse``: mean over the 10 classes of
-    (softmax(logits) - one_hot(target))^2, so its batch mean equals ``F.mse_loss`` (the seed's
-    comparison of the two losses).
-
-    Never below the logits' precision: a float64 model's loss and its backward (the 1/b of each
-    rank's batch mean) stay float64, which is what makes N ranks equal one rank to ~1e-16 at any
-    N. (Casting to float32 here made 3 and 6 ranks differ from one by ~1e-8 after one step:
-    1/b * 1/N rounds to exactly 1/B in float32 only when N is a power of two.)
+    Never below it: a float64 model's loss and backward (the 1/b of each rank's batch mean) stay
+    float64, which makes N ranks equal one rank at any N (in float32, 1/b * 1/N rounds to 1/B
+    exactly only when N is a power of two).
     """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
@@ -38,11 +34,8 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> t
 
 @dataclass
 class EvalCounts:
-    """Exact sums over a set of samples: a confusion matrix and the summed loss.
-
-    Sums (not means) are what ranks add together, so the result does not depend on how the
-    samples were split across processes.
-    """
+    """Exact sums over a set of samples: a confusion matrix and the summed loss. Sums (not
+    means) are what ranks add, so the result does not depend on how the samples were split."""
 
     confusion: torch.Tensor  # [10, 10] int64, rows = true class, columns = predicted
     loss_sum: float
@@ -53,25 +46,21 @@ class EvalCounts:
 
     @classmethod
     def from_batch(cls, logits: torch.Tensor, targets: torch.Tensor, loss_kind: str) -> EvalCounts:
-        predicted = logits.argmax(dim=1)
-        flat = (targets * NUM_CLASSES + predicted).cpu()
+        flat = (targets * NUM_CLASSES + logits.argmax(dim=1)).cpu()
         confusion = torch.bincount(flat, minlength=NUM_CLASSES * NUM_CLASSES).view(NUM_CLASSES, NUM_CLASSES)
-        loss_sum = per_sample_loss(logits, targets, loss_kind).double().sum().item()
-        return cls(confusion, loss_sum)
+        return cls(confusion, per_sample_loss(logits, targets, loss_kind).double().sum().item())
 
     def __add__(self, other: EvalCounts) -> EvalCounts:
         return EvalCounts(self.confusion + other.confusion, self.loss_sum + other.loss_sum)
 
-    # Packed as one float64 vector so a single all-reduce carries everything; counts up to
-    # 2**53 are exact in float64.
+    # One float64 vector, so a single all-reduce carries it all (counts up to 2**53 are exact).
     def to_tensor(self) -> torch.Tensor:
         return torch.cat([self.confusion.flatten().double(), torch.tensor([self.loss_sum], dtype=torch.float64)])
 
     @classmethod
     def from_tensor(cls, packed: torch.Tensor) -> EvalCounts:
         packed = packed.cpu()
-        confusion = packed[:-1].round().long().view(NUM_CLASSES, NUM_CLASSES)
-        return cls(confusion, float(packed[-1]))
+        return cls(packed[:-1].round().long().view(NUM_CLASSES, NUM_CLASSES), float(packed[-1]))
 
     @property
     def total(self) -> int:
@@ -90,33 +79,22 @@ class EvalCounts:
         return self.loss_sum / self.total if self.total else float("nan")
 
     def per_class_accuracy(self) -> list[float]:
-        per_class_total = self.confusion.sum(dim=1).tolist()
-        diagonal = self.confusion.diagonal().tolist()
-        return [diagonal[c] / per_class_total[c] if per_class_total[c] else float("nan") for c in range(NUM_CLASSES)]
+        pairs = zip(self.confusion.diagonal().tolist(), self.confusion.sum(dim=1).tolist())
+        return [correct / total if total else float("nan") for correct, total in pairs]
 
     def as_record(self, prefix: str = "test") -> dict:
-        """The fields every evaluation line in metrics.jsonl carries: ``test_loss``,
-        ``test_acc``, ``test_correct``, ``test_total`` (``val_*`` for the validation set)."""
-        return {
-            f"{prefix}_loss": self.mean_loss,
-            f"{prefix}_acc": self.accuracy,
-            f"{prefix}_correct": self.correct,
-            f"{prefix}_total": self.total,
-        }
+        """``test_loss``, ``test_acc``, ``test_correct``, ``test_total`` (or ``val_*``) of a
+        metrics.jsonl evaluation line."""
+        return {f"{prefix}_loss": self.mean_loss, f"{prefix}_acc": self.accuracy,
+                f"{prefix}_correct": self.correct, f"{prefix}_total": self.total}
 
 
 @dataclass(frozen=True)
 class Best:
-    """The validation result that chose the best model so far, and when it was evaluated.
+    """The validation result that chose the best model so far (never the test set), and when."""
 
-    Better means a higher validation accuracy; a lower validation loss breaks a tie, and on a
-    full tie the earlier model stays (as Lightning's ModelCheckpoint keeps the first of equal
-    scores). Never chosen on the test set."""
-
-    step: int
-    """The optimizer step after which the model was evaluated."""
-    epoch: int
-    """Its epoch, 1-based as in metrics.jsonl."""
+    step: int  # the optimizer step after which the model was evaluated
+    epoch: int  # its epoch, 1-based as in metrics.jsonl
     val_acc: float
     val_loss: float
     val_correct: int
@@ -125,10 +103,6 @@ class Best:
     @classmethod
     def of(cls, counts: EvalCounts, step: int, epoch: int) -> Best:
         return cls(step, epoch, counts.accuracy, counts.mean_loss, counts.correct, counts.total)
-
-    def beaten_by(self, counts: EvalCounts) -> bool:
-        """Whether a model with these validation ``counts`` is better than this one."""
-        return (counts.accuracy, -counts.mean_loss) > (self.val_acc, -self.val_loss)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,17 +113,16 @@ class Best:
 
 
 def improves(best: Best | None, counts: EvalCounts) -> bool:
-    """Whether validation ``counts`` make a new best model (the first evaluation always does)."""
-    return best is None or best.beaten_by(counts)
+    """Whether validation ``counts`` make a new best model: the first evaluation, a higher
+    accuracy, or an equal one with a lower loss (on a full tie the earlier model stays, as
+    Lightning's ModelCheckpoint keeps the first of equal scores)."""
+    return best is None or (counts.accuracy, -counts.mean_loss) > (best.val_acc, -best.val_loss)
 
 
 class LossMeter:
-    """This rank's training-loss sums, kept on the device (reading them every step would force a
-    host-device sync per step) and added to by the step itself; they are part of a checkpoint
-    so logs resume exactly. Always updated in place: a CUDA graph holds their addresses.
-
-    ``window_*``: since the last training line of metrics.jsonl; ``epoch_sum``: this epoch.
-    """
+    """This rank's training-loss sums (``window_*``: since the last training line; ``epoch_sum``:
+    this epoch), kept on the device (no host sync per step) and added to by the step itself;
+    checkpointed so logs resume exactly. Updated in place: a CUDA graph holds their addresses."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         # In the model's precision: a float64 run's logged losses are float64 sums too.
@@ -164,13 +137,10 @@ class LossMeter:
 
     @staticmethod
     def for_rank(saved: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
-        """Rank ``rank``'s loss sums to resume with, from every saved rank's ``state_dict()``.
-
-        What is logged is the sum over ranks divided by the number of ranks (each rank's loss
-        is a mean over an equal share of the global batch). On the world size that saved them,
-        each rank takes back its own sums (bitwise). On another one, the mean over the saved
-        ranks is re-split so the next line logs the same value: all of it on rank 0 (times the
-        new number of ranks), none on the others (adding zeros is exact)."""
+        """Rank ``rank``'s loss sums to resume with, from every saved rank's ``state_dict()``: its
+        own at the same world size (bitwise); at another, the logged mean (sum over ranks / ranks)
+        re-split so the next line logs the same value: all on rank 0 (times the new number of
+        ranks), zeros on the others (adding zeros is exact)."""
         if len(saved) == world_size:
             return saved[rank]
         scale = world_size / len(saved)

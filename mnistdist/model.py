@@ -1,7 +1,5 @@
-"""The seed's network: a 784-200-200-10 MLP with ReLU and Kaiming-normal weights.
-
-Plain ``nn.Module``: it knows nothing about devices, ranks or wrappers.
-"""
+"""The seed's network: a 784-200-200-10 MLP with ReLU and Kaiming-normal weights (a plain
+``nn.Module``: it knows nothing about devices, ranks or wrappers)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""PNG plots of a run: loss curves, accuracy curve, confusion matrix (matplotlib, Agg).
-
-``write_run_plots(run_dir)`` reads ``run_dir/metrics.jsonl`` and writes into ``run_dir/plots/``.
-It uses matplotlib's object API with the Agg canvas directly (no pyplot), so it never opens a
-window, never changes the process-wide backend and keeps no global figure state.
-"""
+"""PNG plots of a run (loss curves, accuracy curve, confusion matrix) from its metrics.jsonl,
+into ``RUN_DIR/plots/``: matplotlib's object API on the Agg canvas (no pyplot), so no window,
+no change to the process-wide backend, no global figure state."""
 
 from __future__ import annotations
 
@@ -17,9 +14,8 @@ from mnistdist.rundir import RunDir, read_metrics
 
 
 def split_records(records: Sequence[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of metrics.jsonl: training lines carry ``train_loss``,
-    evaluation lines ``test_acc`` or, with a validation set, ``val_acc`` (the last one also the
-    test results). Values written as null (NaN/inf) stay None."""
+    """(training lines, evaluation lines) of metrics.jsonl: those with ``train_loss``, and those
+    with ``test_acc`` or ``val_acc``. Values written as null (NaN/inf) stay None."""
     train = [r for r in records if "train_loss" in r and "step" in r]
     evals = [r for r in records if ("test_acc" in r or "val_acc" in r) and "step" in r]
     return train, evals
@@ -27,17 +23,12 @@ def split_records(records: Sequence[dict[str, Any]]) -> tuple[list[dict], list[d
 
 def last_confusion(evals: Sequence[dict[str, Any]]) -> list[list[int]] | None:
     """The ``confusion`` of the last evaluation line, when it has one."""
-    if evals and _is_confusion(evals[-1].get("confusion")):
-        return evals[-1]["confusion"]
-    return None
+    return evals[-1]["confusion"] if evals and _is_confusion(evals[-1].get("confusion")) else None
 
 
 def _is_confusion(value: Any) -> bool:
-    return (
-        isinstance(value, (list, tuple))
-        and len(value) == NUM_CLASSES
-        and all(isinstance(row, (list, tuple)) and len(row) == NUM_CLASSES for row in value)
-    )
+    return (isinstance(value, (list, tuple)) and len(value) == NUM_CLASSES
+            and all(isinstance(row, (list, tuple)) and len(row) == NUM_CLASSES for row in value))
 
 
 def _xy(records: Sequence[dict], x: str, y: str) -> tuple[list[float], list[float]]:
@@ -63,21 +54,18 @@ def plot_loss(train: Sequence[dict], evals: Sequence[dict], path: Path, title: s
 
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    x, y = _xy(train, "step", "train_loss")
-    if x:
-        ax.plot(x, y, label="train loss", color="tab:blue", linewidth=1.2)
-    x, y = _xy(evals, "step", "val_loss")
-    if x:
-        ax.plot(x, y, "o-", label="validation loss", color="tab:purple", linewidth=1.5, markersize=4)
-    x, y = _xy(evals, "step", "test_loss")
-    if x:
-        ax.plot(x, y, "o-", label="test loss", color="tab:orange", linewidth=1.5, markersize=4)
+    for records, key, label, color in ((train, "train_loss", "train loss", "tab:blue"),
+                                       (evals, "val_loss", "validation loss", "tab:purple"),
+                                       (evals, "test_loss", "test loss", "tab:orange")):
+        x, y = _xy(records, "step", key)
+        if x and records is train:
+            ax.plot(x, y, label=label, color=color, linewidth=1.2)
+        elif x:
+            ax.plot(x, y, "o-", label=label, color=color, linewidth=1.5, markersize=4)
     positive = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0]
     if positive and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"loss{f' - {title}' if title else ''}")
+    ax.set(xlabel="optimizer step", ylabel="loss", title=f"loss{f' - {title}' if title else ''}")
     ax.grid(True, alpha=0.3)
     if ax.get_lines():
         ax.legend()
@@ -108,9 +96,8 @@ def plot_accuracy(evals: Sequence[dict], path: Path, title: str = "") -> Path:
         ax.legend(loc="best")
         ax.margins(x=0.08, y=0.12)
     what = "validation and test accuracy" if validated else "test accuracy"
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)" if validated else "test accuracy (%)")
-    ax.set_title(f"{what}{f' - {title}' if title else ''}")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)" if validated else "test accuracy (%)",
+           title=f"{what}{f' - {title}' if title else ''}")
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
 
@@ -135,10 +122,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], path: Path, title: str = 
                 ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if shares[i, j] > 0.5 else "black")
     ticks = list(range(counts.shape[0]))
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted class", ylabel="true class")
     acc = f"{100 * correct / total:.2f}% ({correct}/{total})" if total else "no samples"
     ax.set_title(f"confusion matrix, test accuracy {acc}{f' - {title}' if title else ''}", fontsize=10)
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -150,26 +134,23 @@ def plot_confusion(confusion: Sequence[Sequence[int]], path: Path, title: str = 
 
 def write_run_plots(run_dir: Path, confusion: Sequence[Sequence[int]] | None = None,
                     out_dir: Path | None = None) -> list[Path]:
-    """Write ``loss.png``, ``accuracy.png`` and ``confusion.png`` for a run; return their paths.
-
-    ``confusion`` (10x10, rows = true class) wins over the one in the last evaluation line of
-    metrics.jsonl; without either, ``confusion.png`` is skipped (the caller can tell from the
-    returned list). ``out_dir`` defaults to ``run_dir/plots``. Raises FileNotFoundError when
-    the run has no metrics.jsonl.
-    """
-    run = RunDir(Path(run_dir))
-    if not run.metrics.is_file():
-        raise FileNotFoundError(f"{run.metrics}: no such file")
-    train, evals = split_records(read_metrics(run.root))
+    """Write ``loss.png``, ``accuracy.png`` and ``confusion.png`` (into ``out_dir``, by default
+    ``RUN_DIR/plots``); return their paths. ``confusion`` (10x10, rows = true class) wins over
+    the last evaluation line's; without either, ``confusion.png`` is skipped. Raises
+    FileNotFoundError when the run has no metrics.jsonl."""
+    paths = RunDir(Path(run_dir))
+    if not paths.metrics.is_file():
+        raise FileNotFoundError(f"{paths.metrics}: no such file")
+    train, evals = split_records(read_metrics(paths.root))
     if hasattr(confusion, "tolist"):  # a tensor or an array
         confusion = confusion.tolist()
     if confusion is None:
         confusion = last_confusion(evals)
     elif not _is_confusion(confusion):
         raise ValueError("confusion must be a 10x10 matrix (rows = true class)")
-    out = Path(out_dir) if out_dir is not None else run.plots
+    out = Path(out_dir) if out_dir is not None else paths.plots
     out.mkdir(parents=True, exist_ok=True)
-    title = run.root.resolve().name
+    title = paths.root.resolve().name
     written = [plot_loss(train, evals, out / "loss.png", title), plot_accuracy(evals, out / "accuracy.png", title)]
     if confusion is not None:
         written.append(plot_confusion(confusion, out / "confusion.png", title))

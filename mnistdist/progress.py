@@ -1,21 +1,15 @@
-"""What training shows while it runs (``tracking.progress``), on the main process only, and
-the throughput it reports (timed on every process).
+"""What training shows while it runs (``tracking.progress``, on the main process only) and the
+throughput it reports (timed on every process).
 
-* ``bar``: a tqdm bar per epoch on stderr (the training loss of the last log in its postfix).
-* ``lines``: a plain line on stdout every ``train.log_every_steps`` steps (the values of the
-  metrics.jsonl training line), no ``\\r``, so Slurm logs and files stay readable::
+``bar``: a tqdm bar per epoch on stderr; ``lines``: a plain line on stdout every
+``train.log_every_steps`` steps, no ``\\r``, so Slurm logs stay readable::
 
-      epoch 1/10  step 50/3000  train_loss 0.4123  lr 0.0998  12,345 samples/s
+    epoch 1/10  step 50/3000  train_loss 0.4123  lr 0.0998  12,345 samples/s
 
-* ``off``: no per-step output.
-* ``auto``: ``bar`` when stderr is a terminal, ``lines`` otherwise.
-
-In every mode the start line (``start_line``: what runs where, in which precision), the epoch
-summary line (``epoch 1/10  train_loss ...  test_acc 97.12% ...``, or ``val_acc`` with a
-validation set) at each epoch end and the line of the finished run (``finished_line``: where the
-model is, its test accuracy) are printed on stdout. ``TQDM_DISABLE`` set (to anything but ``""``, ``0``,
-``false``, ``no``, ``off``) turns ``auto`` and ``bar`` into ``off``; an explicit ``lines`` still
-prints lines (they are not tqdm's).
+``off``: no per-step output; ``auto``: ``bar`` on a terminal, else ``lines``. ``TQDM_DISABLE``
+set (to anything but ``""``, ``0``, ``false``, ``no``, ``off``) turns ``auto`` and ``bar`` into
+``off``. In every mode the start line, each epoch's summary line and the finished line are
+printed on stdout.
 """
 
 from __future__ import annotations
@@ -29,19 +23,11 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-FALSE_VALUES = ("", "0", "false", "no", "off")
-
-
-def tqdm_disabled(environ: Mapping[str, str] | None = None) -> bool:
-    """``TQDM_DISABLE`` is set to a true value."""
-    value = (os.environ if environ is None else environ).get("TQDM_DISABLE", "")
-    return value.strip().lower() not in FALSE_VALUES
-
 
 def resolve(mode: str, stderr: TextIO | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """``tracking.progress`` -> ``bar``, ``lines`` or ``off`` for this process's stderr and
-    environment."""
-    if mode in ("auto", "bar") and tqdm_disabled(environ):
+    """``tracking.progress`` -> ``bar``, ``lines`` or ``off`` for this stderr and environment."""
+    tqdm_disable = (os.environ if environ is None else environ).get("TQDM_DISABLE", "")
+    if mode in ("auto", "bar") and tqdm_disable.strip().lower() not in ("", "0", "false", "no", "off"):
         return "off"
     if mode == "auto":
         isatty = getattr(sys.stderr if stderr is None else stderr, "isatty", None)
@@ -55,17 +41,14 @@ def precision_name(dtype: str, mixed_precision: str) -> str:
 
 
 def start_line(start: Mapping[str, Any], run_dir: Any) -> str:
-    """The line a run starts with, from its run.json entry (``rundir.record_start``): processes,
-    device, backend, precision, threads, the batch split, the images per epoch (with those held
-    out for validation, and those the sampler repeats), and the run directory."""
+    """The line a run starts with, from its run.json entry (``rundir.record_start``)."""
     n = start["world_size"]
     precision = start["precision"] + (f" ({start['dtype']} weights)" if start["precision"] != start["dtype"] else "")
     images = f"{start['steps_per_epoch']} steps/epoch over {start['training_images']} images"
     if start["validation_images"]:
         images += f" ({start['validation_images']} held out for validation)"
-    repeated = start["repeated_images_per_epoch"]
-    if repeated:
-        images += (f"; {repeated} image(s) repeated per epoch to share {start['training_images']} among {n} "
+    if start["repeated_images_per_epoch"]:
+        images += (f"; {start['repeated_images_per_epoch']} image(s) repeated per epoch to share {start['training_images']} among {n} "
                    "processes: not exactly the 1-process result")
     return (f"training on {n} process(es), {start['device']}, backend {start['backend']}; precision {precision}, "
             f"{start['threads_per_process']} thread(s) per process; global batch {start['global_batch_size']} = "
@@ -73,8 +56,8 @@ def start_line(start: Mapping[str, Any], run_dir: Any) -> str:
 
 
 def finished_line(summary: Mapping[str, Any]) -> str:
-    """The line of a finished run, from its summary: where the final model is and its test
-    accuracy; with a validation set also the best model (by validation accuracy) and its."""
+    """The line of a finished run, from its summary: the final model, with a validation set the
+    best one too, and their test accuracy."""
     line = (f"finished after {summary['steps']} steps: {summary['model']} test_acc "
             f"{100 * summary['final_test_acc']:.2f}% ({summary['test_correct']}/{summary['test_total']})")
     if summary.get("best_model") not in (None, summary["model"]):
@@ -85,21 +68,18 @@ def finished_line(summary: Mapping[str, Any]) -> str:
 
 
 class Progress:
-    """The progress output of one run, and its throughput: ``start_epoch``, then ``step`` after
-    each optimizer step, ``log`` with each training record, ``epoch_end`` with the epoch's
-    evaluation record; ``close`` (or leaving the ``with`` block) removes a bar still drawn. It
-    prints only where ``enabled`` (the main process), and times on every process.
+    """The progress output of one run and its throughput: ``start_epoch``, ``update`` after each
+    optimizer step, ``log`` with each training record, ``epoch_end`` with the epoch's evaluation
+    record; leaving the ``with`` block removes a bar still drawn. Prints only where ``enabled``.
+    Training time runs from ``start_epoch`` to the latest ``log`` (logged once the loss was read,
+    so the steps before it have finished, on a GPU too): evaluation and checkpoints don't count."""
 
-    Training time runs from ``start_epoch`` to the latest ``log``: a record is logged after the
-    loss was all-reduced and read, so the steps before it have finished (on a GPU too), and
-    evaluation and checkpoints, which come after an epoch's last record, are not counted."""
-
-    def __init__(self, mode: str, enabled: bool, epochs: int, last_step: int, global_batch_size: int):
+    def __init__(self, mode: str, enabled: bool, epochs: int, last_step: int, global_batch_size: int,
+                 train_time_s: float = 0.0):
         self.mode = resolve(mode) if enabled else "off"
         self.enabled = enabled
         self.epochs, self.last_step, self.global_batch_size = epochs, last_step, global_batch_size
-        self.train_time_s = 0.0
-        """Training time of the epochs ended so far (seconds)."""
+        self.train_time_s = train_time_s  # of the earlier jobs (a resumed run) and the epochs ended
         self._bar: Any = None
         self._epoch_start = self._window_start = self._trained_until = time.perf_counter()
         self._epoch_steps = self._window_steps = 0
@@ -107,7 +87,7 @@ class Progress:
 
     @property
     def trained_s(self) -> float:
-        """Training time so far: the ended epochs', and the current one's up to its latest ``log``."""
+        """Training time so far: ``train_time_s``, and the current epoch's up to its latest ``log``."""
         return self.train_time_s + (self._trained_until - self._epoch_start if self._in_epoch else 0.0)
 
     def start_epoch(self, epoch: int, steps: int) -> None:
@@ -120,7 +100,7 @@ class Progress:
             self._bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, disable=False,
                              mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
 
-    def step(self) -> None:
+    def update(self) -> None:
         """One optimizer step done."""
         self._epoch_steps += 1
         self._window_steps += 1
@@ -144,10 +124,8 @@ class Progress:
         return record
 
     def epoch_end(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """An epoch's evaluation record (``epoch`` 1-based, ``train_loss_epoch``, ``test_loss``,
-        ``test_acc``, ``test_correct``, ``test_total``; or ``val_*`` instead of ``test_*``),
-        returned with the epoch's training time ``epoch_time_s`` and ``samples_per_s``; its
-        summary line is printed in every mode."""
+        """An epoch's evaluation record (``test_*`` or ``val_*``), returned with its training time
+        ``epoch_time_s`` and ``samples_per_s``; its summary line is printed in every mode."""
         self.close()
         epoch_time_s = self._trained_until - self._epoch_start
         self.train_time_s += epoch_time_s

@@ -1,8 +1,5 @@
-"""Learning-rate schedule as a pure function of the global step.
-
-Being a function of the step alone, the schedule needs no state of its own: restoring the
-step restores the schedule exactly.
-"""
+"""Learning-rate schedule as a pure function of the global step: restoring the step restores
+the schedule exactly."""
 
 from __future__ import annotations
 
@@ -10,12 +7,9 @@ import math
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, kind: str, warmup_steps: int = 0) -> float:
-    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
-
-    ``constant``: ``base_lr``. ``cosine``: linear warm-up over ``warmup_steps`` (from
-    base_lr/warmup_steps up to base_lr), then half a cosine from base_lr down to 0 at
-    ``total_steps``.
-    """
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``: ``constant``
+    ``base_lr``, or ``cosine``: a linear warm-up over ``warmup_steps`` (base_lr/warmup_steps up
+    to base_lr), then half a cosine from base_lr down to 0 at ``total_steps``."""
     if kind == "constant":
         return base_lr
     if kind != "cosine":

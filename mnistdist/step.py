@@ -1,14 +1,13 @@
 """One optimizer step: forward, backward, the ranks' stop agreement, update.
 
-A step is called as ``step(x, y, lr, number) -> stop``: it takes optimizer step ``number``
-(1-based, counted over the whole run, resumes included), adds its loss to the ``LossMeter``'s
-sums, and returns True when the ranks agreed to stop after it (at every ``check_every``-th step
-they agree on the stop requests of ``stop_requested()``: one tiny all-reduce). The caller keeps
-the count; a step keeps none.
+``step(x, y, lr, number) -> stop`` takes optimizer step ``number`` (1-based, over the whole
+run; the caller counts), adds its loss to the ``LossMeter``'s sums, and returns True when the
+ranks agreed to stop after it (every ``check_every``-th step they agree on ``stop_requested()``:
+one tiny all-reduce).
 
-``EagerStep`` is the reference. ``GraphedStep`` records the same step once as a CUDA graph
-and replays it: on a GPU this tiny model is bound by kernel-launch and Python overhead, not
-by arithmetic, and a replay launches the ~40 kernels of a step at once (1 GPU only).
+``EagerStep`` is the reference. ``GraphedStep`` records the same step once as a CUDA graph and
+replays it: on a GPU this tiny model is bound by kernel launches, and a replay launches the
+step's kernels at once (1 GPU only).
 """
 
 from __future__ import annotations
@@ -24,18 +23,9 @@ from mnistdist.signals import NonFiniteLoss
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def not_finite(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """True (as a 0-d tensor, no host sync) if the loss or any gradient holds NaN/Inf."""
-    flags = [~torch.isfinite(loss.detach())]
-    flags += [~torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return torch.stack(flags).any()
-
-
 def _nonfinite_error(number: int) -> NonFiniteLoss:
-    return NonFiniteLoss(
-        f"non-finite loss or gradient at step {number}; stopped before the optimizer step; "
-        "lower train.lr or check the data"
-    )
+    return NonFiniteLoss(f"non-finite loss or gradient at step {number}; stopped before the optimizer step; "
+                         "lower train.lr or check the data")
 
 
 class EagerStep:
@@ -54,17 +44,6 @@ class EagerStep:
         self._found = torch.zeros(1, device=dist.device)
         self._one = torch.ones((), device=dist.device)
 
-    def grads_not_finite(self) -> torch.Tensor:
-        """1.0 (a 1-element tensor, no host sync) if any gradient holds NaN/Inf.
-
-        One fused kernel, the one ``GradScaler`` uses (it "unscales" by 1.0, which leaves the
-        gradients unchanged), instead of an ``isfinite`` per parameter (docs/benchmarks.md).
-        """
-        self._found.zero_()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
-        return self._found
-
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, number: int) -> bool:
         """Take optimizer step ``number``; return True if the ranks agreed to stop after it."""
         for group in self.optimizer.param_groups:
@@ -72,16 +51,18 @@ class EagerStep:
         loss = self.loss_fn(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.dist.backward(loss)  # DDP averages gradients over ranks here
-        # Invariant: after DDP's all-reduce every rank holds bitwise the same averaged
-        # gradients, so every rank reaches the same verdict on them without communicating,
-        # and a NaN/Inf update is never applied. (A rank's own loss is not part of the
-        # verdict: it may differ between ranks; the logged, all-reduced loss is checked
-        # in training.train_record.) One host sync per step; the collective every ``check_every`` steps.
-        nonfinite = self.grads_not_finite()
+        # Invariant: after DDP's all-reduce every rank holds bitwise the same gradients, so all
+        # reach the same verdict without communicating and a NaN/Inf update is never applied.
+        # (A rank's own loss may differ between ranks: the logged, all-reduced one is checked in
+        # training.train_record.) One host sync per step; the collective every check_every steps.
+        # The check: GradScaler's one fused kernel, "unscaling" by 1.0 (docs/benchmarks.md).
+        self._found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in self.params if p.grad is not None],
+                                                         self._found, self._one)
         if number % self.check_every == 0:
-            nonfinite, stop = self.dist.any_flags([nonfinite, self.stop_requested()])
+            nonfinite, stop = self.dist.any_flags([self._found, self.stop_requested()])
         else:
-            nonfinite, stop = bool(nonfinite.item()), False
+            nonfinite, stop = bool(self._found.item()), False
         if nonfinite:
             raise _nonfinite_error(number)
         self.optimizer.step()
@@ -91,24 +72,18 @@ class EagerStep:
 
 
 class GraphedStep:
-    """The same step captured once as a CUDA graph and replayed (one GPU, fixed batch size).
-
-    What the graph holds: the batch copied into static buffers, forward, loss, backward, a
-    non-finite check, the fused SGD update (skipped in-graph through the optimizer's
-    ``found_inf`` when the check fires, so a NaN step is never applied), and the loss sums.
-    The learning rate is a device tensor the host fills before each replay. A batch of
-    another size (a last partial batch) goes through ``fallback``.
-    """
+    """The same step captured once as a CUDA graph and replayed (one GPU, fixed batch size): the
+    batch in static buffers, forward, backward, a non-finite check, the fused SGD update (skipped
+    in-graph through the optimizer's ``found_inf``, so a NaN step is never applied), the loss
+    sums. The lr is a device tensor filled before each replay. A batch of another size (a last
+    partial one) takes the eager step."""
 
     def __init__(self, eager: EagerStep, optimizer: torch.optim.Optimizer, example_x: torch.Tensor,
                  example_y: torch.Tensor, warmup_steps: int = 3) -> None:
         self.eager, self.dist = eager, eager.dist
         self.optimizer = optimizer  # the raw torch optimizer: fused SGD with a tensor lr
-        device = example_x.device
-        self.x, self.y = torch.empty_like(example_x), torch.empty_like(example_y)
-        self.lr = torch.zeros((), device=device)
-        self.found_inf = torch.zeros((), device=device)
-        self.nonfinite_seen = torch.zeros((), device=device)
+        self.x, self.y = example_x.clone(), example_y.clone()  # the graph's static input buffers
+        self.lr, self.found_inf, self.nonfinite_seen = (torch.zeros((), device=example_x.device) for _ in range(3))
         for group in optimizer.param_groups:
             group["lr"] = self.lr
 
@@ -116,11 +91,9 @@ class GraphedStep:
         # back everything the warm-up touched: weights, momentum, loss sums.
         params = eager.params
         saved_params = [p.detach().clone() for p in params]
-        saved_buffers = {p: optimizer.state[p].get("momentum_buffer") for p in params}
-        saved_buffers = {p: (b.clone() if b is not None else None) for p, b in saved_buffers.items()}
+        saved_buffers = {p: b.clone() if (b := optimizer.state[p].get("momentum_buffer")) is not None else None
+                         for p in params}
         saved_sums = (eager.window_sum.clone(), eager.epoch_sum.clone())
-        self.x.copy_(example_x)
-        self.y.copy_(example_y)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -153,7 +126,9 @@ class GraphedStep:
         # memory, overwritten (not accumulated) by every replay.
         loss = self.eager.loss_fn(self.x, self.y)
         loss.backward()
-        self.found_inf.copy_(not_finite(loss, self.eager.params).float())
+        flags = [~torch.isfinite(loss.detach())] + [~torch.isfinite(p.grad).all() for p in self.eager.params
+                                                    if p.grad is not None]  # no host sync
+        self.found_inf.copy_(torch.stack(flags).any().float())
         self.nonfinite_seen.copy_(torch.maximum(self.nonfinite_seen, self.found_inf))
         self.optimizer.found_inf = self.found_inf  # fused SGD skips the update when it is 1
         self.optimizer.step()
@@ -162,8 +137,12 @@ class GraphedStep:
         self.eager.epoch_sum.add_(loss)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, number: int) -> bool:
-        if x.shape != self.x.shape:
-            return self._fallback(x, y, lr, number)
+        if x.shape != self.x.shape:  # the eager step (it sets a float lr), then the lr tensor back
+            try:
+                return self.eager(x, y, lr, number)
+            finally:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
         self.lr.fill_(lr)
@@ -174,13 +153,3 @@ class GraphedStep:
         if nonfinite:
             raise _nonfinite_error(number)
         return stop
-
-    def _fallback(self, x: torch.Tensor, y: torch.Tensor, lr: float, number: int) -> bool:
-        lr_tensor = self.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            return self.eager(x, y, lr, number)
-        finally:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_tensor

@@ -1,13 +1,10 @@
-"""The training loop, read top to bottom.
-
-``run(cfg, run_dir, resume)``: start the process group -> ``fit`` -> tear it down.
-``fit``: data -> model -> resume -> record what runs -> for each epoch: train its steps,
-evaluate, log, checkpoint -> final weights, summary and plots.
+"""The training loop, read top to bottom: ``run`` starts the process group, ``fit`` trains
+(data -> model -> resume -> for each epoch: its steps, evaluate, log, checkpoint -> final
+weights, summary and plots), then the group is torn down.
 
 With a validation set (``data.validation_size``) each epoch is evaluated on it, the best model
-so far is kept (``RUN_DIR/best.safetensors``, and in every checkpoint), and the test set is
-evaluated once, at the end, for the final and the best model. Without one, each epoch is
-evaluated on the test set as in the seed, and nothing is chosen by it.
+so far is kept (``RUN_DIR/best.safetensors``, and in checkpoints), and the test set only at the
+end, for the final and the best model. Without one, each epoch is evaluated on the test set.
 
 Every rank runs the same steps in the same order, so the collectives inside them (DDP's
 gradient all-reduce, the stop agreement, the loss and evaluation sums, checkpoint saves) always
@@ -20,7 +17,6 @@ import copy
 import dataclasses
 import math
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +26,7 @@ import torch
 
 from mnistdist import checkpoint, rundir
 from mnistdist.config import Config, ConfigError, to_yaml, trajectory_changes
-from mnistdist.data import (MnistTensors, Split, TrainBatches, eval_shard, load_tensors, normalize, prepare_mnist,
+from mnistdist.data import (MnistTensors, TrainBatches, eval_shard, load_tensors, normalize, prepare_mnist,
                             validation_split)
 from mnistdist.distributed import Dist, software_versions, warn_main
 from mnistdist.metrics import Best, EvalCounts, LossMeter, improves, per_sample_loss
@@ -49,18 +45,12 @@ class TrainState:
     tensors, what a checkpoint holds. ``state_dict``/``load_state_dict`` as in torch."""
 
     loss: LossMeter
-    step: int = 0
-    """Optimizer steps done since the start of the run (the global step of every log)."""
-    epoch: int = 0
-    """The epoch in progress, 0-based."""
-    batch_in_epoch: int = 0
-    """Batches of ``epoch`` done; a resumed run continues with the next batch."""
-    train_time_s: float = 0.0
-    """The whole run's training time, as of the last checkpoint (``fit`` adds this job's)."""
-    best: Best | None = None
-    """The validation result of the best model so far (None: no validation set, or none yet)."""
-    best_model: dict[str, torch.Tensor] | None = None
-    """That model's weights (the same on every rank); saved with each checkpoint."""
+    step: int = 0  # optimizer steps done in the whole run (the global step of every log)
+    epoch: int = 0  # the epoch in progress, 0-based
+    batch_in_epoch: int = 0  # batches of ``epoch`` done; a resumed run continues with the next
+    train_time_s: float = 0.0  # the whole run's training time, as of the last checkpoint
+    best: Best | None = None  # the validation result of the best model so far, if any
+    best_model: dict[str, torch.Tensor] | None = None  # its weights (the same on every rank)
 
     def advance(self) -> None:
         """One optimizer step done (the step itself added its loss to the sums)."""
@@ -69,6 +59,7 @@ class TrainState:
         self.loss.window_steps += 1
 
     def next_epoch(self) -> None:
+        """The epoch is over: the next one starts at its first batch."""
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.loss.epoch_sum.zero_()
 
@@ -87,6 +78,7 @@ class TrainState:
                 "train_time_s": self.train_time_s}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The inverse of ``state_dict``."""
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.loss.load_state_dict(state["loss"])
         self.best = Best.from_state_dict(state["best"]) if state.get("best") else None
@@ -124,49 +116,45 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
 def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSignals,
         allow_config_change: bool = False) -> dict[str, Any]:
     """Train and evaluate; return the summary. Collective: every rank calls it."""
-    t = cfg.train
-
-    # Data: MNIST as tensors on the training device, a validation set held out of the training
-    # images by the seed, and this rank's batches of the rest (DistributedSampler).
-    tensors, split, validation, batches = load_data(cfg, dist)
+    # Data: MNIST as tensors on the training device, the validation set held out of the training
+    # images by the seed (None without one), and this rank's batches of the rest.
+    tensors, validation, batches = load_data(cfg, dist)
     # The LR schedule spans all epochs; train.max_steps only stops early, so a short run is an
     # exact prefix of the full one.
-    total_steps = len(batches) * t.epochs
-    last_step = min(total_steps, t.max_steps or total_steps)
+    total_steps = len(batches) * cfg.train.epochs
+    last_step = min(total_steps, cfg.train.max_steps or total_steps)
 
-    # Model and optimizer: the same seed gives every rank the same initial weights. Then fresh,
-    # or continue where a checkpoint left off.
-    dist.seed(t.seed)
+    # The same seed gives every rank the same initial weights; then fresh, or continue where a
+    # checkpoint left off.
+    dist.seed(cfg.train.seed)
     model = build_model(cfg, dist.device)
     model, optimizer = dist.prepare(model, build_optimizer(cfg, model))
     state = TrainState(LossMeter(dist.device, getattr(torch, cfg.model.dtype)))
     resumed = resume_from(cfg, dist, run_dir, resume, allow_config_change, dist.unwrap(model), optimizer, state)
-    write_best(dist, run_dir, state)  # the best model of the checkpoint resumed from, or none yet
     train_step = build_step(cfg, dist, model, optimizer, state, batches, signals)
-    start = record_start(cfg, dist, run_dir, batches, split, state.step, resumed)  # and the start line
+    start = record_start(cfg, dist, run_dir, batches, validation, state.step, resumed)  # and the start line
     tracker = start_tracking(cfg, dist, run_dir, resumed, state.step)
-
-    earlier_time_s = state.train_time_s  # the jobs before this one (0 on a fresh start)
+    progress = Progress(cfg.tracking.progress, dist.is_main, cfg.train.epochs, last_step,
+                        cfg.train.global_batch_size, train_time_s=state.train_time_s)
 
     def save_checkpoint() -> Path:  # collective
-        state.train_time_s = earlier_time_s + progress.trained_s  # carried on to the next job
+        state.train_time_s = progress.trained_s  # the whole run's, carried on to the next job
         return checkpoint.save(dist, run_dir.root, cfg, dist.unwrap(model), optimizer, state.state_dict(),
                                {"wandb_run_id": tracker.run_id}, best_model=state.best_model,
                                before_writing=run_dir.check_held)
 
     results: Results | None = None
-    progress = Progress(cfg.tracking.progress, dist.is_main, t.epochs, last_step, t.global_batch_size)
     with tracker, progress, dist.diagnose_failures(run_dir.heartbeat, lambda: f"at step {state.step}"):
         # (A run stopped right after the last batch of an epoch still owes its evaluation.)
         while state.step < last_step or state.batch_in_epoch == len(batches):
             progress.start_epoch(state.epoch, steps=min(len(batches) - state.batch_in_epoch, last_step - state.step))
             for x, y in batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
-                lr = lr_at(state.step, total_steps, t.lr, t.lr_schedule, t.warmup_steps)
+                lr = lr_at(state.step, total_steps, cfg.train.lr, cfg.train.lr_schedule, cfg.train.warmup_steps)
                 stop = train_step(x, y, lr, state.step + 1)  # forward, backward (DDP all-reduce), NaN check, update
                 state.advance()
-                progress.step()
+                progress.update()
                 end_of_epoch = state.batch_in_epoch == len(batches) or state.step == last_step
-                if state.step % t.log_every_steps == 0 or end_of_epoch:
+                if state.step % cfg.train.log_every_steps == 0 or end_of_epoch:
                     tracker.log(progress.log(train_record(dist, state, lr)))
                 if stop:  # the ranks agreed on a stop request: all leave after this same step
                     raise signals.stopped(state.step, save_checkpoint())
@@ -177,23 +165,19 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
 
             # The validation set if there is one, else the test set (as the seed does).
             counts = evaluate(cfg, dist, dist.unwrap(model), tensors, validation)
-            record = epoch_record(dist, state, counts, on="test" if validation is None else "val")
             if validation is not None and state.consider(counts, dist.unwrap(model)):
                 write_best(dist, run_dir, state)
-            if state.step == last_step:
-                # The test results of the final and the best model go into this last line, logged
-                # before the final checkpoint as every evaluation line is: a run resumed from
-                # that checkpoint has them already.
+            if state.step == last_step:  # the test results of the final and the best model, evaluated once
                 results = final_results(cfg, dist, dist.unwrap(model), tensors, state, counts, validation)
-                record.update(results.record(state))
-            tracker.log(progress.epoch_end(record))  # and its summary line
+            # Logged before the checkpoint, as every evaluation line: a run resumed from it has it.
+            tracker.log(progress.epoch_end(epoch_record(dist, state, counts, validation is not None, results)))
             if state.batch_in_epoch == len(batches):
                 state.next_epoch()
             save_checkpoint()
 
         if results is None:  # resumed from the final checkpoint: nothing left to train
             results = final_results(cfg, dist, dist.unwrap(model), tensors, state, None, validation)
-        summary = results.summary(state, run_dir, start, earlier_time_s + progress.trained_s)
+        summary = results.summary(state, run_dir, start, progress.trained_s)
         # Rank 0 writes; a failure (the run directory lost, a full disk) is raised on every rank.
         dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, results.final, tracker, state.step))
     dist.barrier()  # nobody exits (and tears down the group) while rank 0 still finishes W&B
@@ -202,18 +186,15 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
 
 @dataclass
 class Results:
-    """What a run reports at its end: the test results of the final model and of the best one,
-    evaluated once; and, with a validation set, the final model's validation result."""
+    """The test results of the final model and of the best one (without a validation set
+    nothing is chosen: the final model's), and with one the final model's validation result."""
 
     final: EvalCounts
     best: EvalCounts
-    """The best model's test result; without a validation set nothing is chosen: the final model's."""
     final_val: EvalCounts | None
 
     def record(self, state: TrainState) -> dict[str, Any]:
-        """What the last evaluation line adds: with a validation set, the test results of the final
-        model (with its per-class accuracy and confusion matrix) and of the best one, and when
-        that was evaluated. Without one the line holds the final test result already."""
+        """What the last evaluation line adds with a validation set: the final and best test results."""
         if self.final_val is None:
             return {}
         best = state.best or Best.of(self.final_val, state.step, state.epoch + 1)
@@ -223,15 +204,12 @@ class Results:
                 "best_step": best.step, "best_epoch": best.epoch}
 
     def summary(self, state: TrainState, run_dir: RunDir, start: dict[str, Any], train_time_s: float) -> dict[str, Any]:
-        """summary.json (docs/runs.md): the whole run's numbers, over every job that trained it
-        (``train_time_s``: carried in checkpoints), for this start (``record_start``)."""
+        """summary.json (docs/runs.md): the whole run's numbers, for this start (``record_start``)."""
         chosen = self.final_val is not None and state.best is not None
         summary = {"final_test_acc": self.final.accuracy, "final_test_loss": self.final.mean_loss,
-                   "test_correct": self.final.correct, "test_total": self.final.total,
-                   "model": str(run_dir.model),
+                   "test_correct": self.final.correct, "test_total": self.final.total, "model": str(run_dir.model),
                    "best_test_acc": self.best.accuracy, "best_test_loss": self.best.mean_loss,
-                   "best_test_correct": self.best.correct,
-                   "best_model": str(run_dir.best if chosen else run_dir.model),
+                   "best_test_correct": self.best.correct, "best_model": str(run_dir.best if chosen else run_dir.model),
                    "best_selected_by": "val_acc" if chosen else "none: the final model",
                    "best_step": state.best.step if chosen else state.step}
         if chosen:
@@ -244,9 +222,8 @@ class Results:
 
 def final_results(cfg: Config, dist: Dist, model: torch.nn.Module, tensors: MnistTensors, state: TrainState,
                   counts: EvalCounts | None, validation: torch.Tensor | None) -> Results:
-    """The test results of the final ``model`` and of the best one (``state.best_model``), each
-    evaluated once; ``counts``: the final model's evaluation just made (on the validation set
-    if there is one, else on the test set), None to evaluate it here. Collective."""
+    """The test results of the final ``model`` and of ``state.best_model``, each evaluated once;
+    ``counts``: the final model's evaluation just made (None: evaluate it here). Collective."""
     if validation is None:
         final = counts if counts is not None else evaluate(cfg, dist, model, tensors)
         return Results(final, final, None)
@@ -260,9 +237,8 @@ def final_results(cfg: Config, dist: Dist, model: torch.nn.Module, tensors: Mnis
 
 
 def write_best(dist: Dist, run_dir: RunDir, state: TrainState) -> None:
-    """Make ``RUN_DIR/best.safetensors`` hold the best model of ``state``, with its step, epoch
-    and validation result in the file's header; no such file while there is none. Collective:
-    a failure is raised on every rank."""
+    """``RUN_DIR/best.safetensors``: the best model of ``state``, with its step, epoch and
+    validation result in the header; no such file while there is none. Collective."""
 
     def write() -> None:
         try:
@@ -277,11 +253,10 @@ def write_best(dist: Dist, run_dir: RunDir, state: TrainState) -> None:
     dist.on_main(write)
 
 
-def record_start(cfg: Config, dist: Dist, run_dir: RunDir, batches: TrainBatches, split: Split, step: int,
-                 resumed: checkpoint.Snapshot | None) -> dict[str, Any]:
-    """What this start of the run runs on, as it is (``Dist.describe``: devices, precision,
-    threads; the data; the versions): added to run.json and said by the start line, on the main
-    process; returned on every rank (the versions on the main process only). Collective."""
+def record_start(cfg: Config, dist: Dist, run_dir: RunDir, batches: TrainBatches, validation: torch.Tensor | None,
+                 step: int, resumed: checkpoint.Snapshot | None) -> dict[str, Any]:
+    """What this start of the run runs on (``Dist.describe``, the data, the versions): added to
+    run.json and said by the start line on the main process; returned on every rank. Collective."""
     machine = dist.describe()
     start = {"start_step": step, "resumed_from": str(resumed.path) if resumed else None,
              "started_at": datetime.now().astimezone().isoformat(timespec="seconds"), "argv": list(sys.argv),
@@ -289,7 +264,8 @@ def record_start(cfg: Config, dist: Dist, run_dir: RunDir, batches: TrainBatches
              "precision": precision_name(cfg.model.dtype, machine["mixed_precision"]),
              "global_batch_size": cfg.train.global_batch_size, "per_process_batch_size": batches.batch_size,
              "steps_per_epoch": len(batches), "training_images": batches.num_images,
-             "validation_images": len(split.validation), "repeated_images_per_epoch": batches.repeated_per_epoch}
+             "validation_images": 0 if validation is None else len(validation),
+             "repeated_images_per_epoch": batches.repeated_per_epoch}
 
     def write() -> None:
         start["versions"] = software_versions()
@@ -303,11 +279,10 @@ def record_start(cfg: Config, dist: Dist, run_dir: RunDir, batches: TrainBatches
 def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_config_change: bool,
                 model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 state: TrainState) -> checkpoint.Snapshot | None:
-    """Continue from the checkpoint that ``--resume`` chooses (the same one on every rank):
-    its weights, optimizer tensors and train state are loaded (the optimizer keeps the config's
-    hyper-parameters), and the run directory's logs are cut back to its step. Returns it, or
-    None for a fresh start. A checkpoint written with other values of keys that change training
-    is a ConfigError listing them, unless ``allow_config_change``."""
+    """Start fresh, or continue from the checkpoint ``--resume`` chooses (the same on every rank):
+    its weights, optimizer tensors (the config's hyper-parameters stay), train state and best
+    model; the run directory's logs are cut back to its step. Returns it, or None. Keys that
+    change training written with other values are a ConfigError unless ``allow_config_change``."""
     snap = checkpoint.resume(dist, run_dir.root, resume, cfg.train.global_batch_size)
     changes = trajectory_changes(snap.config, cfg) if snap is not None else []
     if changes and not allow_config_change:
@@ -325,6 +300,7 @@ def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_con
                    + (f" (written by {snap.world_size} process(es))" if snap.world_size != dist.world_size else ""))
     if dist.is_main:
         rundir.start(run_dir, to_yaml(cfg), resumed_step=state.step if snap is not None else None)
+    write_best(dist, run_dir, state)  # the best model of the checkpoint resumed from, or none yet
     return snap
 
 
@@ -332,8 +308,8 @@ def start_tracking(cfg: Config, dist: Dist, run_dir: RunDir, resumed: checkpoint
                    step: int) -> Tracker:
     """The run's tracker (metrics.jsonl, W&B, TensorBoard), continuing the W&B run of the
     checkpoint ``resumed`` from; a config change allowed on resume is printed and logged."""
-    # After a stop the other ranks wait at a barrier (bounded by dist.timeout_s) while the main
-    # process finishes W&B: its wait must end well before theirs.
+    # After a stop the others wait at a barrier (dist.timeout_s) while the main process finishes
+    # W&B: its wait must end well before theirs.
     tracking = dataclasses.replace(cfg.tracking,
                                    finish_timeout_s=min(cfg.tracking.finish_timeout_s, 0.8 * cfg.dist.timeout_s))
     tracker = Tracker(tracking, run_dir, cfg.to_dict(), enabled=dist.is_main,
@@ -349,8 +325,8 @@ def start_tracking(cfg: Config, dist: Dist, run_dir: RunDir, resumed: checkpoint
 
 def train_record(dist: Dist, state: TrainState, lr: float) -> dict[str, Any]:
     """The training line of the steps since the last one, whose sums it resets: their mean loss
-    over all ranks (all-reduced: a sync point every rank reaches at the same step). A NaN/Inf
-    mean is the same on every rank: all raise NonFiniteLoss together."""
+    over all ranks (all-reduced: a sync point). A NaN/Inf mean, the same on every rank, raises
+    NonFiniteLoss on all of them together."""
     meter = state.loss
     loss = (dist.all_reduce_sum(meter.window_sum) / (dist.world_size * meter.window_steps)).item()
     if not math.isfinite(loss):
@@ -361,23 +337,24 @@ def train_record(dist: Dist, state: TrainState, lr: float) -> dict[str, Any]:
     return {"epoch": state.epoch + 1, "step": state.step, "train_loss": loss, "lr": lr}
 
 
-def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts, on: str = "test") -> dict[str, Any]:
+def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts, validated: bool,
+                 results: Results | None) -> dict[str, Any]:
     """The evaluation line of the epoch: the counts of the test set (with per-class accuracy and
-    confusion matrix), or with ``on="val"`` of the validation set, and the epoch's mean training
-    loss (all-reduced). Each rank's loss is a mean over an equal share of the global batch, so
-    the mean over ranks is the mean over the global batch."""
+    confusion matrix) or, when ``validated``, of the validation set; the epoch's mean training
+    loss (all-reduced; each rank's loss is the mean over an equal share of the global batch);
+    and the ``results`` of the run's end, if it ends here."""
     train_loss = (dist.all_reduce_sum(state.loss.epoch_sum) / (dist.world_size * state.batch_in_epoch)).item()
+    on = "val" if validated else "test"
     record = {"epoch": state.epoch + 1, "step": state.step, **counts.as_record(on), "train_loss_epoch": train_loss}
-    if on == "test":
+    if not validated:
         record.update({"per_class_acc": counts.per_class_accuracy(), "confusion": counts.confusion.tolist()})
-    return record
+    return {**record, **(results.record(state) if results else {})}
 
 
 def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
                   tracker: Tracker, step: int) -> None:
     """Main process: the final weights, summary.json, the W&B summary and the plots (into a run
-    directory that is still this job's: ``RunDir.check_held``), then the finished line (the W&B
-    run's line follows, as the tracker closes)."""
+    directory still held), then the finished line."""
     run_dir.check_held()
     checkpoint.save_weights(model.state_dict(), run_dir.model)
     rundir.write_summary(run_dir, summary)
@@ -393,22 +370,23 @@ def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, An
     print(finished_line(summary), flush=True)
 
 
-# --------------------------------------------------------------------------------------
-# Building blocks
-
-
-def load_data(cfg: Config, dist: Dist) -> tuple[MnistTensors, Split, torch.Tensor | None, TrainBatches]:
-    """MNIST checked (downloaded once per node) and held as tensors on the training device; the
-    validation split (``data.validation_size``; none by default), drawn by the seed alone, so
-    it is the same on every rank at any world size (None when empty); and this rank's batches
-    of the remaining training images, every epoch, from torch's DistributedSampler."""
+def load_tensors_on(cfg: Config, dist: Dist) -> MnistTensors:
+    """MNIST checked (downloaded once per node) and held as tensors on the training device."""
     prepare_mnist(cfg.data, dist.is_local_main, dist.barrier)
-    tensors = load_tensors(cfg.data.root).to(dist.device)
+    return load_tensors(cfg.data.root).to(dist.device)
+
+
+def load_data(cfg: Config, dist: Dist) -> tuple[MnistTensors, torch.Tensor | None, TrainBatches]:
+    """MNIST on the training device; the validation indices (``data.validation_size``, None
+    when empty), drawn by the seed alone, so the same on every rank at any world size; and
+    this rank's batches of the remaining training images (DistributedSampler)."""
+    tensors = load_tensors_on(cfg, dist)
     split = validation_split(len(tensors.train_labels), cfg.data.validation_size, cfg.train.seed)
     validation = split.validation.to(dist.device) if split.validation.numel() else None
-    batches = TrainBatches(cfg.data, tensors, cfg.train.global_batch_size // dist.world_size,  # divisibility was validated
-                           dist.rank, dist.world_size, cfg.train.seed, dist.device, train_indices=split.train)
-    return tensors, split, validation, batches
+    per_process = cfg.train.global_batch_size // dist.world_size  # (its divisibility was validated)
+    batches = TrainBatches(cfg.data, tensors, per_process, dist.rank, dist.world_size, cfg.train.seed, dist.device,
+                           train_indices=split.train)
+    return tensors, validation, batches
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> MLP:
@@ -418,39 +396,26 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> MLP:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD with the config's hyper-parameters (the learning rate is set before every step)."""
-    t = cfg.train
-    on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.SGD(
-        model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
-        fused=True if on_cuda else None,  # one kernel for the whole update on GPUs
-    )
+    t = cfg.train  # fused: one kernel for the whole update on GPUs
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                           weight_decay=t.weight_decay, fused=True if next(model.parameters()).is_cuda else None)
 
 
-def make_loss_fn(cfg: Config, model: torch.nn.Module, device: torch.device) -> Callable:
-    """``(images, labels) -> mean loss``; compiled (and CUDA-graph captured with
-    ``reduce-overhead``) when ``dist.compile`` asks for it and the device is a GPU."""
+def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               state: TrainState, batches: TrainBatches, signals: StopSignals) -> EagerStep | GraphedStep:
+    """``step(x, y, lr, number) -> stop``: the eager step (its loss compiled when ``dist.compile``
+    asks on a GPU), or the CUDA-graph one when ``dist.cuda_graph`` asks and it can work."""
     kind = cfg.train.loss
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_loss(model(x), y, kind).mean()
 
-    if cfg.dist.compile == "off":
-        return loss_fn
-    if device.type != "cuda":
-        # On a CPU the step is bound by the matrix products, which inductor's C++ code calls as
-        # eager does: no faster after seconds of compiling, and not bitwise
-        # (benchmarks/compile_cpu_check.py, docs/benchmarks.md). Not worth adopting.
-        warn_main(f"dist.compile={cfg.dist.compile} is used on GPUs only; training eagerly on {device.type}")
-        return loss_fn
-    return torch.compile(loss_fn, mode=cfg.dist.compile)
-
-
-def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               state: TrainState, batches: TrainBatches, signals: StopSignals) -> EagerStep | GraphedStep:
-    """``step(x, y, lr, number) -> stop``: the eager step, or the CUDA-graph one when
-    ``dist.cuda_graph`` asks and it can work."""
-    eager = EagerStep(dist, model, optimizer, make_loss_fn(cfg, model, dist.device), state.loss,
-                      stop_requested=lambda: signals.received is not None,
+    if cfg.dist.compile != "off" and dist.device.type != "cuda":
+        # On a CPU inductor is no faster and not bitwise (docs/benchmarks.md): not adopted.
+        warn_main(f"dist.compile={cfg.dist.compile} is used on GPUs only; training eagerly on {dist.device.type}")
+    elif cfg.dist.compile != "off":
+        loss_fn = torch.compile(loss_fn, mode=cfg.dist.compile)
+    eager = EagerStep(dist, model, optimizer, loss_fn, state.loss, stop_requested=lambda: signals.received is not None,
                       check_every=cfg.train.stop_check_every_steps)
     if not cfg.dist.cuda_graph:
         return eager
@@ -465,20 +430,12 @@ def build_step(cfg: Config, dist: Dist, model: torch.nn.Module, optimizer: torch
     return GraphedStep(eager, dist.raw_optimizer(optimizer), example_x, example_y)
 
 
-# --------------------------------------------------------------------------------------
-# Evaluation
-
-
 @torch.no_grad()
 def evaluate(cfg: Config, dist: Dist, model: torch.nn.Module, tensors: MnistTensors,
              validation: torch.Tensor | None = None) -> EvalCounts:
-    """Exact metrics over all 10,000 test images, or with ``validation`` (indices into the
-    training images: ``data.validation_split``) over the validation set, at any world size.
-
-    Rank r scores items r, r+N, r+2N, ... (no padding, no duplicates), sums its counts, and
-    one all-reduce of the sums after the loop combines them. A single collective at the end
-    also means ranks with different loop lengths (10000 % N != 0) cannot deadlock.
-    """
+    """Exact metrics over the 10,000 test images, or the ``validation`` indices into the training
+    images, at any world size: rank r scores items r, r+N, ... (no padding, no duplicates); one
+    all-reduce of the sums after the loop, so ranks of different loop lengths cannot deadlock."""
     was_training = model.training
     model.eval()
     if validation is None:
@@ -501,8 +458,7 @@ def evaluate_model_file(cfg: Config, model_path: str | Path) -> EvalCounts:
     """Exact test metrics of saved weights, on however many processes were launched."""
     dist = Dist(cfg.dist)
     try:
-        prepare_mnist(cfg.data, dist.is_local_main, dist.barrier)
-        tensors = load_tensors(cfg.data.root).to(dist.device)
+        tensors = load_tensors_on(cfg, dist)
         model = build_model(cfg, dist.device)
         model.load_state_dict(checkpoint.load_model_state(model_path))
         return evaluate(cfg, dist, model, tensors)

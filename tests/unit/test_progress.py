@@ -41,7 +41,7 @@ def test_only_the_main_process_writes(mode, capsys):
     with progress:
         progress.start_epoch(0, steps=10)
         for step in range(1, 11):
-            progress.step()
+            progress.update()
             progress.log({"epoch": 1, "step": step, "train_loss": 0.5, "lr": 0.1})
         progress.epoch_end({"epoch": 1, "step": 10})  # the evaluation is not even looked at
     assert capsys.readouterr() == ("", "")
@@ -57,7 +57,7 @@ def test_throughput_counts_the_steps_since_the_last_record_and_training_time_onl
     progress.start_epoch(0, steps=6)
     for step, at in ((1, 101.0), (2, 102.0), (3, 102.0), (4, 103.0), (5, 104.0), (6, 105.0)):
         now[0] = at
-        progress.step()
+        progress.update()
         if step in (2, 6):
             record = progress.log({"epoch": 1, "step": step, "train_loss": 0.5, "lr": 0.1})
             assert record["samples_per_s"] == (50 * 2 / 2.0 if step == 2 else 50 * 4 / 3.0)
@@ -77,7 +77,7 @@ def test_trained_s_counts_the_epoch_in_progress_up_to_its_latest_record(monkeypa
     assert progress.trained_s == 0.0
     progress.start_epoch(0, steps=2)
     now[0] = 103.0
-    progress.step()
+    progress.update()
     progress.log({"epoch": 1, "step": 1, "train_loss": 0.5, "lr": 0.1})
     now[0] = 104.0  # a step not yet logged is not counted
     assert progress.trained_s == 3.0
@@ -87,7 +87,7 @@ def test_trained_s_counts_the_epoch_in_progress_up_to_its_latest_record(monkeypa
     assert progress.trained_s == progress.train_time_s == 3.0
     progress.start_epoch(1, steps=2)
     now[0] = 152.0
-    progress.step()
+    progress.update()
     progress.log({"epoch": 2, "step": 2, "train_loss": 0.5, "lr": 0.1})
     assert progress.trained_s == 5.0
 START = {"world_size": 7, "device": "cpu", "backend": "gloo", "dtype": "float32", "precision": "float32",
@@ -129,7 +129,7 @@ def test_epoch_end_prints_the_validation_result_when_there_is_one(capsys, monkey
     progress = Progress("off", enabled=True, epochs=2, last_step=10, global_batch_size=10)
     progress.start_epoch(0, steps=1)
     now[0] = 101.0
-    progress.step()
+    progress.update()
     progress.log({"epoch": 1, "step": 5, "train_loss": 0.5, "lr": 0.1})
     progress.epoch_end({"epoch": 1, "step": 5, "train_loss_epoch": 0.5, "val_loss": 0.25, "val_acc": 0.96,
                         "val_correct": 96, "val_total": 100})
