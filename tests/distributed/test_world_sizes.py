@@ -118,16 +118,16 @@ def test_float32_n_processes_reach_the_accuracy_of_one(runs, n):
     assert abs(acc[n] - acc[1]) <= 0.005, acc
 
 
-@pytest.mark.parametrize("cut", ["TERM", "KILL"])
-def test_resume_on_another_number_of_processes_is_exact(synthetic, runs, tmp_path, cut):
-    """4 epochs (40 steps, synthetic): 2 processes until a cut mid-epoch 2, then 3 processes
-    until a cut in epoch 3, then 1 process to the end: within 1e-12 of the uninterrupted
-    1-process run of ``runs`` (checkpoints do not change a trajectory), and metrics.jsonl
-    holds every step once."""
+def test_resume_on_another_number_of_processes_is_exact(synthetic, runs, tmp_path):
+    """4 epochs (40 steps, synthetic): 2 processes until a SIGTERM mid-epoch 2 (agreed stop and
+    checkpoint at step 20), then 3 processes until a SIGKILL in epoch 3 (its step-25 checkpoint
+    the newest, steps after it logged), then 1 process to the end: within 1e-12 of the
+    uninterrupted 1-process run of ``runs`` (checkpoints do not change a trajectory), and
+    metrics.jsonl holds every step once."""
     args = [*F64, f"train.epochs={F64_EPOCHS}", "checkpoint.every_steps=5"]
     golden = runs["f64", 1]
     run_dir = tmp_path / "run"
-    for n, step in ((2, 15), (3, 27)):
+    for n, step, cut in ((2, 15, "TERM"), (3, 27, "KILL")):
         env = {**synthetic, "MNISTDIST_FAULT": f"step={step},rank=1,action={cut}"}
         first = run_cmd(cmd(n, *args, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=env, timeout=600)
         if cut == "TERM":
@@ -135,10 +135,12 @@ def test_resume_on_another_number_of_processes_is_exact(synthetic, runs, tmp_pat
             assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{agreed_stop(step):08d}"
         else:
             assert first.returncode != 0 and not (run_dir / "model.safetensors").exists()
+            assert checkpoint.list_checkpoints(run_dir)[0].name == "step-00000025"
+            assert "resumed from" in first.stdout
     last = check(run_cmd(cmd(1, *args, "--run-dir", str(run_dir)), env=synthetic, timeout=600))
     assert "(written by 3 process(es))" in last.stdout
     worst = max_difference(params(golden), params(run_dir))
-    print(f"2 -> 3 -> 1 processes ({cut}): max |param difference| to one uninterrupted process {worst:.1e}")
+    print(f"2 -> 3 -> 1 processes (SIGTERM, SIGKILL): max |param difference| to one uninterrupted process {worst:.1e}")
     assert worst <= 1e-12
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if "train_loss" in r] == list(range(1, F64_EPOCHS * STEPS_PER_EPOCH + 1))
