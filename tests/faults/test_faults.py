@@ -124,8 +124,9 @@ def test_bad_data_is_named_before_training_on_every_rank(tmp_path):
 
 
 def test_unwritable_run_dir_fails_before_training(tmp_path, capfd, monkeypatch):
+    root = data_root()  # before as_one_process, which unsets $MNISTDIST_DATA_ROOT
     with monkeypatch.context() as mp:
-        as_one_process(mp).setenv("MNISTDIST_DATA_ROOT", str(data_root()))
+        as_one_process(mp).setenv("MNISTDIST_DATA_ROOT", str(root))
         code, out, err = train_in_process(capfd, "--run-dir", "/sys/mnistdist-test/run")
     assert code == 2, err
     assert "--run-dir /sys/mnistdist-test/run: cannot write there" in err
