@@ -82,6 +82,23 @@ def one_process_env():
         yield as_one_process(mp)
 
 
+def train_in_process(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``python train_dist.py ARGS`` run in this process: (exit code, stdout, stderr). For tests
+    of an error that the command line reports before training (one line, exit 2): it is the
+    same ``cli.train_main`` the script calls, without the seconds a process start costs. The
+    caller gives the environment (``as_one_process``); stdout and stderr are read at the file
+    descriptors, so anything else printed meanwhile shows too."""
+    from mnistdist import cli
+
+    capfd.readouterr()  # only what this call prints
+    try:
+        code = cli.train_main(list(args))
+    except SystemExit as e:  # argparse's errors exit from inside the parser
+        code = e.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 def data_root() -> Path:
     """Real MNIST: $MNISTDIST_DATA_ROOT, else ../shared/data next to the checkout."""
     if _running is not None and _running.get_closest_marker("slow") is None:

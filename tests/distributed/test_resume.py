@@ -1,7 +1,9 @@
 """Exact resume through the real launcher: interrupted runs end bitwise equal to a golden run.
 
 Interruptions are injected at exact steps with MNISTDIST_FAULT by tests/fault_train.py (run in
-place of train_dist.py), which sends the real signal to one rank; one case sends SIGUSR1 from outside to the launcher.
+place of train_dist.py), which sends the real signal to one rank; one cut sends SIGUSR1 from outside
+to the launcher. One run directory goes through the cuts in turn, each run resuming from the one
+before (a chain: one process start per cut, and every resume is checked by the final comparison).
 
 The runs train on the tiny synthetic MNIST in the real IDX format (tests/synthetic_mnist.py):
 what is proven here is the exactness of resume, not accuracy, and a run then costs little more
@@ -29,7 +31,8 @@ import torch
 from mnistdist import checkpoint
 from mnistdist.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 from mnistdist.rundir import read_metrics
-from tests.conftest import FAULT_TRAIN, REPO, agreed_stop, assert_same_run, check, child_env, launch_cmd, outcome, run_cmd, train_cmd
+from tests.conftest import (FAULT_TRAIN, REPO, agreed_stop, as_one_process, assert_same_run, check, child_env, launch_cmd,
+                            outcome, run_cmd, train_cmd, train_in_process)
 from tests.synthetic_mnist import write_synthetic_mnist
 
 pytestmark = pytest.mark.distributed
@@ -66,38 +69,6 @@ def golden(tmp_path_factory, data):
     return run_dir, result
 
 
-CASES = {
-    # name: (rank, step, signal) -- the fault fires after that step on that rank
-    "sigkill-mid-epoch": (0, 25, "KILL"),  # resumes from step 20, in epoch 1
-    "sigterm-mid-epoch": (1, 45, "TERM"),  # agreed at step 50 (no scheduled checkpoint), in epoch 2
-    "sigkill-epoch-boundary": (1, 30, "KILL"),  # epoch 1's last step, before its evaluation; resumes from 20
-    "sigterm-epoch-boundary": (0, 29, "TERM"),  # agreed at step 30, the epoch's last: the resume owes its evaluation
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_interrupted_then_resumed_equals_golden(data, golden, tmp_path, case):
-    rank, step, sig = CASES[case]
-    run_dir = tmp_path / "run"
-    fault = env(data, MNISTDIST_FAULT=f"step={step},rank={rank},action={sig}")
-    first = run_cmd(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN)), env=fault)
-    if sig == "TERM":
-        # Every rank finished the same step, checkpointed, and exited 75.
-        assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
-        stopped_at = agreed_stop(step)
-        assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{stopped_at:08d}"
-        assert first.stderr.count("stopped by") == 1 and f"after step {stopped_at}" in first.stderr  # main only
-    else:
-        assert first.returncode not in (0, EXIT_PREEMPTED), first.stderr[-3000:]
-        assert not (run_dir / "model.safetensors").exists()
-        assert checkpoint.list_checkpoints(run_dir)[0].name == "step-00000020"  # steps 21.. are redone
-        logged = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
-        assert logged[-1] >= step - 1  # logged past the checkpoint: the resume must drop those lines
-    resumed = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
-    assert "resumed from" in resumed.stdout
-    assert_same_run(golden[1], outcome(run_dir))
-
-
 def pending_signals(pid: int) -> int:
     """The signals pending for a process (thread and process-wide), as a bit mask."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -115,16 +86,12 @@ def stopped_children(pid: int) -> list[psutil.Process]:
     return out
 
 
-def test_external_sigusr1_to_the_launcher(data, golden, tmp_path):
-    """SIGUSR1 sent to `python -m mnistdist.launch` reaches the workers (accelerate alone would die).
-
-    No race with the end of this short run: rank 0 stops itself (SIGSTOP) after step 5, the
-    test sends SIGUSR1 to the launcher, waits until the launcher has passed it on to that
-    worker (pending there), and lets the worker continue; the ranks then agree to stop at 10."""
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN)), cwd=REPO,
-                            env=env(data, MNISTDIST_FAULT="step=5,rank=0,action=STOP"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def external_sigusr1(cmd: list[str], fault_env: dict[str, str]) -> tuple[int, str, str]:
+    """Run ``cmd`` (``python -m mnistdist.launch``, rank 0 stopping itself with SIGSTOP) and send
+    SIGUSR1 to the launcher: no race with the end of the run, as the test waits until the
+    launcher has passed it on to that worker (pending there), then lets the worker continue.
+    Returns (exit code, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=fault_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         stopped: list[psutil.Process] = []
@@ -138,13 +105,63 @@ def test_external_sigusr1_to_the_launcher(data, golden, tmp_path):
             assert time.monotonic() < deadline, "the launcher did not pass SIGUSR1 on to the workers"
             time.sleep(0.02)
         worker.send_signal(signal.SIGCONT)
-        _, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
-    assert f"stopped by SIGUSR1 after step {agreed_stop(5)}" in stderr
-    check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
+    return proc.returncode, stdout, stderr
+
+
+CUTS = [
+    # (rank, step, action): the fault fires after that step on that rank. Each run of the chain
+    # resumes from what the one before it left and is cut in turn; the last one runs to the end.
+    (0, 5, "USR1"),  # SIGUSR1 from outside, to `python -m mnistdist.launch` (accelerate alone would die): agreed at 10
+    (0, 25, "KILL"),  # mid-epoch 1: resumes from step 20, logged past it
+    (1, 30, "KILL"),  # epoch 1's last step, before its evaluation: resumes from 20 again
+    (0, 29, "TERM"),  # agreed at step 30, the epoch's last: the resume owes its evaluation
+    (1, 45, "TERM"),  # agreed at step 50 (no scheduled checkpoint), in epoch 2
+]
+
+
+def test_a_chain_of_cuts_then_resumes_equals_golden(data, golden, tmp_path):
+    """One run directory through every kind of cut in turn (see CUTS), all through
+    tests/fault_train.py under ``python -m mnistdist.launch``; a last plain ``accelerate launch``
+    finishes it. After each cut, the checkpoint is the one the cut must leave and every loss
+    logged so far is the golden run's; at the end the run equals the golden run bitwise."""
+    run_dir = tmp_path / "run"
+    newest = None
+    for rank, step, action in CUTS:
+        cmd = wrapper_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), script=FAULT_TRAIN))
+        if action == "USR1":
+            fault = env(data, MNISTDIST_FAULT=f"step={step},rank={rank},action=STOP")
+            code, stdout, stderr = external_sigusr1(cmd, fault)
+        else:
+            first = run_cmd(cmd, env=env(data, MNISTDIST_FAULT=f"step={step},rank={rank},action={action}"))
+            code, stdout, stderr = first.returncode, first.stdout, first.stderr
+        where = f"cut {action} after step {step} on rank {rank}"
+        if newest is None:
+            assert "resumed from" not in stdout, where
+        else:
+            assert f"resumed from {newest}" in stdout, f"{where}:\n{stdout[-3000:]}"
+        if action in ("TERM", "USR1"):
+            # Every rank finished the same step, checkpointed, and exited 75.
+            assert code == EXIT_PREEMPTED, f"{where}: {stderr[-3000:]}"
+            stopped_at = agreed_stop(step)
+            assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{stopped_at:08d}", where
+            assert stderr.count("stopped by") == 1, where  # main only
+            said = f"stopped by SIGUSR1 after step {stopped_at}" if action == "USR1" else f"after step {stopped_at}"
+            assert said in stderr, f"{where}: {stderr[-3000:]}"
+        else:
+            assert code not in (0, EXIT_PREEMPTED), f"{where}: {stderr[-3000:]}"
+            assert not (run_dir / "model.safetensors").exists(), where
+            assert checkpoint.list_checkpoints(run_dir)[0].name == "step-00000020", where  # steps 21.. are redone
+            logged = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+            assert logged[-1] >= step - 1, where  # logged past the checkpoint: the resume must drop those lines
+        losses = [(r["step"], r["train_loss"]) for r in read_metrics(run_dir) if "train_loss" in r]
+        assert losses == golden[1]["losses"][:len(losses)], f"{where}: a logged loss differs from the golden run's"
+        newest = checkpoint.list_checkpoints(run_dir)[0]
+    resumed = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
+    assert f"resumed from {newest}" in resumed.stdout
     assert_same_run(golden[1], outcome(run_dir))
 
 
@@ -158,36 +175,49 @@ def test_one_process_sigterm_and_resume(data, tmp_path):
     assert_same_run(outcome(tmp_path / "golden"), outcome(run_dir))
 
 
-def test_damaged_newest_checkpoint_falls_back_to_previous(data, golden, tmp_path):
+def test_damaged_newest_checkpoint_falls_back_to_previous(data, golden, tmp_path, capfd, monkeypatch):
+    """The newest checkpoint (step 60) truncated: the run resumes from step 40, and since
+    metrics.jsonl was logged up to step 60 the resume drops the lines after step 40 and logs
+    those steps again, once."""
     run_dir = tmp_path / "run"
     shutil.copytree(golden[0] / "checkpoints", run_dir / "checkpoints")
     shutil.copy(golden[0] / "metrics.jsonl", run_dir / "metrics.jsonl")
     newest, previous = checkpoint.list_checkpoints(run_dir)[:2]
     assert (newest.name, previous.name) == ("step-00000060", "step-00000040")
+    before = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+    assert before == list(range(1, 61))  # so keeping them would duplicate steps 41-60
     model = newest / "model.safetensors"
     model.write_bytes(model.read_bytes()[:1000])  # truncated
     result = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
     assert f"skipping damaged checkpoint: {model}" in result.stdout + result.stderr
     assert f"resumed from {previous}" in result.stdout
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 61))
+    assert [(r["epoch"], r["step"]) for r in records if "test_acc" in r] == [(1, 30), (2, 60)]
     assert_same_run(golden[1], outcome(run_dir))
-    # Asked for explicitly, the damaged one is refused with the file named.
+    # Asked for explicitly, the damaged one is refused with the file named (a one-line error
+    # before training: checked in this process).
     copy = tmp_path / "damaged"
     shutil.copytree(golden[0] / "checkpoints" / "step-00000060", copy)
     (copy / "optimizer.safetensors").write_bytes(b"\0" * 10)
-    bad = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(tmp_path / "other"), "--resume", str(copy)), env=env(data))
-    assert bad.returncode != 0 and f"{copy / 'optimizer.safetensors'}: 10 bytes" in bad.stderr
+    as_one_process(monkeypatch).setenv("MNISTDIST_DATA_ROOT", str(data))
+    code, _, err = train_in_process(capfd, *ARGS, "--run-dir", str(tmp_path / "other"), "--resume", str(copy))
+    assert code == 2 and f"{copy / 'optimizer.safetensors'}: 10 bytes" in err, err
+    assert not (tmp_path / "other" / "checkpoints").exists()
 
 
-def test_global_batch_change_is_refused(data, golden, tmp_path):
+def test_global_batch_change_is_refused(data, golden, tmp_path, capfd, monkeypatch):
     """Another number of processes resumes (tests/distributed/test_world_sizes.py); another
-    global batch would change every batch from the checkpoint on, so it is refused."""
+    global batch would change every batch from the checkpoint on, so it is refused (a one-line
+    error before training: checked in this process)."""
     run_dir = tmp_path / "run"
     shutil.copytree(golden[0] / "checkpoints", run_dir / "checkpoints")
-    result = run_cmd(train_cmd(*ARGS, "train.global_batch_size=20", "--run-dir", str(run_dir)), env=env(data))
-    assert result.returncode == 2
-    assert "written with train.global_batch_size 40; this run has 20" in result.stderr
-    assert "another --run-dir" in result.stderr and "--resume never" not in result.stderr
-    assert "Traceback" not in result.stderr
+    as_one_process(monkeypatch).setenv("MNISTDIST_DATA_ROOT", str(data))
+    code, _, err = train_in_process(capfd, *ARGS, "train.global_batch_size=20", "--run-dir", str(run_dir))
+    assert code == 2, err
+    assert "written with train.global_batch_size 40; this run has 20" in err
+    assert "another --run-dir" in err and "--resume never" not in err
+    assert "Traceback" not in err
 
 
 def test_nan_on_one_rank_stops_all_ranks_at_that_step(data, tmp_path):
@@ -205,10 +235,11 @@ def test_nan_on_one_rank_stops_all_ranks_at_that_step(data, tmp_path):
     assert not (run_dir / "model.safetensors").exists()
 
 
-def test_resume_path_that_does_not_exist(tmp_path):
-    result = run_cmd(train_cmd("--resume", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")))
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: --resume {tmp_path / 'nope'}: no such checkpoint directory"
+def test_resume_path_that_does_not_exist(tmp_path, capfd, monkeypatch):
+    as_one_process(monkeypatch).setenv("MNISTDIST_DATA_ROOT", str(tmp_path))
+    code, _, err = train_in_process(capfd, "--resume", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r"))
+    assert code == 2
+    assert err.strip() == f"error: --resume {tmp_path / 'nope'}: no such checkpoint directory"
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints(data, golden, tmp_path):
@@ -216,23 +247,6 @@ def test_resume_never_refuses_a_run_dir_with_checkpoints(data, golden, tmp_path)
     shutil.copytree(golden[0] / "checkpoints", run_dir / "checkpoints")
     result = run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir), "--resume", "never"), env=env(data))
     assert result.returncode != 0 and "--resume never:" in result.stderr and "already holds checkpoints" in result.stderr
-
-
-def test_metrics_are_not_duplicated_after_resume(data, golden, tmp_path):
-    """A run killed after logging past its last checkpoint: the resumed run drops the lines
-    after the checkpoint and logs those steps again, once."""
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(golden[0] / "checkpoints" / "step-00000040", run_dir / "checkpoints" / "step-00000040")
-    shutil.copy(golden[0] / "metrics.jsonl", run_dir / "metrics.jsonl")  # logged up to step 60
-    before = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
-    assert before == list(range(1, 61))  # so keeping them would duplicate steps 41-60
-    result = check(run_cmd(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)), env=env(data)))
-    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000040'}" in result.stdout
-    records = read_metrics(run_dir)
-    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 61))
-    assert [(r["epoch"], r["step"]) for r in records if "test_acc" in r] == [(1, 30), (2, 60)]
-    assert_same_run(golden[1], outcome(run_dir))
 
 
 def files(run_dir: Path) -> dict[str, tuple[int, bytes]]:

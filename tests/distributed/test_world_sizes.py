@@ -71,14 +71,18 @@ def synthetic(tmp_path_factory):
     return child_env(MNISTDIST_DATA_ROOT=str(root))
 
 
+F64_EPOCHS = 4
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, synthetic):
-    """float64 for 2 epochs (synthetic) and float32 for 1 epoch (real MNIST), at 1, 2, 3, 4, 6
-    processes."""
+    """float64 for 4 epochs (synthetic) and float32 for 1 epoch (real MNIST), at 1, 2, 3, 4, 6
+    processes. The 1-process float64 run is also the uninterrupted run the resumes below are
+    compared with."""
     base = tmp_path_factory.mktemp("sizes")
     out = {}
     for n in [1, *SIZES]:
-        for name, args, env in (("f64", [*F64, "train.epochs=2"], synthetic), ("f32", [*CONFIG, "train.epochs=1"], None)):
+        for name, args, env in (("f64", [*F64, f"train.epochs={F64_EPOCHS}"], synthetic), ("f32", [*CONFIG, "train.epochs=1"], None)):
             run_dir = base / f"{name}-{n}"
             check(run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), env=env, timeout=600))
             out[name, n] = run_dir
@@ -87,18 +91,18 @@ def runs(tmp_path_factory, synthetic):
 
 @pytest.mark.parametrize("n", SIZES)
 def test_float64_n_processes_equal_one_process(runs, n):
-    """Every step's loss and the final parameters, 2 epochs (20 steps, a reshuffle between)."""
+    """Every step's loss and the final parameters, 4 epochs (40 steps, reshuffles between)."""
     one, many = params(runs["f64", 1]), params(runs["f64", n])
     assert one["fc1.weight"].dtype == torch.float64
     steps_one, steps_many = losses(runs["f64", 1]), losses(runs["f64", n])
-    assert [s for s, _ in steps_one] == [s for s, _ in steps_many] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert [s for s, _ in steps_one] == [s for s, _ in steps_many] == list(range(1, F64_EPOCHS * STEPS_PER_EPOCH + 1))
     assert steps_one[-1][1] < 0.5 * steps_one[0][1], steps_one  # it learned (runs that all stood still would agree too)
     worst_loss = max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(steps_one, steps_many))
     worst = max_difference(one, many)
-    print(f"{n} processes, 2 epochs: max relative loss difference {worst_loss:.1e}, "
+    print(f"{n} processes, {F64_EPOCHS} epochs: max relative loss difference {worst_loss:.1e}, "
           f"max |param difference| {worst:.1e}")
     assert worst_loss <= 1e-12, f"{n} processes: a step's loss differs from one process's by {worst_loss:.1e}"
-    assert worst <= 1e-12, f"{n} processes differ from one by {worst:.1e} after 2 epochs"
+    assert worst <= 1e-12, f"{n} processes differ from one by {worst:.1e} after {F64_EPOCHS} epochs"
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -114,16 +118,16 @@ def test_float32_n_processes_reach_the_accuracy_of_one(runs, n):
     assert abs(acc[n] - acc[1]) <= 0.005, acc
 
 
-@pytest.mark.parametrize("cut", ["TERM", "KILL"])
-def test_resume_on_another_number_of_processes_is_exact(synthetic, tmp_path, cut):
-    """4 epochs (40 steps, synthetic): 2 processes until a cut mid-epoch 2, then 3 processes
-    until a cut in epoch 3, then 1 process to the end: within 1e-12 of an uninterrupted
-    1-process run, and metrics.jsonl holds every step once."""
-    args = [*F64, "train.epochs=4", "checkpoint.every_steps=5"]
-    golden = tmp_path / "golden"
-    check(run_cmd(cmd(1, *args, "--run-dir", str(golden)), env=synthetic, timeout=600))
+def test_resume_on_another_number_of_processes_is_exact(synthetic, runs, tmp_path):
+    """4 epochs (40 steps, synthetic): 2 processes until a SIGTERM mid-epoch 2 (agreed stop and
+    checkpoint at step 20), then 3 processes until a SIGKILL in epoch 3 (its step-25 checkpoint
+    the newest, steps after it logged), then 1 process to the end: within 1e-12 of the
+    uninterrupted 1-process run of ``runs`` (checkpoints do not change a trajectory), and
+    metrics.jsonl holds every step once."""
+    args = [*F64, f"train.epochs={F64_EPOCHS}", "checkpoint.every_steps=5"]
+    golden = runs["f64", 1]
     run_dir = tmp_path / "run"
-    for n, step in ((2, 15), (3, 27)):
+    for n, step, cut in ((2, 15, "TERM"), (3, 27, "KILL")):
         env = {**synthetic, "MNISTDIST_FAULT": f"step={step},rank=1,action={cut}"}
         first = run_cmd(cmd(n, *args, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=env, timeout=600)
         if cut == "TERM":
@@ -131,13 +135,15 @@ def test_resume_on_another_number_of_processes_is_exact(synthetic, tmp_path, cut
             assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{agreed_stop(step):08d}"
         else:
             assert first.returncode != 0 and not (run_dir / "model.safetensors").exists()
+            assert checkpoint.list_checkpoints(run_dir)[0].name == "step-00000025"
+            assert "resumed from" in first.stdout
     last = check(run_cmd(cmd(1, *args, "--run-dir", str(run_dir)), env=synthetic, timeout=600))
     assert "(written by 3 process(es))" in last.stdout
     worst = max_difference(params(golden), params(run_dir))
-    print(f"2 -> 3 -> 1 processes ({cut}): max |param difference| to one uninterrupted process {worst:.1e}")
+    print(f"2 -> 3 -> 1 processes (SIGTERM, SIGKILL): max |param difference| to one uninterrupted process {worst:.1e}")
     assert worst <= 1e-12
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 4 * STEPS_PER_EPOCH + 1))
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, F64_EPOCHS * STEPS_PER_EPOCH + 1))
     assert [r["step"] for r in records if "test_acc" in r] == [STEPS_PER_EPOCH * e for e in (1, 2, 3, 4)]
     # The logged losses continue too (re-split across ranks: equal up to float64 rounding).
     worst_loss = max(abs(a - b) for (_, a), (_, b) in zip(losses(golden), losses(run_dir)))

@@ -15,7 +15,8 @@ import pytest
 
 from mnistdist import checkpoint
 from mnistdist.data import MNIST_FILES, raw_dir
-from tests.conftest import FAULT_TRAIN, REPO, child_env, data_root, launch_cmd, run_cmd, train_cmd
+from tests.conftest import (FAULT_TRAIN, REPO, as_one_process, child_env, data_root, launch_cmd, run_cmd, train_cmd,
+                            train_in_process)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -80,11 +81,9 @@ def staged_data(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "magic", "label"])
-def test_bad_data_is_named_before_training(tmp_path, damage):
-    root = staged_data(tmp_path)
-    name = "t10k-labels-idx1-ubyte"
-    target = raw_dir(root) / name
+def damage_labels(root: Path, damage: str) -> Path:
+    """Damage the test labels file of ``root`` as ``damage`` says; returns its path."""
+    target = raw_dir(root) / "t10k-labels-idx1-ubyte"
     good = bytearray(target.read_bytes())
     target.unlink()
     if damage == "truncated":
@@ -95,23 +94,47 @@ def test_bad_data_is_named_before_training(tmp_path, damage):
     elif damage == "label":
         good[-1] = 11
         target.write_bytes(bytes(good))
-    args = ["data.download=false", "--run-dir", str(tmp_path / "run")]
-    env = child_env(MNISTDIST_DATA_ROOT=str(root))
-    result = run_cmd(wrapped(2, *args), env=env, timeout=120)
+    return target
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "magic", "label"])
+def test_bad_data_is_named_before_training(tmp_path, damage, capfd, monkeypatch):
+    """Every kind of damage, through the command line in this process (one process, exit 2):
+    the check is the same on every rank (see the launched case below)."""
+    root = staged_data(tmp_path)
+    target = damage_labels(root, damage)
+    as_one_process(monkeypatch).setenv("MNISTDIST_DATA_ROOT", str(root))
+    code, out, err = train_in_process(capfd, "data.download=false", "--run-dir", str(tmp_path / "run"))
+    assert code == 2, err
+    assert str(target) in err and "Traceback" not in err
+    assert "training on" not in out
+    if damage == "missing":
+        assert f"{target}: missing" in err
+
+
+def test_bad_data_is_named_before_training_on_every_rank(tmp_path):
+    """Two ranks through the launcher: the job ends (no rank left waiting) naming the file."""
+    root = staged_data(tmp_path)
+    target = damage_labels(root, "label")
+    result = run_cmd(wrapped(2, "data.download=false", "--run-dir", str(tmp_path / "run")),
+                     env=child_env(MNISTDIST_DATA_ROOT=str(root)), timeout=120)
     assert result.returncode != 0
     assert str(target) in result.stderr
     assert "training on" not in result.stdout
-    if damage == "missing":
-        one = run_cmd(train_cmd(*args), env=env, timeout=120)
-        assert one.returncode == 2 and f"{target}: missing" in one.stderr and "Traceback" not in one.stderr
 
 
-def test_unwritable_run_dir_fails_before_training(tmp_path):
-    for cmd in (train_cmd("--run-dir", "/sys/mnistdist-test/run"), wrapped(2, "--run-dir", "/sys/mnistdist-test/run")):
-        result = run_cmd(cmd, timeout=120)
-        assert result.returncode != 0
-        assert "--run-dir /sys/mnistdist-test/run: cannot write there" in result.stderr
-        assert "training on" not in result.stdout
+def test_unwritable_run_dir_fails_before_training(tmp_path, capfd, monkeypatch):
+    root = data_root()  # before as_one_process, which unsets $MNISTDIST_DATA_ROOT
+    with monkeypatch.context() as mp:
+        as_one_process(mp).setenv("MNISTDIST_DATA_ROOT", str(root))
+        code, out, err = train_in_process(capfd, "--run-dir", "/sys/mnistdist-test/run")
+    assert code == 2, err
+    assert "--run-dir /sys/mnistdist-test/run: cannot write there" in err
+    assert "training on" not in out
+    result = run_cmd(wrapped(2, "--run-dir", "/sys/mnistdist-test/run"), timeout=120)
+    assert result.returncode != 0
+    assert "--run-dir /sys/mnistdist-test/run: cannot write there" in result.stderr
+    assert "training on" not in result.stdout
     # Root ignores permission bits, so a full disk is simulated with a file-size limit.
     result = subprocess.run(train_cmd("--run-dir", str(tmp_path / "run")), cwd=REPO, env=child_env(),
                             capture_output=True, text=True, timeout=120,
@@ -156,20 +179,20 @@ def test_two_jobs_started_together_do_not_collide(tmp_path):
     [("train: {lr: [\n", "not valid YAML"), ("- 1\n- 2\n", "top level must be a mapping"),
      ("train:\n  - lr\n", "train: must be a mapping")],
 )
-def test_bad_config_files_exit_2_in_one_line(tmp_path, content, message):
+def test_bad_config_files_exit_2_in_one_line(tmp_path, content, message, capfd, monkeypatch):
     f = tmp_path / "c.yaml"
     f.write_text(content)
-    result = run_cmd(train_cmd("--config", str(f)), timeout=120)
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
-    assert "Traceback" not in result.stderr
+    as_one_process(monkeypatch).setenv("MNISTDIST_DATA_ROOT", str(tmp_path))
+    code, out, err = train_in_process(capfd, "--config", str(f))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert "Traceback" not in err
 
 
-def test_unknown_flag_and_missing_resume_path_exit_2(tmp_path):
+def test_unknown_flag_and_missing_resume_path_exit_2(tmp_path, capfd, monkeypatch):
+    as_one_process(monkeypatch).setenv("MNISTDIST_DATA_ROOT", str(tmp_path))
     for args, message in ((["--nope"], "unrecognized arguments: --nope"),
                           (["--resume", str(tmp_path / "x")], "no such checkpoint directory")):
-        result = run_cmd(train_cmd(*args), timeout=120)
-        assert result.returncode == 2 and message in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-
-
+        code, _, err = train_in_process(capfd, *args)
+        assert code == 2 and message in err
+        assert len(err.strip().splitlines()) == 1

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mnistdist.config import DATA_ROOT_ENV, Config, ConfigError, load_config, to_yaml, validate
-from tests.conftest import REPO, run_cmd, train_cmd
+from tests.conftest import REPO, as_one_process, run_cmd, train_cmd, train_in_process
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -124,7 +124,6 @@ def test_missing_file():
         load_config("/nonexistent/c.yaml")
 
 
-@pytest.mark.slow  # real subprocess runs of train_dist.py
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -136,12 +135,22 @@ def test_missing_file():
         (["--bogus-flag"], "error: unrecognized arguments: --bogus-flag"),
     ],
 )
-def test_cli_exits_2_with_one_line_and_no_traceback(args, message):
-    result = run_cmd(train_cmd(*args), timeout=120)
+def test_cli_exits_2_with_one_line_and_no_traceback(args, message, capfd, monkeypatch, tmp_path):
+    as_one_process(monkeypatch)
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    code, out, err = train_in_process(capfd, *args)
+    assert code == 2, err
+    assert err.strip().splitlines() == [err.strip()], err
+    assert message in err
+    assert "Traceback" not in err + out
+
+
+@pytest.mark.slow  # a real process: what the tests above call in this process, as the script
+def test_train_dist_py_itself_exits_2_with_one_line_and_no_traceback():
+    result = run_cmd(train_cmd("train.lr=-1"), timeout=120)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip() == "error: train.lr: must be > 0; got -1.0", result.stderr
+    assert result.stdout == ""
 
 
 # --------------------------------------------------------------------------------------
@@ -287,14 +296,14 @@ def test_bad_value_names_the_file_in_the_chain_that_set_it(tmp_path, monkeypatch
     assert str(info.value) == f"{tmp_path / 'root.yaml'}: data.root: must not be empty"
 
 
-@pytest.mark.slow  # a real subprocess run
-def test_cli_exits_2_on_a_base_cycle(tmp_path):
+def test_cli_exits_2_on_a_base_cycle(tmp_path, capfd, monkeypatch):
+    as_one_process(monkeypatch)
     write(tmp_path / "a.yaml", "base: a.yaml\n")
-    result = run_cmd(train_cmd("--config", str(tmp_path / "a.yaml")), timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
-    assert f"error: {tmp_path / 'a.yaml'}: base: 'a.yaml' names this file itself" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    code, out, err = train_in_process(capfd, "--config", str(tmp_path / "a.yaml"))
+    assert code == 2, err
+    assert err.strip().splitlines() == [err.strip()], err
+    assert f"error: {tmp_path / 'a.yaml'}: base: 'a.yaml' names this file itself" in err
+    assert "Traceback" not in err + out
 
 
 def _stated_keys(data: dict) -> set[str]:
