@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import yaml
 
@@ -12,12 +14,18 @@ from mnistdist.schedule import lr_at
 from tests.smoke.test_train_smoke import data, overrides  # noqa: F401 - fixtures
 
 
-@pytest.fixture
-def stopped_run(tmp_path, data, one_process_env):  # noqa: F811
-    """A run stopped at step 13 of 40 (train.max_steps), with its checkpoint."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_once(tmp_path_factory, data, one_process_env):  # noqa: F811
+    """A run stopped at step 13 of 40 (train.max_steps), with its checkpoint: trained once per file."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
     training.run(load_config(None, overrides(data, "train.max_steps=13")), run_dir, resume="never")
     return run_dir
+
+
+@pytest.fixture
+def stopped_run(stopped_once, tmp_path):
+    """A copy of the stopped run for one test to resume (or to be refused)."""
+    return shutil.copytree(stopped_once, tmp_path / "run", symlinks=True)
 
 
 def resume(run_dir, data, *extra, allow=False):  # noqa: F811
