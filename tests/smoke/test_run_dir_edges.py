@@ -82,13 +82,20 @@ def test_a_lock_that_is_a_link_is_refused_in_one_line(one_process_env, data, tmp
 # Checkpoints none of which loads
 
 
-@pytest.fixture
-def all_damaged(one_process_env, data, tmp_path) -> Path:  # noqa: F811
-    """A run killed after step 25 with checkpoints at steps 10 and 20, one byte flipped in each
-    (an intact copy of each is kept in ``tmp_path / "intact"``)."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_once(one_process_env, data, tmp_path_factory) -> Path:  # noqa: F811
+    """A run killed after step 25 with checkpoints at steps 10 and 20 (trained once per file)."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
     with pytest.raises(RuntimeError, match="injected fault after step 25"), injected("step=25,action=raise"):
         train(run_dir, data, "checkpoint.every_steps=10")
+    return run_dir
+
+
+@pytest.fixture
+def all_damaged(killed_once, tmp_path) -> Path:
+    """A copy of ``killed_once`` with one byte flipped in each checkpoint (an intact copy of
+    each is kept in ``tmp_path / "intact"``)."""
+    run_dir = shutil.copytree(killed_once, tmp_path / "run", symlinks=True)
     found = checkpoint.list_checkpoints(run_dir)
     assert [p.name for p in found] == ["step-00000020", "step-00000010"]
     for path in found:
