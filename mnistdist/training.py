@@ -45,12 +45,29 @@ class TrainState:
     tensors, what a checkpoint holds. ``state_dict``/``load_state_dict`` as in torch."""
 
     loss: LossMeter
+    steps_per_epoch: int
+    last_step: int  # where this run ends: the last epoch's end, or train.max_steps before it
     step: int = 0  # optimizer steps done in the whole run (the global step of every log)
     epoch: int = 0  # the epoch in progress, 0-based
     batch_in_epoch: int = 0  # batches of ``epoch`` done; a resumed run continues with the next
     train_time_s: float = 0.0  # the whole run's training time, as of the last checkpoint
     best: Best | None = None  # the validation result of the best model so far, if any
     best_model: dict[str, torch.Tensor] | None = None  # its weights (the same on every rank)
+
+    @property
+    def unfinished(self) -> bool:
+        """Steps left, or an epoch whose batches are done but whose evaluation is still owed (a
+        run stopped right after its last batch)."""
+        return self.step < self.last_step or self.batch_in_epoch == self.steps_per_epoch
+
+    @property
+    def steps_left_in_epoch(self) -> int:
+        return min(self.steps_per_epoch - self.batch_in_epoch, self.last_step - self.step)
+
+    @property
+    def epoch_over(self) -> bool:
+        """The epoch's batches are done, or the run's (``train.max_steps`` may end it early)."""
+        return self.batch_in_epoch == self.steps_per_epoch or self.step == self.last_step
 
     def advance(self) -> None:
         """One optimizer step done (the step itself added its loss to the sums)."""
@@ -118,23 +135,21 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
     """Train and evaluate; return the summary. Collective: every rank calls it."""
     # Data: MNIST as tensors on the training device, the validation set held out of the training
     # images by the seed (None without one), and this rank's batches of the rest.
-    tensors, validation, batches = load_data(cfg, dist)
+    data = load_data(cfg, dist)
     # The LR schedule spans all epochs; train.max_steps only stops early, so a short run is an
     # exact prefix of the full one.
-    total_steps = len(batches) * cfg.train.epochs
-    last_step = min(total_steps, cfg.train.max_steps or total_steps)
+    total_steps = len(data.batches) * cfg.train.epochs
 
     # The same seed gives every rank the same initial weights; then fresh, or continue where a
-    # checkpoint left off.
+    # checkpoint left off (and say so: run.json, the start line, the tracker).
     dist.seed(cfg.train.seed)
     model = build_model(cfg, dist.device)
     model, optimizer = dist.prepare(model, build_optimizer(cfg, model))
-    state = TrainState(LossMeter(dist.device, getattr(torch, cfg.model.dtype)))
-    resumed = resume_from(cfg, dist, run_dir, resume, allow_config_change, dist.unwrap(model), optimizer, state)
-    train_step = build_step(cfg, dist, model, optimizer, state, batches, signals)
-    start = record_start(cfg, dist, run_dir, batches, validation, state.step, resumed)  # and the start line
-    tracker = start_tracking(cfg, dist, run_dir, resumed, state.step)
-    progress = Progress(cfg.tracking.progress, dist.is_main, cfg.train.epochs, last_step,
+    state = TrainState(LossMeter(dist.device, getattr(torch, cfg.model.dtype)), len(data.batches),
+                       min(total_steps, cfg.train.max_steps or total_steps))
+    tracker = start_run(cfg, dist, run_dir, resume, allow_config_change, dist.unwrap(model), optimizer, state, data)
+    train_step = build_step(cfg, dist, model, optimizer, state, data.batches, signals)
+    progress = Progress(cfg.tracking.progress, dist.is_main, cfg.train.epochs, state.last_step,
                         cfg.train.global_batch_size, train_time_s=state.train_time_s)
 
     def save_checkpoint() -> Path:  # collective
@@ -145,43 +160,52 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
 
     results: Results | None = None
     with tracker, progress, dist.diagnose_failures(run_dir.heartbeat, lambda: f"at step {state.step}"):
-        # (A run stopped right after the last batch of an epoch still owes its evaluation.)
-        while state.step < last_step or state.batch_in_epoch == len(batches):
-            progress.start_epoch(state.epoch, steps=min(len(batches) - state.batch_in_epoch, last_step - state.step))
-            for x, y in batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
+        while state.unfinished:
+            progress.start_epoch(state.epoch, steps=state.steps_left_in_epoch)
+            for x, y in data.batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
                 lr = lr_at(state.step, total_steps, cfg.train.lr, cfg.train.lr_schedule, cfg.train.warmup_steps)
                 stop = train_step(x, y, lr, state.step + 1)  # forward, backward (DDP all-reduce), NaN check, update
                 state.advance()
                 progress.update()
-                end_of_epoch = state.batch_in_epoch == len(batches) or state.step == last_step
-                if state.step % cfg.train.log_every_steps == 0 or end_of_epoch:
+                if state.step % cfg.train.log_every_steps == 0 or state.epoch_over:
                     tracker.log(progress.log(train_record(dist, state, lr)))
                 if stop:  # the ranks agreed on a stop request: all leave after this same step
                     raise signals.stopped(state.step, save_checkpoint())
-                if end_of_epoch:  # (train.max_steps may end it early); saved below, after its evaluation
+                if state.epoch_over:  # saved below, after its evaluation
                     break
                 if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                     save_checkpoint()
 
             # The validation set if there is one, else the test set (as the seed does).
-            counts = evaluate(cfg, dist, dist.unwrap(model), tensors, validation)
-            if validation is not None and state.consider(counts, dist.unwrap(model)):
+            counts = evaluate(cfg, dist, dist.unwrap(model), data.tensors, data.validation)
+            if data.validation is not None and state.consider(counts, dist.unwrap(model)):
                 write_best(dist, run_dir, state)
-            if state.step == last_step:  # the test results of the final and the best model, evaluated once
-                results = final_results(cfg, dist, dist.unwrap(model), tensors, state, counts, validation)
+            if state.step == state.last_step:  # the test results of the final and the best model, evaluated once
+                results = final_results(cfg, dist, dist.unwrap(model), data, state, counts)
             # Logged before the checkpoint, as every evaluation line: a run resumed from it has it.
-            tracker.log(progress.epoch_end(epoch_record(dist, state, counts, validation is not None, results)))
-            if state.batch_in_epoch == len(batches):
+            tracker.log(progress.epoch_end(epoch_record(dist, state, counts, data.validation is not None, results)))
+            if state.batch_in_epoch == state.steps_per_epoch:
                 state.next_epoch()
             save_checkpoint()
 
         if results is None:  # resumed from the final checkpoint: nothing left to train
-            results = final_results(cfg, dist, dist.unwrap(model), tensors, state, None, validation)
-        summary = results.summary(state, run_dir, start, progress.trained_s)
+            results = final_results(cfg, dist, dist.unwrap(model), data, state, None)
+        summary = results.summary(state, run_dir, progress.trained_s, dist.world_size,
+                                  precision_name(cfg.model.dtype, dist.mixed_precision))
         # Rank 0 writes; a failure (the run directory lost, a full disk) is raised on every rank.
         dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, results.final, tracker, state.step))
     dist.barrier()  # nobody exits (and tears down the group) while rank 0 still finishes W&B
     return summary
+
+
+@dataclass
+class RunData:
+    """MNIST on the training device; the validation indices into its training images (None
+    without a validation set); this rank's batches of the other training images."""
+
+    tensors: MnistTensors
+    validation: torch.Tensor | None
+    batches: TrainBatches
 
 
 @dataclass
@@ -203,8 +227,9 @@ class Results:
                 "best_test_acc": self.best.accuracy, "best_test_correct": self.best.correct,
                 "best_step": best.step, "best_epoch": best.epoch}
 
-    def summary(self, state: TrainState, run_dir: RunDir, start: dict[str, Any], train_time_s: float) -> dict[str, Any]:
-        """summary.json (docs/runs.md): the whole run's numbers, for this start (``record_start``)."""
+    def summary(self, state: TrainState, run_dir: RunDir, train_time_s: float, world_size: int,
+                precision: str) -> dict[str, Any]:
+        """summary.json (docs/runs.md): the whole run's numbers, as of this job's end."""
         chosen = self.final_val is not None and state.best is not None
         summary = {"final_test_acc": self.final.accuracy, "final_test_loss": self.final.mean_loss,
                    "test_correct": self.final.correct, "test_total": self.final.total, "model": str(run_dir.model),
@@ -217,23 +242,23 @@ class Results:
                             "best_val_loss": state.best.val_loss, "final_val_acc": self.final_val.accuracy,
                             "final_val_loss": self.final_val.mean_loss, "val_total": self.final_val.total})
         return {**summary, "steps": state.step, "epochs": state.epoch, "train_time_s": train_time_s,
-                "world_size": start["world_size"], "precision": start["precision"], "run_dir": str(run_dir.root)}
+                "world_size": world_size, "precision": precision, "run_dir": str(run_dir.root)}
 
 
-def final_results(cfg: Config, dist: Dist, model: torch.nn.Module, tensors: MnistTensors, state: TrainState,
-                  counts: EvalCounts | None, validation: torch.Tensor | None) -> Results:
+def final_results(cfg: Config, dist: Dist, model: torch.nn.Module, data: RunData, state: TrainState,
+                  counts: EvalCounts | None) -> Results:
     """The test results of the final ``model`` and of ``state.best_model``, each evaluated once;
     ``counts``: the final model's evaluation just made (None: evaluate it here). Collective."""
-    if validation is None:
-        final = counts if counts is not None else evaluate(cfg, dist, model, tensors)
+    if data.validation is None:
+        final = counts if counts is not None else evaluate(cfg, dist, model, data.tensors)
         return Results(final, final, None)
-    final_val = counts if counts is not None else evaluate(cfg, dist, model, tensors, validation)
-    final = evaluate(cfg, dist, model, tensors)
+    final_val = counts if counts is not None else evaluate(cfg, dist, model, data.tensors, data.validation)
+    final = evaluate(cfg, dist, model, data.tensors)
     if state.best_model is None or state.best.step == state.step:  # the best model is the final one
         return Results(final, final, final_val)
     best_model = copy.deepcopy(model)  # (not build_model: that would draw from the global RNG)
     best_model.load_state_dict(state.best_model)
-    return Results(final, evaluate(cfg, dist, best_model, tensors), final_val)
+    return Results(final, evaluate(cfg, dist, best_model, data.tensors), final_val)
 
 
 def write_best(dist: Dist, run_dir: RunDir, state: TrainState) -> None:
@@ -253,18 +278,28 @@ def write_best(dist: Dist, run_dir: RunDir, state: TrainState) -> None:
     dist.on_main(write)
 
 
-def record_start(cfg: Config, dist: Dist, run_dir: RunDir, batches: TrainBatches, validation: torch.Tensor | None,
-                 step: int, resumed: checkpoint.Snapshot | None) -> dict[str, Any]:
+def start_run(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_config_change: bool,
+              model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, data: RunData) -> Tracker:
+    """Fresh, or resumed from a checkpoint (``resume_from``); this start recorded in run.json
+    and said by the start line (``record_start``); returns the run's tracker. Collective."""
+    resumed = resume_from(cfg, dist, run_dir, resume, allow_config_change, model, optimizer, state)
+    record_start(cfg, dist, run_dir, data, state.step, resumed)
+    return start_tracking(cfg, dist, run_dir, resumed, state.step)
+
+
+def record_start(cfg: Config, dist: Dist, run_dir: RunDir, data: RunData, step: int,
+                 resumed: checkpoint.Snapshot | None) -> None:
     """What this start of the run runs on (``Dist.describe``, the data, the versions): added to
-    run.json and said by the start line on the main process; returned on every rank. Collective."""
+    run.json and said by the start line on the main process. Collective."""
     machine = dist.describe()
+    batches = data.batches
     start = {"start_step": step, "resumed_from": str(resumed.path) if resumed else None,
              "started_at": datetime.now().astimezone().isoformat(timespec="seconds"), "argv": list(sys.argv),
              **machine, "dtype": cfg.model.dtype,
              "precision": precision_name(cfg.model.dtype, machine["mixed_precision"]),
              "global_batch_size": cfg.train.global_batch_size, "per_process_batch_size": batches.batch_size,
              "steps_per_epoch": len(batches), "training_images": batches.num_images,
-             "validation_images": 0 if validation is None else len(validation),
+             "validation_images": 0 if data.validation is None else len(data.validation),
              "repeated_images_per_epoch": batches.repeated_per_epoch}
 
     def write() -> None:
@@ -273,7 +308,6 @@ def record_start(cfg: Config, dist: Dist, run_dir: RunDir, batches: TrainBatches
         print(start_line(start, run_dir.root), flush=True)
 
     dist.on_main(write)
-    return start
 
 
 def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_config_change: bool,
@@ -286,9 +320,8 @@ def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_con
     snap = checkpoint.resume(dist, run_dir.root, resume, cfg.train.global_batch_size)
     changes = trajectory_changes(snap.config, cfg) if snap is not None else []
     if changes and not allow_config_change:
-        raise ConfigError(f"{snap.path}: written with other values of keys that change training: "
-                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
-                          + "; continue with the new values with --allow-config-change, or use another --run-dir")
+        raise ConfigError(f"{snap.path}: written with other values of keys that change training: {listed(changes)}"
+                          "; continue with the new values with --allow-config-change, or use another --run-dir")
     if snap is not None:
         checkpoint.restore(snap, model, optimizer)
         state.load_state_dict(snap.train_state(dist.rank, dist.world_size))
@@ -317,10 +350,14 @@ def start_tracking(cfg: Config, dist: Dist, run_dir: RunDir, resumed: checkpoint
                       resumed_step=step if resumed else None)
     changes = trajectory_changes(resumed.config, cfg) if resumed else []
     if changes:
-        dist.print("continuing with changed config (--allow-config-change): "
-                   + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
+        dist.print(f"continuing with changed config (--allow-config-change): {listed(changes)}")
         tracker.log({"step": step, "config_changes": {k: [old, new] for k, old, new in changes}})
     return tracker
+
+
+def listed(changes: list[tuple[str, Any, Any]]) -> str:
+    """``trajectory_changes`` as the messages say them: ``key old -> new, ...``."""
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
 
 
 def train_record(dist: Dist, state: TrainState, lr: float) -> dict[str, Any]:
@@ -376,7 +413,7 @@ def load_tensors_on(cfg: Config, dist: Dist) -> MnistTensors:
     return load_tensors(cfg.data.root).to(dist.device)
 
 
-def load_data(cfg: Config, dist: Dist) -> tuple[MnistTensors, torch.Tensor | None, TrainBatches]:
+def load_data(cfg: Config, dist: Dist) -> RunData:
     """MNIST on the training device; the validation indices (``data.validation_size``, None
     when empty), drawn by the seed alone, so the same on every rank at any world size; and
     this rank's batches of the remaining training images (DistributedSampler)."""
@@ -386,7 +423,7 @@ def load_data(cfg: Config, dist: Dist) -> tuple[MnistTensors, torch.Tensor | Non
     per_process = cfg.train.global_batch_size // dist.world_size  # (its divisibility was validated)
     batches = TrainBatches(cfg.data, tensors, per_process, dist.rank, dist.world_size, cfg.train.seed, dist.device,
                            train_indices=split.train)
-    return tensors, validation, batches
+    return RunData(tensors, validation, batches)
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> MLP:
