@@ -50,15 +50,21 @@ def installed(wheel: Path) -> Path:
     # line, so an editable mnistdist there (a .pth import hook) stays inactive.
     borrowed = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(purelib, "borrowed.pth").write_text("".join(f"{p}\n" for p in sorted(borrowed)))
+    # Without PYTHONPATH: a checkout on it (its mnistdist.egg-info) would look installed to pip.
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
-                    "--no-index", "-q", str(wheel)], check=True, capture_output=True)
+                    "--no-index", "-q", str(wheel)], check=True, capture_output=True, env=without_checkout())
     return venv / "bin"
 
 
 def run_installed(bin_dir: Path, *args: str, cwd: Path, program: str = "mnistdist") -> subprocess.CompletedProcess:
     """``program`` of the venv run in ``cwd``, without the checkout on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MNISTDIST_DATA_ROOT")}
-    return subprocess.run([str(bin_dir / program), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([str(bin_dir / program), *args], cwd=cwd, env=without_checkout(), capture_output=True,
+                          text=True)
+
+
+def without_checkout() -> dict[str, str]:
+    """This environment without PYTHONPATH (which may name a checkout) and the data root."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MNISTDIST_DATA_ROOT")}
 
 
 def test_the_wheel_carries_every_config(wheel):
