@@ -188,9 +188,8 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights from ``model.safetensors`` or from a checkpoint directory holding one."""
-    path = Path(path)
-    return safetensors.torch.load_file(str(path / "model.safetensors" if path.is_dir() else path))
+    """The state dict in weights file ``path`` (as ``save_weights`` writes them)."""
+    return safetensors.torch.load_file(path)
 
 
 def _nat(v: Any) -> bool:
