@@ -201,7 +201,8 @@ def _number(v: Any) -> bool:
 
 
 _ENTRY = {"bytes": _nat, "sha256": lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None}
-_MANIFEST = {"format": lambda v: isinstance(v, str) and v in FORMATS, "step": _nat, "files": lambda v: isinstance(v, dict)}
+_MANIFEST = {"format": lambda v: isinstance(v, str) and v in FORMATS, "step": _nat,
+             "files": lambda v: isinstance(v, dict)}
 _BEST = {"step": _nat, "epoch": _nat, "val_correct": _nat, "val_total": lambda v: _nat(v) and v > 0,
          "val_acc": _number, "val_loss": _number}
 _STATE = {"step": _nat, "epoch": _nat, "batch_in_epoch": _nat, "world_size": lambda v: _nat(v) and v > 0,
@@ -266,7 +267,8 @@ def _verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     for name, entry in manifest["files"].items():
         data = content[name] = _read(path / name)
         if len(data) != entry["bytes"]:
-            raise CheckpointError(f"{path / name}: {len(data)} bytes, manifest says {entry['bytes']} (truncated or damaged)")
+            raise CheckpointError(f"{path / name}: {len(data)} bytes, manifest says {entry['bytes']} "
+                                  "(truncated or damaged)")
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(f"{path / name}: checksum mismatch (corrupted)")
     return manifest, content
@@ -346,7 +348,8 @@ def load_latest(run_dir: Path, warn: Callable[[str], Any] = print) -> Snapshot |
 
 
 def save(dist: Dist, run: RunDir, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict[str, Any], tracking: dict[str, Any], best_model: dict[str, torch.Tensor] | None = None) -> Path:
+         train_state: dict[str, Any], tracking: dict[str, Any],
+         best_model: dict[str, torch.Tensor] | None = None) -> Path:
     """Checkpoint the run as it stands: ``train_state`` is this rank's ``TrainState.state_dict()``
     (its ``best``, if any, goes with ``best_model``, the best model's weights); the loss sums of
     every rank are gathered, and rank 0 writes into ``run`` while it still holds it
@@ -384,7 +387,8 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
             except CheckpointError:  # none loads: kept, out of the new run's way
                 set_aside(Path(run_dir) / CHECKPOINTS, "checkpoints")
             return None
-        snap = load_latest(run_dir, lambda m: print(m, flush=True)) if resume == "auto" else load_checkpoint(Path(resume))
+        snap = (load_latest(run_dir, lambda m: print(m, flush=True)) if resume == "auto"
+                else load_checkpoint(Path(resume)))
         if snap is None:
             return None
         # Another number of processes is fine: the training trajectory does not depend on it (see
