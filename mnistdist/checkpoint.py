@@ -106,7 +106,7 @@ def _tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, s
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     try:
         return safetensors.torch.save(tensors, metadata=metadata)
-    except (safetensors.SafetensorError, RuntimeError, ValueError, TypeError) as e:
+    except (safetensors.SafetensorError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot write {path}: {' '.join(str(e).split())[:300]}") from None
 
 
