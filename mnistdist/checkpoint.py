@@ -7,18 +7,13 @@ One checkpoint, ``RUN_DIR/checkpoints/step-00000600/``:
     state.json              ``Snapshot``'s other fields: the position in the run, each rank's loss
                             sums, the W&B run id, the config, the training time, the best model's result
     best.safetensors        the best model's weights (only once a validation set chose one)
-    manifest.json           size and sha256 of every file above: written last
+    manifest.json           size and sha256 of every file above: written last, the commit marker
 
 That is all a run needs to continue exactly: nothing random decides anything after the start
 (the sampler is seeded by ``train.seed`` + epoch, the model has no dropout), so no RNG state; the
-optimizer's hyper-parameters are the config's, so only its tensors.
-
-Files go into ``checkpoints/.tmp-step-N-PID``, fsynced, the manifest last; then the directory
-is renamed into place and ``checkpoints/`` fsynced; older checkpoints are pruned after that.
-Loading trusts nothing: the manifest lists only the files above, each must match its size and
-sha256, state.json must match ``_STATE``; tensors are read by safetensors, the rest as JSON.
-Whatever is wrong is a ``CheckpointError`` naming the file, and auto-resume falls back to the
-checkpoint before. The two earlier formats still load (the first also held RNG states, in
+optimizer's hyper-parameters are the config's, so only its tensors. Whatever is wrong with a
+checkpoint is a ``CheckpointError`` naming the file, and auto-resume falls back to the one before
+(docs/reliability.md). The two earlier formats still load (the first also held RNG states, in
 ``ranks.safetensors``: verified, never read; neither has a best model).
 """
 
@@ -38,10 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors.torch
 import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from mnistdist.config import Config, ConfigError, trajectory_changes
 from mnistdist.metrics import LossMeter
@@ -56,7 +49,7 @@ BEST_FILE = "best.safetensors"
 """The one optional file: listed in the manifest exactly when state.json has a ``best``."""
 _FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 FORMATS = {FORMAT: _FILES, "mnistdist-checkpoint-2": _FILES, "mnistdist-checkpoint-1": (*_FILES, "ranks.safetensors")}
-"""The files each format's manifest lists (besides ``BEST_FILE``), newest format first."""
+"""The files each format's manifest lists (besides ``BEST_FILE``)."""
 _STEP = re.compile(r"step-([0-9]+)")
 _TRASHED = re.compile(r"\.trash-step-([0-9]+)-[0-9]+")
 """Step N's old copy, moved aside while a save replaces it (see ``save_checkpoint``)."""
@@ -107,47 +100,51 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _write_json(path: Path, data: Any) -> None:
-    _write(path, json.dumps(data, indent=1).encode())
-
-
-def _tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+def _tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """``tensors`` as the bytes of safetensors file ``path``; what safetensors refuses (say,
+    tensors that share memory) is a CheckpointError naming ``path``."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    try:
+        return safetensors.torch.save(tensors, metadata=metadata)
+    except (safetensors.SafetensorError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot write {path}: {' '.join(str(e).split())[:300]}") from None
 
 
 def save_checkpoint(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
-    """Write ``snap`` atomically as ``checkpoints/step-XXXXXXXX`` and prune older ones."""
+    """Write ``snap`` as ``checkpoints/step-XXXXXXXX``, atomically, and prune older ones: its files
+    go into ``.tmp-step-N-PID/``, each fsynced, the manifest last; then that directory is fsynced
+    and renamed into place, and ``checkpoints/`` fsynced."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{snap.step:08d}"
+    optimizer = {f"{index}.{key}": value for index, tensors in snap.optimizer.items() for key, value in tensors.items()}
+    files = {"model.safetensors": _tensors(final / "model.safetensors", snap.model),
+             "optimizer.safetensors": _tensors(final / "optimizer.safetensors", optimizer)}
+    if snap.best_model is not None:
+        files[BEST_FILE] = _tensors(final / BEST_FILE, snap.best_model)
+    files["state.json"] = json.dumps({
+        "format": FORMAT, **{key: getattr(snap, key) for key in _SCALARS}, "ranks": [{"loss": x} for x in snap.losses],
+        "best": snap.best if snap.best_model is not None else None, "saved_at": time.time()}, indent=1).encode()
+    entries = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    files[MANIFEST] = json.dumps({"format": FORMAT, "step": snap.step, "files": entries}, indent=1).encode()
+
     if not root.is_dir():
         root.mkdir(parents=True)
         fsync_dir(root.parent)  # the new checkpoints/ entry of the run directory
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier failed save of this process
     tmp.mkdir()
-    _write(tmp / "model.safetensors", _tensors(snap.model))
-    _write(tmp / "optimizer.safetensors", _tensors(
-        {f"{index}.{key}": value for index, tensors in snap.optimizer.items() for key, value in tensors.items()}))
-    if snap.best_model is not None:
-        _write(tmp / BEST_FILE, _tensors(snap.best_model))
-    _write_json(tmp / "state.json", {
-        "format": FORMAT, **{key: getattr(snap, key) for key in _SCALARS}, "ranks": [{"loss": x} for x in snap.losses],
-        "best": snap.best if snap.best_model is not None else None, "saved_at": time.time()})
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in sorted(tmp.iterdir())}
-    _write_json(tmp / MANIFEST, {"format": FORMAT, "step": snap.step, "files": files})  # the commit marker
+    for name, data in files.items():  # the manifest last
+        _write(tmp / name, data)
     fsync_dir(tmp)
-    # A step that has a directory already (a damaged one resume skipped, or one past the
-    # checkpoint a run resumed from): a directory cannot be renamed over a non-empty one, so the
-    # old copy goes aside first as .trash-step-N-PID. Should the process die between the two
-    # renames, list_checkpoints counts that copy as step N, and the next prune names it back.
+    # A step that has a directory already (a damaged one resume skipped, or one past the checkpoint
+    # a run resumed from): a directory cannot be renamed over a non-empty one, so the old copy goes
+    # aside first. Until prune removes it, list_checkpoints counts it as step N if no step-N exists.
     trash = root / f".trash-{final.name}-{os.getpid()}"
     shutil.rmtree(trash, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         os.rename(final, trash)
     os.rename(tmp, final)
-    fsync_dir(root)  # the new copy is durably in place before the old one goes
-    shutil.rmtree(trash, ignore_errors=True)
+    fsync_dir(root)  # the new copy is durably in place before prune removes the old one
     prune(run_dir, keep_last)
     return final
 
@@ -168,22 +165,6 @@ def prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a state dict to ``path`` (with ``metadata`` in the safetensors header) via a
-    temporary file and an atomic rename, both fsynced."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _write(tmp, _tensors(tensors, metadata))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights from ``model.safetensors`` or from a checkpoint directory holding one."""
-    path = Path(path)
-    return load_file(str(path / "model.safetensors" if path.is_dir() else path))
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Committed-looking checkpoint directories, newest first (validity not checked): each
     ``step-N``, and ``.trash-step-N-PID`` while no ``step-N`` exists (see ``save_checkpoint``)."""
@@ -196,6 +177,21 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for *_, p in sorted(found, reverse=True)]
 
 
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict to ``path`` (with ``metadata`` in the safetensors header) via a
+    temporary file and an atomic rename, both fsynced."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _write(tmp, _tensors(path, tensors, metadata))
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in weights file ``path`` (as ``save_weights`` writes them)."""
+    return safetensors.torch.load_file(path)
+
+
 def _nat(v: Any) -> bool:
     return type(v) is int and v >= 0
 
@@ -205,7 +201,8 @@ def _number(v: Any) -> bool:
 
 
 _ENTRY = {"bytes": _nat, "sha256": lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None}
-_MANIFEST = {"format": lambda v: isinstance(v, str) and v in FORMATS, "step": _nat, "files": lambda v: isinstance(v, dict)}
+_MANIFEST = {"format": lambda v: isinstance(v, str) and v in FORMATS, "step": _nat,
+             "files": lambda v: isinstance(v, dict)}
 _BEST = {"step": _nat, "epoch": _nat, "val_correct": _nat, "val_total": lambda v: _nat(v) and v > 0,
          "val_acc": _number, "val_loss": _number}
 _STATE = {"step": _nat, "epoch": _nat, "batch_in_epoch": _nat, "world_size": lambda v: _nat(v) and v > 0,
@@ -237,13 +234,12 @@ def _mismatch(value: Any, spec: Any, where: str = "") -> str | None:
 def _read(file: Path) -> bytes:
     """The content of ``file``, a regular file (a link is never followed: it could lead out of the checkpoint)."""
     try:
-        if not stat.S_ISREG(os.lstat(file).st_mode):
-            raise CheckpointError(f"{file}: not a regular file (links and directories are never followed)")
-        return file.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
+        if stat.S_ISREG(os.lstat(file).st_mode):
+            return file.read_bytes()
+        problem = "not a regular file (links and directories are never followed)"
     except OSError as e:
-        raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
+        problem = "missing" if isinstance(e, FileNotFoundError) else f"cannot read it ({e.strerror or e})"
+    raise CheckpointError(f"{file}: {problem}")
 
 
 def _parse(file: Path, data: bytes, what: str) -> Any:
@@ -258,11 +254,11 @@ def _verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     manifest = _parse(path / MANIFEST, _read(path / MANIFEST), "unreadable manifest")
     problem = _mismatch(manifest, _MANIFEST)
     if problem is None:
-        listed, needed = set(manifest["files"]), FORMATS[manifest["format"]]
-        allowed = {*needed, BEST_FILE} if manifest["format"] == FORMAT else set(needed)
+        listed, needed = set(manifest["files"]), set(FORMATS[manifest["format"]])
+        allowed = needed | {BEST_FILE} if manifest["format"] == FORMAT else needed
         # Only the checkpoint's own files, by plain name: nothing else is ever opened.
-        if listed - allowed or set(needed) - listed:
-            problem = f"files: {sorted(listed)}; {manifest['format']} lists {', '.join(needed)}"
+        if not needed <= listed <= allowed:
+            problem = f"files: {sorted(listed)}; {manifest['format']} lists {', '.join(sorted(needed))}"
         else:
             problem = _mismatch(manifest["files"], dict.fromkeys(listed, _ENTRY), "files")
     if problem:
@@ -271,47 +267,51 @@ def _verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     for name, entry in manifest["files"].items():
         data = content[name] = _read(path / name)
         if len(data) != entry["bytes"]:
-            raise CheckpointError(f"{path / name}: {len(data)} bytes, manifest says {entry['bytes']} (truncated or damaged)")
+            raise CheckpointError(f"{path / name}: {len(data)} bytes, manifest says {entry['bytes']} "
+                                  "(truncated or damaged)")
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(f"{path / name}: checksum mismatch (corrupted)")
     return manifest, content
 
 
 def load_checkpoint(path: Path) -> Snapshot:
-    """Verify, then read a checkpoint (safetensors and JSON only). Anything wrong with it is a
+    """Verify, then read a checkpoint (safetensors and JSON only): every file the manifest lists,
+    read once, of its size and sha256; state.json as ``_STATE`` says; no weight NaN or Inf;
+    optimizer tensors named ``<parameter index>.<key>``. Anything wrong with it is a
     CheckpointError naming the file."""
     path = Path(path)
     manifest, content = _verified(path)
-    file = path / "state.json"
-    state = _parse(file, content["state.json"], "unreadable checkpoint content")
+    has_best = BEST_FILE in manifest["files"]
+
+    def bad(name: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{path / name}: unreadable checkpoint content ({problem})")
+
+    state = _parse(path / "state.json", content["state.json"], "unreadable checkpoint content")
     if isinstance(state, dict):  # what the earlier formats lack
         state = {"tracking": {}, "config": {}, "train_time_s": 0.0, "best": None, **state}
-    has_best = BEST_FILE in manifest["files"]
-    spec = {**_STATE, "format": lambda v: v == manifest["format"], "step": lambda v: _nat(v) and v == manifest["step"],
-            "best": _BEST if has_best else (lambda v: v is None)}
-    problem = _mismatch(state, spec)
+    problem = _mismatch(state, {**_STATE, "format": lambda v: v == manifest["format"],
+                                "step": lambda v: _nat(v) and v == manifest["step"],
+                                "best": _BEST if has_best else (lambda v: v is None)})
     if problem is None and len(state["ranks"]) != state["world_size"]:
         problem = f"ranks: {len(state['ranks'])}, not one per process of world_size {state['world_size']}"
     if problem:
-        raise CheckpointError(f"{file}: unreadable checkpoint content ({problem})")
+        raise bad("state.json", problem)
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
         try:
-            loaded = safetensors_load(content[name])
+            loaded = safetensors.torch.load(content[name])
         except Exception as e:  # noqa: BLE001 - the checksum matched, but the content is not ours
-            raise CheckpointError(f"{path / name}: unreadable checkpoint content ({type(e).__name__}: {e})") from None
+            raise bad(name, f"{type(e).__name__}: {e}") from None
         for key, t in loaded.items():  # no checkpoint is ever saved with NaN/Inf
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise CheckpointError(f"{path / name}: unreadable checkpoint content ({key} holds NaN or Inf)")
+                raise bad(name, f"{key} holds NaN or Inf")
         return loaded
 
     optimizer: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors("optimizer.safetensors").items():
-        index, _, key = name.partition(".")
-        if not (index.isascii() and index.isdigit() and key):
-            raise CheckpointError(f"{path / 'optimizer.safetensors'}: unreadable checkpoint content "
-                                  f"({name!r} is not <parameter index>.<key>)")
-        optimizer.setdefault(int(index), {})[key] = tensor
+        if not (index_key := re.fullmatch(r"([0-9]+)\.(.+)", name)):
+            raise bad("optimizer.safetensors", f"{name!r} is not <parameter index>.<key>")
+        optimizer.setdefault(int(index_key[1]), {})[index_key[2]] = tensor
     return Snapshot(**{key: state[key] for key in _SCALARS}, model=tensors("model.safetensors"), optimizer=optimizer,
                     losses=[rank["loss"] for rank in state["ranks"]], best=state["best"],
                     best_model=tensors(BEST_FILE) if has_best else None, path=path)
@@ -347,13 +347,13 @@ def load_latest(run_dir: Path, warn: Callable[[str], Any] = print) -> Snapshot |
 # rank gets the same outcome (``Dist.on_main``): an error is raised on all ranks together.
 
 
-def save(dist: Dist, run_dir: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict[str, Any], tracking: dict[str, Any], best_model: dict[str, torch.Tensor] | None = None,
-         before_writing: Callable[[], None] | None = None) -> Path:
+def save(dist: Dist, run: RunDir, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         train_state: dict[str, Any], tracking: dict[str, Any],
+         best_model: dict[str, torch.Tensor] | None = None) -> Path:
     """Checkpoint the run as it stands: ``train_state`` is this rank's ``TrainState.state_dict()``
     (its ``best``, if any, goes with ``best_model``, the best model's weights); the loss sums of
-    every rank are gathered, and rank 0 writes, after ``before_writing()`` (e.g.
-    ``RunDir.check_held``): what it raises is raised on every rank, and nothing is written."""
+    every rank are gathered, and rank 0 writes into ``run`` while it still holds it
+    (``RunDir.check_held``: what it raises is raised on every rank, and nothing is written)."""
     snap = Snapshot(**{k: train_state[k] for k in ("step", "epoch", "batch_in_epoch")}, world_size=dist.world_size,
                     global_batch_size=cfg.train.global_batch_size, model=model.state_dict(),
                     optimizer=optimizer.state_dict()["state"], losses=dist.gather_object(train_state["loss"]),
@@ -361,12 +361,11 @@ def save(dist: Dist, run_dir: Path, cfg: Config, model: torch.nn.Module, optimiz
                     train_time_s=train_state.get("train_time_s", 0.0))
 
     def write() -> Path:
-        if before_writing is not None:
-            before_writing()
+        run.check_held()
         try:
-            return save_checkpoint(run_dir, snap, cfg.checkpoint.keep_last)
+            return save_checkpoint(run.root, snap, cfg.checkpoint.keep_last)
         except OSError as e:
-            raise CheckpointError(f"cannot write checkpoint in {Path(run_dir) / CHECKPOINTS}: {e.strerror or e}") from None
+            raise CheckpointError(f"cannot write checkpoint in {run.root / CHECKPOINTS}: {e.strerror or e}") from None
 
     return dist.on_main(write)
 
@@ -378,8 +377,6 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
     when the run directory holds a checkpoint that loads; checkpoints none of which loads are
     kept aside as ``checkpoints.old-N``), or the path of a checkpoint directory.
     """
-    chosen: list[Snapshot] = []  # rank 0 keeps the snapshot it checked instead of reading it twice
-
     def choose() -> str | None:
         # Rank 0 loads it completely before naming it: every rank then loads one that loads.
         if resume == "never":
@@ -390,7 +387,8 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
             except CheckpointError:  # none loads: kept, out of the new run's way
                 set_aside(Path(run_dir) / CHECKPOINTS, "checkpoints")
             return None
-        snap = load_latest(run_dir, lambda m: print(m, flush=True)) if resume == "auto" else load_checkpoint(Path(resume))
+        snap = (load_latest(run_dir, lambda m: print(m, flush=True)) if resume == "auto"
+                else load_checkpoint(Path(resume)))
         if snap is None:
             return None
         # Another number of processes is fine: the training trajectory does not depend on it (see
@@ -400,11 +398,10 @@ def resume(dist: Dist, run_dir: Path, resume: str, global_batch_size: int) -> Sn
                 f"{snap.path}: written with train.global_batch_size {snap.global_batch_size}; this run has "
                 f"{global_batch_size}, which would change every batch from here on. Resume with the same global "
                 "batch, or start a new run with another --run-dir")
-        chosen.append(snap)
         return str(snap.path)
 
     path = dist.on_main(choose)
-    return None if path is None else chosen[0] if chosen else load_checkpoint(Path(path))
+    return None if path is None else load_checkpoint(Path(path))
 
 
 def finished(dist: Dist, run: RunDir, cfg: Config) -> dict[str, Any] | None:

@@ -154,9 +154,8 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
 
     def save_checkpoint() -> Path:  # collective
         state.train_time_s = progress.trained_s  # the whole run's, carried on to the next job
-        return checkpoint.save(dist, run_dir.root, cfg, dist.unwrap(model), optimizer, state.state_dict(),
-                               {"wandb_run_id": tracker.run_id}, best_model=state.best_model,
-                               before_writing=run_dir.check_held)
+        return checkpoint.save(dist, run_dir, cfg, dist.unwrap(model), optimizer, state.state_dict(),
+                               {"wandb_run_id": tracker.run_id}, best_model=state.best_model)
 
     results: Results | None = None
     with tracker, progress, dist.diagnose_failures(run_dir.heartbeat, lambda: f"at step {state.step}"):

@@ -62,15 +62,15 @@ def with_fault(step: Step, at: int, action: str) -> Step:
 
 
 def kill_in_save(at: int) -> Callable[..., None]:
-    """``checkpoint._write_json`` that SIGKILLs this process before the state of step ``at``."""
-    write_json = checkpoint._write_json
+    """``checkpoint._write`` that SIGKILLs this process before the state of step ``at``."""
+    write = checkpoint._write
 
-    def write_json_or_die(path: Any, data: Any) -> None:
+    def write_or_die(path: Any, data: bytes) -> None:
         if path.name == "state.json" and f"step-{at:08d}" in path.parent.name:
             os.kill(os.getpid(), signal.SIGKILL)
-        write_json(path, data)
+        write(path, data)
 
-    return write_json_or_die
+    return write_or_die
 
 
 @contextlib.contextmanager
@@ -79,11 +79,11 @@ def injected(spec: str) -> Iterator[None]:
     build_step = training.build_step
     fault = parse(spec, int(os.environ.get("RANK", "0")))
     if fault is not None and fault[1] == "KILL_IN_SAVE":
-        write_json, checkpoint._write_json = checkpoint._write_json, kill_in_save(fault[0])
+        write, checkpoint._write = checkpoint._write, kill_in_save(fault[0])
         try:
             yield
         finally:
-            checkpoint._write_json = write_json
+            checkpoint._write = write
         return
 
     def build_faulty_step(cfg: Any, dist: Any, *args: Any, **kwargs: Any) -> Step:

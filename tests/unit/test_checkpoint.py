@@ -18,6 +18,7 @@ import torch
 from mnistdist import checkpoint
 from mnistdist.checkpoint import CheckpointError, Snapshot
 from mnistdist.config import ConfigError
+from mnistdist.rundir import RunDir
 from tests.conftest import REPO
 
 
@@ -123,12 +124,12 @@ def test_sigkill_during_save_leaves_previous_checkpoint_valid(tmp_path):
         sys.path.insert(0, {str(REPO)!r})
         from mnistdist import checkpoint
         from tests.unit.test_checkpoint import make_snapshot
-        real = checkpoint._write_json
-        def write_json(path, data):
+        real = checkpoint._write
+        def write(path, data):
             if path.name == "manifest.json":
                 os.kill(os.getpid(), signal.SIGKILL)
             real(path, data)
-        checkpoint._write_json = write_json
+        checkpoint._write = write
         checkpoint.save_checkpoint({str(tmp_path)!r}, make_snapshot(20), keep_last=1)
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO)
@@ -371,7 +372,7 @@ def test_save_and_resume_through_a_dist_round_trip(tmp_path):
     (model.w.sum() + 2 * model.b.sum()).backward()
     optimizer.step()  # momentum buffers
     loss = {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}
-    path = checkpoint.save(dist, tmp_path, cfg, model, optimizer,
+    path = checkpoint.save(dist, RunDir(tmp_path), cfg, model, optimizer,
                            {"step": 10, "epoch": 1, "batch_in_epoch": 4, "loss": loss, "train_time_s": 12.5},
                            {"wandb_run_id": None})
     back = checkpoint.resume(dist, tmp_path, "auto", 200)
@@ -606,7 +607,7 @@ def test_save_through_dist_carries_the_best_of_the_train_state(tmp_path):
     state = {"step": 10, "epoch": 1, "batch_in_epoch": 4, "best": dict(BEST),
              "loss": {"window_sum": 1.5, "window_steps": 3, "epoch_sum": 2.5}}
     cfg = load_config(None, ["train.global_batch_size=200"])
-    checkpoint.save(OneProcess(), tmp_path, cfg, model, optimizer, state, {"wandb_run_id": None},
+    checkpoint.save(OneProcess(), RunDir(tmp_path), cfg, model, optimizer, state, {"wandb_run_id": None},
                     best_model={"w": torch.ones(4, 3), "b": torch.ones(4)})
     back = checkpoint.resume(OneProcess(), tmp_path, "auto", 200)
     assert back.best == BEST and torch.equal(back.best_model["b"], torch.ones(4))
@@ -653,3 +654,19 @@ def test_save_weights_writes_the_header_metadata(tmp_path):
     with safe_open(str(tmp_path / "best.safetensors"), "pt") as f:
         assert f.metadata() == {"step": "8", "epoch": "1"}
     assert torch.equal(checkpoint.load_model_state(tmp_path / "best.safetensors")["w"], torch.ones(2))
+
+
+def test_tensors_safetensors_refuses_are_a_one_line_error_naming_the_file(tmp_path):
+    """Say, weights that share memory (tied layers): refused in one line, before anything is written."""
+    tied = torch.zeros(4, 3)
+    snap = make_snapshot(5)
+    snap.model = {"w": tied, "also_w": tied}
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.save_checkpoint(tmp_path, snap, keep_last=0)
+    message = str(refused.value)
+    assert "\n" not in message and "share memory" in message
+    assert message.startswith(f"cannot write {tmp_path / 'checkpoints' / 'step-00000005' / 'model.safetensors'}: ")
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(CheckpointError, match=r"cannot write .*best.safetensors: Some tensors share memory"):
+        checkpoint.save_weights(snap.model, tmp_path / "best.safetensors")
+    assert not list(tmp_path.iterdir())
