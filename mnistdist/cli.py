@@ -22,11 +22,12 @@ from typing import NoReturn
 
 from mnistdist.config import (DEFAULT_CONFIG, Config, ConfigError, load_config, shipped_configs, to_yaml,
                               version_string)
+from mnistdist.ranks import check_launch, is_main_process, launched_world_size, report_exception
 from mnistdist.signals import EXIT_USAGE, Preempted, TrainingStopped
 
 # torch, accelerate and what imports them (checkpoint, data, distributed, training) are imported
-# by the commands that need them, so that `sweep --list`, `compare` and `--help` start fast
-# (docs/config.md).
+# by the commands that need them, once the config is valid, so that `sweep --list`, `compare`,
+# `--help` and a bad config or flag start and end fast (docs/config.md).
 
 EXIT_CLOSED_PIPE = 128 + 13  # 141: what a shell reports for a tool killed by SIGPIPE (``... | head``)
 
@@ -101,18 +102,16 @@ def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namesp
     except Exception as e:
         if not isinstance(e, (TrainingStopped, *user_errors())):  # user_errors() sees what is imported now
             raise  # a bug: its traceback
-        from mnistdist import distributed
-
         if isinstance(e, Preempted):  # every rank stopped at the same step: the main process says where
             # The checkpoint is written and the ranks leave together; a launcher that SIGTERMs the
             # rank still exiting (torchrun does, once another rank ended) must not turn it into -15.
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_IGN)
-            if distributed.is_main_process():  # the message alone: a "label:" would repeat its first word
-                several = "RANK" in os.environ and distributed.launched_world_size() > 1
+            if is_main_process():  # the message alone: a "label:" would repeat its first word
+                several = "RANK" in os.environ and launched_world_size() > 1
                 print(f"[rank 0] {e}" if several else e, file=sys.stderr, flush=True)
-        elif not getattr(e, "agreed", False) or distributed.is_main_process():  # one decision: said once
-            distributed.report_exception(e)
+        elif not getattr(e, "agreed", False) or is_main_process():  # one decision: said once
+            report_exception(e)
         return e.exit_code if isinstance(e, TrainingStopped) else EXIT_USAGE
 
 
@@ -172,9 +171,6 @@ def train(args: argparse.Namespace) -> int:
     if args.version:
         print(version_string())
         return 0
-    from mnistdist import training
-    from mnistdist.distributed import check_launch, is_main_process, launched_world_size
-
     config_path = args.config
     if config_path is None and DEFAULT_CONFIG.is_file():
         config_path = DEFAULT_CONFIG
@@ -186,6 +182,8 @@ def train(args: argparse.Namespace) -> int:
         if is_main_process():
             print(to_yaml(cfg), end="")
         return 0
+    from mnistdist import training  # torch: only for a config that is valid
+
     training.run(cfg, args.run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     return 0
 

@@ -28,7 +28,8 @@ from mnistdist import checkpoint, rundir
 from mnistdist.config import Config, ConfigError, to_yaml, trajectory_changes
 from mnistdist.data import (MnistTensors, TrainBatches, eval_shard, load_tensors, normalize, prepare_mnist,
                             validation_split)
-from mnistdist.distributed import Dist, software_versions, warn_main
+from mnistdist.distributed import Dist, software_versions
+from mnistdist.ranks import warn_main
 from mnistdist.metrics import Best, EvalCounts, LossMeter, improves, per_sample_loss
 from mnistdist.model import MLP
 from mnistdist.progress import Progress, finished_line, precision_name, start_line

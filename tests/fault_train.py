@@ -11,6 +11,8 @@ script=FAULT_TRAIN)``): rank R (default 0) does A at optimizer step K (1-based):
 * ``KILL_IN_SAVE``: SIGKILL in the middle of writing the checkpoint of step K (its tensors are
   written, its state and manifest not yet): rank R must be the main process, which writes it.
 * ``rmtree``: deletes the directory ``MNISTDIST_FAULT_PATH`` (the run directory) after step K.
+* ``sleep:S``: sleeps S seconds after step K and after every step after it (a slow run whose
+  numbers are those of a fast one; the other ranks wait for R in the next step).
 
 Under an elastic agent the fault happens in the first generation of workers only.
 
@@ -25,6 +27,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,9 +53,12 @@ def with_fault(step: Step, at: int, action: str) -> Step:
         if number == at and action == "nan":
             x = x * float("nan")
         stop = step(x, y, lr, number)
-        if number == at and action == "raise":
+        if action.startswith("sleep:"):
+            if number >= at:
+                time.sleep(float(action.removeprefix("sleep:")))
+        elif number == at and action == "raise":
             raise RuntimeError(f"injected fault after step {number}")
-        if number == at and action == "rmtree":
+        elif number == at and action == "rmtree":
             shutil.rmtree(os.environ["MNISTDIST_FAULT_PATH"])
         elif number == at and action != "nan":
             os.kill(os.getpid(), getattr(signal, f"SIG{action}"))

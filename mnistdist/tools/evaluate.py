@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Evaluate, then print the result (main process only)."""
     from mnistdist import training
-    from mnistdist.distributed import check_launch, is_main_process
+    from mnistdist.ranks import check_launch, is_main_process
 
     check_launch()
     model_file, cfg = model_and_config(args.model, args.config, args.overrides)

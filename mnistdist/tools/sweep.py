@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     if args.print_run_dir is not None:
         print(element.run_dir)
         return 0
-    from mnistdist.distributed import is_main_process
+    from mnistdist.ranks import is_main_process
 
     if element.finished:  # checked by every rank before any process group: all skip together
         if is_main_process():

@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
 # The preemption case: 600 steps, a checkpoint every 50 steps.
 SHORT = ["train.epochs=2", "checkpoint.every_steps=50"]
-# The time-limit case: 2400 steps; the job adds data.pipeline=torchvision (see that test).
-LONG = ["train.epochs=8", "checkpoint.every_steps=50"]
+# The time-limit case: 300 steps; the job's first run is slowed down (see that test).
+ONE_EPOCH = ["train.epochs=1", "checkpoint.every_steps=50"]
 
 
 def assert_finished(job, info: dict) -> None:
@@ -157,19 +157,36 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
         assert (segment / f"run-{run_id}.wandb").is_file(), list(segment.iterdir())
 
 
+SLOW_FIRST_RUN = """#!/bin/bash
+# Stands in for PYTHON in a job: the job's first run trains through tests/fault_train.py with
+# MNISTDIST_FAULT (slowed down); a requeued run (SLURM_RESTART_COUNT > 0) trains as given.
+args=()
+for arg in "$@"; do
+    if [[ $arg == train_dist.py && ${{SLURM_RESTART_COUNT:-0}} == 0 ]]; then arg={fault_train}; fi
+    args+=("$arg")
+done
+exec {python} "${{args[@]}}"
+"""
+
+
 @pytest.mark.timeout(600)
 def test_time_limit_too_short_requeues_until_done(slurm_cluster, tmp_path):
-    """--time=1 --signal=B:USR1@5 for ~70-120 s of training: Slurm checks time limits every
-    30 s and sends the signal at the first check with at most 5 + 30 s left, i.e. 25-55 s into
-    each run (after the ~7-17 s start-up), and kills at the first check after 60 s, at least
-    30 s after the signal. So every run trains 10-45 s, checkpoints and requeues itself until
-    the work is done. data.pipeline=torchvision only makes each step slower (~8-15 s per epoch
-    instead of ~3-5): its batches are bit-identical to the tensor pipeline's
-    (tests/distributed/test_launch.py), so the uninterrupted reference run stays the fast one."""
+    """--time=1 --signal=B:USR1@5: Slurm checks time limits every 30 s and sends the signal at
+    the first check with at most 5 + 30 s left, i.e. 25-55 s into each run (after the ~7-17 s
+    start-up), and kills at the first check after 60 s, at least 30 s after the signal. The
+    job's first run is made too slow to finish in its minute (rank 0 sleeps 0.3 s after every
+    step: 300 steps take 90 s), so Slurm's signal stops it mid-training; it checkpoints and
+    requeues itself, and the requeued run, at full speed (~5 s for the epoch), finishes before
+    its own signal (or is stopped and requeued again: the job requeues as often as needed).
+    The sleep changes no number: the uninterrupted reference run trains at full speed."""
     run_dir = tmp_path / "run"
+    python = tmp_path / "python"
+    python.write_text(SLOW_FIRST_RUN.format(fault_train=REPO / "tests" / "fault_train.py", python=sys.executable))
+    python.chmod(0o755)
     job = slurm_cluster.submit("cpu.sbatch", tmp_path, "--time=1", "--signal=B:USR1@5", RUN_DIR=str(run_dir),
-                               OVERRIDES=" ".join([*LONG, "data.pipeline=torchvision"]))
-    with LocalRun(tmp_path / "golden", *LONG) as golden:
+                               OVERRIDES=" ".join(ONE_EPOCH), PYTHON=str(python),
+                               MNISTDIST_FAULT="step=1,rank=0,action=sleep:0.3")
+    with LocalRun(tmp_path / "golden", *ONE_EPOCH) as golden:
         info = job.wait_done(timeout=540)
         expected = golden.outcome()
     assert_finished(job, info)

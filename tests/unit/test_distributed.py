@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mnistdist.distributed as distributed
+from mnistdist import ranks
 from mnistdist.config import DistConfig
 
 
@@ -103,11 +104,11 @@ def test_threads_follow_the_launcher_unless_set(monkeypatch, capsys):
 def test_a_launch_that_started_fewer_processes_than_asked_is_refused(monkeypatch):
     for name in ("WORLD_SIZE", "MASTER_PORT", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(name, raising=False)
-    distributed.check_launch()  # python train_dist.py
+    ranks.check_launch()  # python train_dist.py
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    distributed.check_launch()  # accelerate launch train_dist.py: one process asked, one started
+    ranks.check_launch()  # accelerate launch train_dist.py: one process asked, one started
     monkeypatch.setenv("MASTER_PORT", "29500")  # accelerate launch --num_processes 2 (no --multi_gpu)
     with pytest.raises(distributed.ConfigError, match="accelerate launch started 1 process although more"):
-        distributed.check_launch()
+        ranks.check_launch()
     monkeypatch.setenv("WORLD_SIZE", "2")  # a real multi-process launch
-    distributed.check_launch()
+    ranks.check_launch()

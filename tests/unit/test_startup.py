@@ -83,3 +83,39 @@ def test_first_step_imports_only_what_training_needs(tmp_path: Path) -> None:
     assert early == [], f"imported before the first step: {early}"
     assert "torch" in seen["first_step"] and "matplotlib" in seen["after_run"]
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["accuracy.png", "confusion.png", "loss.png"]
+
+
+# Runs the train command on each line of argv in a fresh interpreter, as rank RANK of WORLD_SIZE
+# launched processes, and prints, as JSON, each exit code and whether torch was imported by then.
+REFUSE_PROBE = """
+import contextlib, io, json, os, sys
+from mnistdist.cli import train_main
+out = []
+for rank, world_size, argv in json.loads(sys.argv[1]):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train_main(argv)
+    out.append({"code": code, "stderr": err.getvalue(), "torch": "torch" in sys.modules})
+print(json.dumps(out))
+"""
+
+
+def test_a_refused_config_or_flag_never_imports_torch(tmp_path: Path) -> None:
+    """A bad value, an unknown key, a missing --resume directory, a world size that does not
+    divide the batch: one line, exit 2, from rank 0 only, before torch is imported (~5 s that a
+    process which only says no does not spend: every rank of a launch, a sweep, a Slurm job)."""
+    cases = [(0, 1, ["train.lr=abc"]), (0, 1, ["train.nosuch=1"]), (0, 1, ["--resume", str(tmp_path / "none")]),
+             (0, 7, ["train.global_batch_size=600"]), (1, 7, ["train.global_batch_size=600"])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MASTER_"))}
+    result = subprocess.run([sys.executable, "-c", REFUSE_PROBE, json.dumps(cases)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [s["code"] for s in seen] == [2] * len(cases), seen
+    assert not any(s["torch"] for s in seen), seen
+    lines = [s["stderr"].splitlines() for s in seen]
+    assert [len(x) for x in lines] == [1, 1, 1, 1, 0], seen  # rank 1 leaves the message to rank 0
+    assert all(x[0].startswith("error: ") for x in lines[:4]), seen
+    assert "train.lr" in lines[0][0] and "train.nosuch" in lines[1][0] and "--resume" in lines[2][0], seen
+    assert "7" in lines[3][0], seen
