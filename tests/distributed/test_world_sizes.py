@@ -38,7 +38,7 @@ pytestmark = pytest.mark.distributed
 
 CONFIG = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=600"]
 F64 = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=120", "model.dtype=float64",
-       "train.log_every_steps=1", "tracking.plots=false"]
+       "train.log_every_steps=1"]
 STEPS_PER_EPOCH = 1200 // 120
 SIZES = [2, 3, 4, 6]
 

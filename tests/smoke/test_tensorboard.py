@@ -146,7 +146,8 @@ def test_tensorboard_and_wandb_are_independent(env, data, tmp_path, monkeypatch)
         assert (run_dir / "plots").exists() == plots
         assert {key for _, key in logged if key.startswith("plots/")} == (PLOTS if plots else set())
         if plots:
-            assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["accuracy.png", "confusion.png", "loss.png"]
+            assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["accuracy.png", "confusion.png",
+                                                                             "loss.png"]
         if tensorboard:
             acc = assert_tensorboard_equals_metrics(run_dir)
             assert set(acc.Tags()["images"]) == (PLOTS if plots else set())
