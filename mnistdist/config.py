@@ -204,6 +204,12 @@ class TrackingConfig:
     """Also write TensorBoard event files to ``RUN_DIR/tensorboard/`` (the same values as
     metrics.jsonl), for clusters where W&B is blocked; independent of ``mode``."""
 
+    plots: bool = True
+    """At the end, write the loss, accuracy and confusion-matrix PNGs into ``RUN_DIR/plots/``
+    and send them to W&B and TensorBoard as images. ``false`` skips them (about a second per
+    run, e.g. for sweeps of many runs); ``mnistdist plot RUN_DIR`` draws them later from
+    metrics.jsonl."""
+
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     """Progress on the main process: ``bar`` (tqdm), ``lines`` (every ``train.log_every_steps``
     steps and at each epoch end: readable in Slurm logs), ``off``. ``auto``: a bar on a

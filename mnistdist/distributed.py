@@ -296,11 +296,12 @@ class Dist:
         """Tear the process group down (safe to call twice). The prepared model and optimizer
         are released first, while the interpreter is fully alive: a DDP model collected only at
         exit tears gloo's threads down during finalization, which can abort a finished rank
-        (SIGABRT; pytorch/pytorch PR 179291; docs/config.md)."""
+        (SIGABRT; pytorch/pytorch PR 179291; docs/config.md). Without a process group there is
+        no DDP model and nothing to collect early."""
         self.accelerator.end_training()
-        self.accelerator.free_memory()  # drops accelerate's references to the model and optimizer
-        gc.collect()  # DDP's reducer sits in reference cycles: collect it now, not at exit
         if torch_dist.is_initialized():
+            self.accelerator.free_memory()  # drops accelerate's references to the model and optimizer
+            gc.collect()  # DDP's reducer sits in reference cycles: collect it now, not at exit
             torch_dist.destroy_process_group()
 
 

@@ -193,7 +193,8 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
         summary = results.summary(state, run_dir, progress.trained_s, dist.world_size,
                                   precision_name(cfg.model.dtype, dist.mixed_precision))
         # Rank 0 writes; a failure (the run directory lost, a full disk) is raised on every rank.
-        dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, results.final, tracker, state.step))
+        dist.on_main(lambda: write_results(run_dir, dist.unwrap(model), summary, results.final, tracker, state.step,
+                                           cfg.tracking.plots))
     dist.barrier()  # nobody exits (and tears down the group) while rank 0 still finishes W&B
     return summary
 
@@ -389,21 +390,22 @@ def epoch_record(dist: Dist, state: TrainState, counts: EvalCounts, validated: b
 
 
 def write_results(run_dir: RunDir, model: torch.nn.Module, summary: dict[str, Any], counts: EvalCounts,
-                  tracker: Tracker, step: int) -> None:
-    """Main process: the final weights, summary.json, the W&B summary and the plots (into a run
-    directory still held), then the finished line."""
+                  tracker: Tracker, step: int, plots: bool = True) -> None:
+    """Main process: the final weights, summary.json, the W&B summary and, with ``plots``
+    (``tracking.plots``), the plots (into a run directory still held), then the finished line."""
     run_dir.check_held()
     checkpoint.save_weights(model.state_dict(), run_dir.model)
     rundir.write_summary(run_dir, summary)
     tracker.summary({k: v for k, v in summary.items() if k != "run_dir"})
-    from mnistdist.plots import write_run_plots  # matplotlib: imported only here
+    if plots:
+        from mnistdist.plots import write_run_plots  # matplotlib: imported only here
 
-    try:
-        paths = write_run_plots(run_dir.root, confusion=counts.confusion.tolist())
-    except Exception as e:  # noqa: BLE001 - a plot must never turn a finished training into a failure
-        warn_main(f"could not write plots: {type(e).__name__}: {e}")
-    else:
-        tracker.log_images({f"plots/{p.stem}": p for p in paths}, step=step)
+        try:
+            paths = write_run_plots(run_dir.root, confusion=counts.confusion.tolist())
+        except Exception as e:  # noqa: BLE001 - a plot must never turn a finished training into a failure
+            warn_main(f"could not write plots: {type(e).__name__}: {e}")
+        else:
+            tracker.log_images({f"plots/{p.stem}": p for p in paths}, step=step)
     print(finished_line(summary), flush=True)
 
 

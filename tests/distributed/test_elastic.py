@@ -32,7 +32,7 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 60
 ARGS = ["train.epochs=2", "train.global_batch_size=40", "train.lr=0.02", "train.log_every_steps=1",
-        "checkpoint.every_steps=20", "model.dtype=float64", "dist.timeout_s=30"]
+        "checkpoint.every_steps=20", "model.dtype=float64", "dist.timeout_s=30", "tracking.plots=false"]
 
 
 @pytest.fixture(scope="module")

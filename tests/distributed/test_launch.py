@@ -27,7 +27,7 @@ from tests.synthetic_mnist import write_synthetic_mnist
 pytestmark = pytest.mark.distributed
 
 NUM_TRAIN = 1200
-SYNTHETIC = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=120"]
+SYNTHETIC = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=120", "tracking.plots=false"]
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.distributed
 
 STEPS_PER_EPOCH = 1200 // 40
 ARGS = ["train.epochs=2", "train.global_batch_size=40", "train.lr=0.02", "train.log_every_steps=1",
-        "checkpoint.every_steps=20"]
+        "checkpoint.every_steps=20", "tracking.plots=false"]
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def train(data: Path, run_dir: Path, *extra: str, fault_after: int | None = None
     """One run in ``run_dir`` (resume auto); with ``fault_after`` it is killed after that step."""
     cfg = load_config(None, [f"data.root={data}", "data.download=false", "dist.device=cpu",
                              "tracking.mode=disabled", f"train.epochs={EPOCHS}", "train.global_batch_size=100",
-                             "train.log_every_steps=1", *extra])
+                             "train.log_every_steps=1", "tracking.plots=false", *extra])
     if fault_after is None:
         return training.run(cfg, run_dir, resume="auto")
     with pytest.raises(RuntimeError, match=f"injected fault after step {fault_after}"):

@@ -38,7 +38,7 @@ LOGGED_STEPS = sorted({s for s in range(1, LAST_STEP + 1) if s % LOG_EVERY == 0 
 def overrides(data_root: Path, progress: str) -> list[str]:
     return [f"data.root={data_root}", "data.download=false", "dist.device=cpu", "tracking.mode=disabled",
             f"train.epochs={EPOCHS}", "train.global_batch_size=100", f"train.log_every_steps={LOG_EVERY}",
-            f"tracking.progress={progress}"]
+            "tracking.plots=false", f"tracking.progress={progress}"]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ global steps, read back with TensorBoard's own reader (``EventAccumulator``, the
 * every number of every metrics.jsonl record is one scalar event at the record's step, nothing
   more; the final plots are images;
 * ``tracking.tensorboard`` and W&B's ``tracking.mode`` are independent (either, both, neither);
-  ``tracking.tensorboard=false`` writes no tensorboard directory;
+  ``tracking.tensorboard=false`` writes no tensorboard directory; ``tracking.plots=false`` writes
+  no plots and sends no images to either;
 * after stops and resumes (``train.max_steps``, an injected ``raise`` (tests/fault_train.py) after a
   checkpoint), and after a rerun of a run killed before its first checkpoint, each step holds
   exactly one value, the one metrics.jsonl holds;
@@ -40,6 +41,7 @@ STEPS_PER_EPOCH, EPOCHS = 10, 2
 LAST = STEPS_PER_EPOCH * EPOCHS
 SHORT = ("train.epochs=1", "train.max_steps=3")  # 3 steps, an evaluation and the plots: enough where the number of steps does not matter
 PLOTS = {"plots/loss", "plots/accuracy", "plots/confusion"}
+WITH_PLOTS = "tracking.plots=true"  # train() leaves them out where a test does not look at them
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,7 @@ def assert_tensorboard_equals_metrics(run_dir: Path) -> EventAccumulator:
 
 def test_scalars_and_steps_equal_metrics_jsonl(env, data, tmp_path):
     run_dir = tmp_path / "run"
-    train(data, run_dir)
+    train(data, run_dir, WITH_PLOTS)
 
     acc = assert_tensorboard_equals_metrics(run_dir)
     assert [s for s, _ in scalars(acc)["train/train_loss"]] == list(range(1, LAST + 1))
@@ -113,33 +115,42 @@ def test_scalars_and_steps_equal_metrics_jsonl(env, data, tmp_path):
 
 def test_tensorboard_and_wandb_are_independent(env, data, tmp_path, monkeypatch):
     """tracking.tensorboard with W&B (a stand-in, offline) and without: both, W&B only, neither.
-    (TensorBoard only: the other tests, which run with tracking.mode=disabled.)"""
+    (TensorBoard only: the other tests, which run with tracking.mode=disabled.) And
+    ``tracking.plots``: with it, ``RUN_DIR/plots`` and the images in both; without it, neither."""
     import wandb
 
-    logged: list[int] = []
+    logged: list[tuple[int, str]] = []
 
     class Run:  # what wandb.init returns
         summary: dict = {}
 
         def log(self, values: dict, step: int) -> None:
-            logged.append(step)
+            logged.extend((step, key) for key in values)
 
         def finish(self, exit_code: int = 0) -> None:
             pass
 
     monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
     monkeypatch.setattr(wandb, "setup", lambda settings=None: None)  # no W&B process: init is faked
-    for tensorboard, wandb_mode in ((True, "offline"), (False, "offline"), (False, "disabled")):
+    for tensorboard, wandb_mode, plots in ((True, "offline", True), (True, "offline", False),
+                                           (False, "offline", False), (False, "disabled", False)):
         logged.clear()
-        run_dir = tmp_path / f"run-{tensorboard}-{wandb_mode}"
-        train(data, run_dir, *SHORT, f"tracking.tensorboard={str(tensorboard).lower()}", f"tracking.mode={wandb_mode}")
+        run_dir = tmp_path / f"run-{tensorboard}-{wandb_mode}-{plots}"
+        train(data, run_dir, *SHORT, f"tracking.tensorboard={str(tensorboard).lower()}", f"tracking.mode={wandb_mode}",
+              f"tracking.plots={str(plots).lower()}")
 
         assert sorted(p.name for p in run_dir.glob("tensorboard*")) == (["tensorboard"] if tensorboard else [])
         train_steps = [r["step"] for r in records(run_dir) if "train_loss" in r]
         assert train_steps == [1, 2, 3]
-        assert sorted(set(logged)) == (train_steps if wandb_mode == "offline" else [])
+        assert sorted({step for step, _ in logged}) == (train_steps if wandb_mode == "offline" else [])
+        assert (run_dir / "plots").exists() == plots
+        assert {key for _, key in logged if key.startswith("plots/")} == (PLOTS if plots else set())
+        if plots:
+            assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["accuracy.png", "confusion.png",
+                                                                             "loss.png"]
         if tensorboard:
-            assert_tensorboard_equals_metrics(run_dir)
+            acc = assert_tensorboard_equals_metrics(run_dir)
+            assert set(acc.Tags()["images"]) == (PLOTS if plots else set())
 
 
 def test_stopped_and_resumed_runs_hold_each_step_once(env, data, tmp_path, capsys):
@@ -147,10 +158,10 @@ def test_stopped_and_resumed_runs_hold_each_step_once(env, data, tmp_path, capsy
     # Stopped by train.max_steps at step 6 (a checkpoint there), resumed and killed after step 15:
     # its last checkpoint is step 12, so steps 13 and 14 are in the event files twice, once from
     # the killed attempt and once from the resumed one, until TensorBoard discards the first.
-    train(data, run_dir, "train.max_steps=6", "checkpoint.every_steps=4")
-    train(data, run_dir, "checkpoint.every_steps=4", fault_after=15)
+    train(data, run_dir, "train.max_steps=6", "checkpoint.every_steps=4", WITH_PLOTS)
+    train(data, run_dir, "checkpoint.every_steps=4", WITH_PLOTS, fault_after=15)
     capsys.readouterr()
-    summary = train(data, run_dir, "checkpoint.every_steps=4")
+    summary = train(data, run_dir, "checkpoint.every_steps=4", WITH_PLOTS)
 
     assert summary["steps"] == LAST
     assert "resumed from" in capsys.readouterr().out
@@ -160,7 +171,7 @@ def test_stopped_and_resumed_runs_hold_each_step_once(env, data, tmp_path, capsy
     assert [s for s, _ in scalars(acc)["train/train_loss"]] == list(range(1, LAST + 1))
     assert [s for s, _ in scalars(acc)["eval/test_acc"]] == [6, STEPS_PER_EPOCH, LAST]  # 6: the stopped run's
     # A finished run run again trains nothing and logs nothing twice, its plots included.
-    train(data, run_dir)
+    train(data, run_dir, WITH_PLOTS)
     acc = assert_tensorboard_equals_metrics(run_dir)
     assert {tag: [e.step for e in acc.Images(tag)] for tag in PLOTS} == {tag: [6, LAST] for tag in PLOTS}
 
@@ -225,7 +236,8 @@ def test_a_failing_tensorboard_call_is_reported_once_and_training_finishes(env, 
     run_dir = tmp_path / "run"
     capsys.readouterr()
     steps = STEPS_PER_EPOCH if method == "add_scalar" else 3
-    summary = train(data, run_dir, "train.epochs=1", f"train.max_steps={steps}")
+    plots = [WITH_PLOTS] if method == "add_image" else []
+    summary = train(data, run_dir, "train.epochs=1", f"train.max_steps={steps}", *plots)
 
     assert summary["steps"] == steps
     assert json.loads((run_dir / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]

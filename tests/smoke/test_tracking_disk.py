@@ -98,7 +98,7 @@ def test_a_full_disk_under_metrics_jsonl_stops_training_in_one_line(env, data, t
     run_dir = tmp_path / "run"
     args = ["--run-dir", str(run_dir), f"data.root={data}", "data.download=false", "dist.device=cpu",
             "tracking.mode=offline", "train.epochs=1", "train.global_batch_size=100", "train.log_every_steps=1",
-            "checkpoint.every_steps=4", "tracking.progress=off"]
+            "checkpoint.every_steps=4", "tracking.progress=off", "tracking.plots=false"]
     full_disk_at(monkeypatch, 7, run_dir, metrics=True, tensorboard=True)
     capsys.readouterr()
 

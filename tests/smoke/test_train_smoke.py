@@ -25,7 +25,8 @@ STOP_AT = 13  # mid-epoch: the resumed run must skip exactly the batches already
 
 def overrides(data_root: Path, *extra: str) -> list[str]:
     return [f"data.root={data_root}", "data.download=false", "dist.device=cpu", "tracking.mode=disabled",
-            f"train.epochs={EPOCHS}", "train.global_batch_size=50", "train.log_every_steps=1", *extra]
+            f"train.epochs={EPOCHS}", "train.global_batch_size=50", "train.log_every_steps=1",
+            "tracking.plots=false", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ def test_training_learns_and_writes_the_run_directory(uninterrupted, data):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"):
         assert (run_dir / name).is_file(), f"{name} missing from {run_dir}"
     assert checkpoints(run_dir)[-1] == f"step-{STEPS_PER_EPOCH * EPOCHS:08d}"
+    assert not (run_dir / "plots").exists()  # tracking.plots=false
 
     written = json.loads((run_dir / "summary.json").read_text())
     assert written["final_test_acc"] == summary["final_test_acc"]

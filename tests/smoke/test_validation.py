@@ -49,7 +49,7 @@ def golden(one_process_env, data, tmp_path_factory) -> tuple[Path, dict, str]:  
     run_dir = tmp_path_factory.mktemp("golden") / "run"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        summary = train(data, run_dir, "tracking.progress=off")
+        summary = train(data, run_dir, "tracking.progress=off", "tracking.plots=true")
     return run_dir, summary, out.getvalue()
 
 

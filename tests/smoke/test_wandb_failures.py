@@ -99,7 +99,13 @@ def fake_wandb(monkeypatch):
 
 def overrides(data_root: Path) -> list[str]:
     return [f"data.root={data_root}", "data.download=false", "dist.device=cpu", "tracking.mode=offline",
-            f"train.epochs={EPOCHS}", "train.global_batch_size=100", "train.log_every_steps=1"]
+            f"train.epochs={EPOCHS}", "train.global_batch_size=100", "train.log_every_steps=1", "tracking.plots=false"]
+
+
+def plots_for(call: str) -> list[str]:
+    """The plots where the call under test is theirs (``image``) or comes just before them
+    (``summary``: no image call may follow a failed or given-up summary); else none."""
+    return ["tracking.plots=true"] if call in ("summary", "image") else []
 
 
 @pytest.mark.parametrize("fail,fail_after", [
@@ -114,7 +120,7 @@ def test_a_failing_wandb_call_is_reported_once_and_training_finishes(fake_wandb,
     runs = fake_wandb(fail, fail_after)
     run_dir = tmp_path / "run"
 
-    summary = training.run(load_config(None, overrides(synthetic_mnist)), run_dir, resume="auto")
+    summary = training.run(load_config(None, [*overrides(synthetic_mnist), *plots_for(fail)]), run_dir, resume="auto")
 
     assert summary["steps"] == STEPS_PER_EPOCH * EPOCHS
     assert json.loads((run_dir / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
@@ -241,7 +247,7 @@ def test_a_hanging_wandb_call_is_given_up_once_and_training_finishes(hanging_wan
     run_dir = tmp_path / "run"
 
     summary = training.run(load_config(None, [*overrides(synthetic_mnist), "tracking.init_timeout_s=0.2",
-                                              "tracking.finish_timeout_s=1"]), run_dir, resume="auto")
+                                              "tracking.finish_timeout_s=1", *plots_for(call)]), run_dir, resume="auto")
 
     assert summary["steps"] == STEPS_PER_EPOCH * EPOCHS
     assert json.loads((run_dir / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SWEEP = """
 name: small
-overrides: {train.epochs: 1, train.max_steps: 150, checkpoint.every_steps: 50, dist.threads_per_process: 1}
+overrides: {train.epochs: 1, train.max_steps: 150, checkpoint.every_steps: 50, dist.threads_per_process: 1,
+            tracking.plots: false}
 grid: {train.lr: [0.05, 0.2]}
 seeds: [0, 1]
 """
@@ -80,7 +81,8 @@ def test_local_sweep_stops_on_ctrl_c_resumes_exactly_and_skips_finished_runs(tmp
 def test_local_sweep_with_two_processes_per_run(tmp_path, synthetic_mnist):
     path = tmp_path / "two.yaml"
     path.write_text(f"overrides: {{data.root: {synthetic_mnist}, data.download: false, dist.device: cpu, "
-                    "train.epochs: 1, train.global_batch_size: 50}\ngrid: {train.lr: [0.05, 0.1]}\n")
+                    "train.epochs: 1, train.global_batch_size: 50, tracking.plots: false}\n"
+                    "grid: {train.lr: [0.05, 0.1]}\n")
     out = tmp_path / "out"
     result = check(run_cmd(sweep_cmd(path, "--out", str(out), "--local", "--processes", "2"), timeout=300))
     assert result.stdout.count("training on 2 process(es), cpu, backend gloo") == 2, result.stdout

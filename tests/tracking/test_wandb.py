@@ -25,7 +25,7 @@ from tests.conftest import FAULT_TRAIN, REPO, check, child_env, launch_cmd, run_
 from tests.tracking.wandb_reader import summarize
 
 SENTINEL = "mnistdistSENTINELkey0123456789abcdef01234567"
-SHORT = ["train.epochs=1", "train.max_steps=60", "train.log_every_steps=10"]
+SHORT = ["train.epochs=1", "train.max_steps=60", "train.log_every_steps=10", "tracking.plots=false"]
 
 
 def offline_runs(run_dir: Path) -> list[Path]:

@@ -36,15 +36,25 @@ def zero_png(path: Path, width: int, height: int, color_type: int = 0, rows: int
     grey (color_type 0) or RGBA (6). Zeros compress about 1000:1. ``rows`` < height writes
     only that many rows (a truncated file: enough where only the header is meant to be read)."""
     channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
-    compressor = zlib.compressobj(9)
     row = b"\0" * (1 + width * channels)  # filter byte 0, then the pixels
-    per_block = max(1, 1_000_000 // len(row))  # rows compressed at once: few calls, little memory
+    per_block = max(1, 1_000_000 // len(row))  # rows compressed at once: little memory
+    count = height if rows is None else rows
+    full, rest = divmod(count, per_block)
+    # Raw deflate, each full block ended by a full flush: the compressor then starts afresh, so
+    # every full block compresses to the same bytes, compressed once (hundreds of MB of zeros
+    # take seconds to compress). The zlib header and Adler-32 trailer are written here.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = row * per_block
+    deflated = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH) if full else b""
+    checksum = 1
+    for _ in range(full):
+        checksum = zlib.adler32(block, checksum)
+    checksum = zlib.adler32(row * rest, checksum)
+    tail = compressor.compress(row * rest) + compressor.flush()
+    idat = b"\x78\xda" + deflated * full + tail + struct.pack(">I", checksum)
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
         f.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)))
-        count = height if rows is None else rows
-        blocks = [row * min(per_block, count - start) for start in range(0, count, per_block)]
-        idat = b"".join([*(compressor.compress(block) for block in blocks), compressor.flush()])
         f.write(_chunk(b"IDAT", idat))
         f.write(_chunk(b"IEND", b""))
     return path

@@ -181,7 +181,8 @@ def one_process(monkeypatch):
 def test_run_trains_one_element_and_skips_it_once_finished(tmp_path, synthetic_mnist, one_process, capsys):
     path = write(tmp_path, f"""
 overrides: {{data.root: {synthetic_mnist}, data.download: false, dist.device: cpu, tracking.mode: disabled,
-            tracking.tensorboard: false, tracking.progress: off, train.epochs: 1, train.global_batch_size: 50}}
+            tracking.tensorboard: false, tracking.plots: false, tracking.progress: off, train.epochs: 1,
+            train.global_batch_size: 50}}
 grid: {{train.lr: [0.05, 0.1]}}
 """)
     out = tmp_path / "out"
