@@ -5,18 +5,18 @@ processes. Real launcher, gloo.
 Exactness is checked in float64, where reordering the additions of the gradient average costs
 ~1e-16 per step and a wrong shard or scale shows as 1e-8 or more (a float32 loss did: 1.1e-8 at
 3 processes after one step). Those runs use the tiny synthetic MNIST (tests/synthetic_mnist.py,
-in MNIST's own file format): 1,200 training images in global batches of 120 (divisible by 1,
-2, 3, 4 and 6: 10 steps per epoch), so a run costs little more than its start-up. Every step's
+in MNIST's own file format): 1,200 training images, 120 of them held out for validation
+(``data.validation_size=120``), so 1,080 trained on in global batches of 120 (both divisible by
+1, 2, 3, 4 and 6: 9 steps per epoch); a run costs little more than its start-up. Every step's
 logged loss (all-reduced over the ranks) is compared, so a deviation shows at the step where
-it starts, and the final parameters. float32 training amplifies rounding chaotically (two
-1-process runs that differ only in their thread count end an epoch ~0.05 apart in some
-weights), so there, on real MNIST (configs/default.yaml, global batch 600: 100 steps per epoch),
-only the test accuracy is compared.
-
-With a validation set (``data.validation_size=120``: 1,080 training images, still divisible by
-every N) the same holds, and so does everything chosen or reported through it: each epoch's
-validation counts, the best model and its step, the test counts of the final and the best
-model.
+it starts, and the final parameters, and so is everything chosen or reported through the
+validation set: each epoch's validation counts, the best model and its step, the test counts
+of the final and the best model. (Without a validation set the sampler shards all training
+images: the same code with every index kept; tests/unit/test_data.py checks the split.)
+float32 training amplifies rounding chaotically (two 1-process runs that differ only in their
+thread count end an epoch ~0.05 apart in some weights), so there, on real MNIST
+(configs/default.yaml, global batch 600: 100 steps per epoch), only the test accuracy is
+compared.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ pytestmark = pytest.mark.distributed
 
 CONFIG = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=600"]
 F64 = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=120", "model.dtype=float64",
-       "train.log_every_steps=1"]
-STEPS_PER_EPOCH = 1200 // 120
+       "train.log_every_steps=1", "data.validation_size=120"]
+STEPS_PER_EPOCH = (1200 - 120) // 120
 SIZES = [2, 3, 4, 6]
 
 
@@ -77,9 +77,9 @@ F64_EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, synthetic):
-    """float64 for 4 epochs (synthetic) and float32 for 1 epoch (real MNIST), at 1, 2, 3, 4, 6
-    processes. The 1-process float64 run is also the uninterrupted run the resumes below are
-    compared with."""
+    """float64 for 4 epochs with a validation set (synthetic) and float32 for 1 epoch (real
+    MNIST), at 1, 2, 3, 4, 6 processes. The 1-process float64 run is also the uninterrupted run
+    the resumes below are compared with."""
     base = tmp_path_factory.mktemp("sizes")
     out = {}
     for n in [1, *SIZES]:
@@ -92,10 +92,13 @@ def runs(tmp_path_factory, synthetic):
 
 @pytest.mark.parametrize("n", SIZES)
 def test_float64_n_processes_equal_one_process(runs, n):
-    """Every step's loss and the final parameters, 4 epochs (40 steps, reshuffles between)."""
-    one, many = params(runs["f64", 1]), params(runs["f64", n])
+    """Every step's loss and the final parameters, 4 epochs (36 steps, reshuffles between); the
+    validation counts of every epoch, the best model and the test counts of the final and the
+    best model exactly."""
+    one_dir, many_dir = runs["f64", 1], runs["f64", n]
+    one, many = params(one_dir), params(many_dir)
     assert one["fc1.weight"].dtype == torch.float64
-    steps_one, steps_many = losses(runs["f64", 1]), losses(runs["f64", n])
+    steps_one, steps_many = losses(one_dir), losses(many_dir)
     assert [s for s, _ in steps_one] == [s for s, _ in steps_many] == list(range(1, F64_EPOCHS * STEPS_PER_EPOCH + 1))
     assert steps_one[-1][1] < 0.5 * steps_one[0][1], steps_one  # it learned (runs that all stood still would agree too)
     torch.manual_seed(0)  # ...and the weights moved away from their initial values
@@ -106,6 +109,20 @@ def test_float64_n_processes_equal_one_process(runs, n):
           f"max |param difference| {worst:.1e}")
     assert worst_loss <= 1e-12, f"{n} processes: a step's loss differs from one process's by {worst_loss:.1e}"
     assert worst <= 1e-12, f"{n} processes differ from one by {worst:.1e} after {F64_EPOCHS} epochs"
+
+    best = [load_file(str(d / "best.safetensors")) for d in (one_dir, many_dir)]
+    assert max_difference(*best) <= 1e-12
+    vals = {k: [(r["step"], r["val_correct"], r["val_total"]) for r in read_metrics(d) if "val_acc" in r]
+            for k, d in ((1, one_dir), (n, many_dir))}
+    assert vals[1] == vals[n] and [v[2] for v in vals[1]] == [120] * F64_EPOCHS
+    a, b = summary(one_dir), summary(many_dir)
+    assert a["best_selected_by"] == "val_acc"
+    for key in ("best_step", "best_epoch", "best_val_acc", "final_val_acc", "test_correct", "best_test_correct"):
+        assert a[key] == b[key], key
+    assert abs(a["best_test_loss"] - b["best_test_loss"]) <= 1e-12
+    [start] = read_run_record(many_dir)
+    assert (start["world_size"], start["training_images"], start["validation_images"],
+            start["repeated_images_per_epoch"]) == (n, 1080, 120, 0)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -122,15 +139,15 @@ def test_float32_n_processes_reach_the_accuracy_of_one(runs, n):
 
 
 def test_resume_on_another_number_of_processes_is_exact(synthetic, runs, tmp_path):
-    """4 epochs (40 steps, synthetic): 2 processes until a SIGTERM mid-epoch 2 (agreed stop and
-    checkpoint at step 20), then 3 processes until a SIGKILL in epoch 3 (its step-25 checkpoint
-    the newest, steps after it logged), then 1 process to the end: within 1e-12 of the
-    uninterrupted 1-process run of ``runs`` (checkpoints do not change a trajectory), and
-    metrics.jsonl holds every step once."""
+    """4 epochs (36 steps, synthetic, with the validation set): 2 processes until a SIGTERM in
+    epoch 2 (agreed stop and checkpoint at step 20, in epoch 3), then 3 processes until a SIGKILL
+    in epoch 3 (its step-25 checkpoint the newest, step 26 logged), then 1 process to the end:
+    within 1e-12 of the uninterrupted 1-process run of ``runs`` (checkpoints do not change a
+    trajectory), its best model too, and metrics.jsonl holds every step once."""
     args = [*F64, f"train.epochs={F64_EPOCHS}", "checkpoint.every_steps=5"]
     golden = runs["f64", 1]
     run_dir = tmp_path / "run"
-    for n, step, cut in ((2, 15, "TERM"), (3, 27, "KILL")):
+    for n, step, cut in ((2, 15, "TERM"), (3, 26, "KILL")):
         env = {**synthetic, "MNISTDIST_FAULT": f"step={step},rank=1,action={cut}"}
         first = run_cmd(cmd(n, *args, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=env, timeout=600)
         if cut == "TERM":
@@ -145,47 +162,15 @@ def test_resume_on_another_number_of_processes_is_exact(synthetic, runs, tmp_pat
     worst = max_difference(params(golden), params(run_dir))
     print(f"2 -> 3 -> 1 processes (SIGTERM, SIGKILL): max |param difference| to one uninterrupted process {worst:.1e}")
     assert worst <= 1e-12
+    best = [load_file(str(d / "best.safetensors")) for d in (golden, run_dir)]
+    assert max_difference(*best) <= 1e-12  # the best model, chosen across the three jobs
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if "train_loss" in r] == list(range(1, F64_EPOCHS * STEPS_PER_EPOCH + 1))
-    assert [r["step"] for r in records if "test_acc" in r] == [STEPS_PER_EPOCH * e for e in (1, 2, 3, 4)]
+    assert [r["step"] for r in records if "val_acc" in r] == [STEPS_PER_EPOCH * e for e in (1, 2, 3, 4)]
+    assert [r["step"] for r in records if "test_acc" in r] == [F64_EPOCHS * STEPS_PER_EPOCH]
     # The logged losses continue too (re-split across ranks: equal up to float64 rounding).
     worst_loss = max(abs(a - b) for (_, a), (_, b) in zip(losses(golden), losses(run_dir)))
     assert worst_loss <= 1e-9
-
-
-@pytest.fixture(scope="module")
-def validated(tmp_path_factory, synthetic):
-    """float64 for 2 epochs with 120 of the 1,200 synthetic training images held out for
-    validation, at 1, 2, 3, 4, 6 processes."""
-    base = tmp_path_factory.mktemp("validated")
-    out = {}
-    for n in [1, *SIZES]:
-        out[n] = base / f"val-{n}"
-        check(run_cmd(cmd(n, *F64, "train.epochs=2", "data.validation_size=120", "--run-dir", str(out[n])),
-                      env=synthetic, timeout=600))
-    return out
-
-
-@pytest.mark.parametrize("n", SIZES)
-def test_float64_with_a_validation_set_n_processes_equal_one_process(validated, n):
-    """The steps' losses and final parameters as without validation; the validation counts of
-    every epoch, the best model and the test counts of the final and best model exactly."""
-    one, many = validated[1], validated[n]
-    steps_one, steps_many = losses(one), losses(many)
-    assert [s for s, _ in steps_one] == [s for s, _ in steps_many] == list(range(1, 2 * 9 + 1))  # 1,080 / 120
-    assert max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(steps_one, steps_many)) <= 1e-12
-    assert max_difference(params(one), params(many)) <= 1e-12
-    assert max_difference(load_file(str(one / "best.safetensors")), load_file(str(many / "best.safetensors"))) <= 1e-12
-    vals = {k: [(r["step"], r["val_correct"], r["val_total"]) for r in read_metrics(d) if "val_acc" in r]
-            for k, d in ((1, one), (n, many))}
-    assert vals[1] == vals[n] and [v[2] for v in vals[1]] == [120, 120]
-    a, b = summary(one), summary(many)
-    for key in ("best_step", "best_epoch", "best_val_acc", "final_val_acc", "test_correct", "best_test_correct"):
-        assert a[key] == b[key], key
-    assert abs(a["best_test_loss"] - b["best_test_loss"]) <= 1e-12
-    [start] = read_run_record(many)
-    assert (start["world_size"], start["training_images"], start["validation_images"],
-            start["repeated_images_per_epoch"]) == (n, 1080, 120, 0)
 
 
 def test_a_world_size_that_makes_the_sampler_repeat_images_says_so(synthetic, tmp_path):
