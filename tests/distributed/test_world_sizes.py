@@ -37,9 +37,10 @@ from tests.synthetic_mnist import write_synthetic_mnist
 
 pytestmark = pytest.mark.distributed
 
-CONFIG = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=600"]
+# No plots: nothing here looks at them (tests/distributed/test_launch.py does, for a launched run).
+CONFIG = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=600", "tracking.plots=false"]
 F64 = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=120", "model.dtype=float64",
-       "train.log_every_steps=1", "data.validation_size=120"]
+       "train.log_every_steps=1", "data.validation_size=120", "tracking.plots=false"]
 STEPS_PER_EPOCH = (1200 - 120) // 120
 SIZES = [2, 3, 4, 6]
 

@@ -146,6 +146,7 @@ def test_auto_on_a_terminal_is_a_bar_unless_TQDM_DISABLE(env, data, tmp_path, ca
     assert err == ""
 
 
+@pytest.mark.slow  # a real `python train_dist.py` process (~5 s, most of it import torch)
 def test_train_dist_into_a_pipe_writes_a_readable_log(data, tmp_path):
     """``python train_dist.py > log 2>&1``, as under Slurm: the default (auto) gives lines."""
     env = child_env()

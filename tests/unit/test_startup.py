@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mnistdist.data import load_tensors, read_idx, raw_dir
@@ -63,6 +64,7 @@ def test_read_idx_reads_the_header_shape(tmp_path: Path) -> None:
     assert labels.shape == (3,) and labels.dtype == torch.uint8 and int(labels.max()) <= 9
 
 
+@pytest.mark.slow  # a real `python train_dist.py` process (~5 s, most of it import torch)
 def test_first_step_imports_only_what_training_needs(tmp_path: Path) -> None:
     """A default run (tensor pipeline, W&B off) reaches its first step without torchvision,
     matplotlib, ...; matplotlib comes in after training, for the plots, which are still written."""
