@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from mnistdist.config import (DEFAULT_CONFIG, Config, ConfigError, load_config, shipped_configs, to_yaml,
                               version_string)
-from mnistdist.ranks import check_launch, is_main_process, launched_world_size, report_exception
+from mnistdist.ranks import check_launch, imported_classes, is_main_process, launched_world_size, report_exception
 from mnistdist.signals import EXIT_USAGE, Preempted, TrainingStopped
 
 # torch, accelerate and what imports them (checkpoint, data, distributed, training) are imported
@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "compare": ("mnistdist.tools.compare", "table and plot of finished runs: accuracy over seeds per variant"),
 }
 
-# Exceptions that mean bad input, by module: ``user_errors`` looks them up lazily.
+# Exceptions that mean bad input, by module: ``ranks.imported_classes`` looks them up lazily.
 USER_ERRORS = (("mnistdist.config", "ConfigError"), ("mnistdist.data", "DataError"),
                ("mnistdist.checkpoint", "CheckpointError"), ("mnistdist.tools.images", "ImageError"))
 
@@ -87,12 +87,6 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The classes of USER_ERRORS whose modules are imported (no other can have been raised):
-    looking them up so keeps torch (data, checkpoint) out of the commands that do not need it."""
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
-
-
 def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], int], argv: list[str]) -> int:
     """Parse ``argv`` (overrides may come before or after the flags, and as
     ``--section.key=value``) and return ``main(args)``; bad input is reported in one line
@@ -100,7 +94,7 @@ def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namesp
     try:
         return main(parser.parse_intermixed_args(undash_overrides(argv)))
     except Exception as e:
-        if not isinstance(e, (TrainingStopped, *user_errors())):  # user_errors() sees what is imported now
+        if not isinstance(e, (TrainingStopped, *imported_classes(*USER_ERRORS))):  # those imported by now
             raise  # a bug: its traceback
         if isinstance(e, Preempted):  # every rank stopped at the same step: the main process says where
             # The checkpoint is written and the ranks leave together; a launcher that SIGTERMs the

@@ -45,11 +45,11 @@ def warn_main(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _imported_class(module: str, name: str) -> tuple[type, ...]:
-    """``(module.name,)`` when ``module`` is imported, else ``()``: no instance of it can exist
-    then, and looking it up must not import it (``mnistdist.checkpoint`` and ``mnistdist.data``
-    import torch)."""
-    return (getattr(sys.modules[module], name),) if module in sys.modules else ()
+def imported_classes(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The classes ``(module, name)`` of ``names`` whose modules are imported: no instance of
+    another can exist yet, and looking them up so imports nothing (``mnistdist.checkpoint`` and
+    ``mnistdist.data`` import torch)."""
+    return tuple(getattr(sys.modules[module], name) for module, name in names if module in sys.modules)
 
 
 def report_exception(exc: BaseException, label: str = "error") -> None:
@@ -58,11 +58,11 @@ def report_exception(exc: BaseException, label: str = "error") -> None:
     node, by its local rank 0 (the data is on that node's disk)."""
     rank = os.environ.get("RANK")
     several = rank is not None and launched_world_size() > 1
-    if several and isinstance(exc, (ConfigError, *_imported_class("mnistdist.checkpoint", "CheckpointError"))):
+    if several and isinstance(exc, (ConfigError, *imported_classes(("mnistdist.checkpoint", "CheckpointError")))):
         if rank != "0":
             return
         several = False
-    if several and isinstance(exc, _imported_class("mnistdist.data", "DataError")) and \
+    if several and isinstance(exc, imported_classes(("mnistdist.data", "DataError"))) and \
             os.environ.get("LOCAL_RANK", "0") != "0":
         return
     print(f"[rank {rank}] {label}: {exc}" if several else f"{label}: {exc}", file=sys.stderr, flush=True)
