@@ -283,9 +283,9 @@ def start_run(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_confi
               model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, data: RunData) -> Tracker:
     """Fresh, or resumed from a checkpoint (``resume_from``); this start recorded in run.json
     and said by the start line (``record_start``); returns the run's tracker. Collective."""
-    resumed = resume_from(cfg, dist, run_dir, resume, allow_config_change, model, optimizer, state)
+    resumed, changes = resume_from(cfg, dist, run_dir, resume, allow_config_change, model, optimizer, state)
     record_start(cfg, dist, run_dir, data, state.step, resumed)
-    return start_tracking(cfg, dist, run_dir, resumed, state.step)
+    return start_tracking(cfg, dist, run_dir, resumed, state.step, changes)
 
 
 def record_start(cfg: Config, dist: Dist, run_dir: RunDir, data: RunData, step: int,
@@ -313,11 +313,12 @@ def record_start(cfg: Config, dist: Dist, run_dir: RunDir, data: RunData, step: 
 
 def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_config_change: bool,
                 model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                state: TrainState) -> checkpoint.Snapshot | None:
+                state: TrainState) -> tuple[checkpoint.Snapshot | None, list[tuple[str, Any, Any]]]:
     """Start fresh, or continue from the checkpoint ``--resume`` chooses (the same on every rank):
     its weights, optimizer tensors (the config's hyper-parameters stay), train state and best
-    model; the run directory's logs are cut back to its step. Returns it, or None. Keys that
-    change training written with other values are a ConfigError unless ``allow_config_change``."""
+    model; the run directory's logs are cut back to its step. Returns it (or None) and its
+    ``trajectory_changes``: keys that change training written with other values, a ConfigError
+    unless ``allow_config_change``."""
     snap = checkpoint.resume(dist, run_dir.root, resume, cfg.train.global_batch_size)
     changes = trajectory_changes(snap.config, cfg) if snap is not None else []
     if changes and not allow_config_change:
@@ -335,13 +336,13 @@ def resume_from(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, allow_con
     if dist.is_main:
         rundir.start(run_dir, to_yaml(cfg), resumed_step=state.step if snap is not None else None)
     write_best(dist, run_dir, state)  # the best model of the checkpoint resumed from, or none yet
-    return snap
+    return snap, changes
 
 
 def start_tracking(cfg: Config, dist: Dist, run_dir: RunDir, resumed: checkpoint.Snapshot | None,
-                   step: int) -> Tracker:
+                   step: int, changes: list[tuple[str, Any, Any]]) -> Tracker:
     """The run's tracker (metrics.jsonl, W&B, TensorBoard), continuing the W&B run of the
-    checkpoint ``resumed`` from; a config change allowed on resume is printed and logged."""
+    checkpoint ``resumed`` from; the config ``changes`` allowed on resume are printed and logged."""
     # After a stop the others wait at a barrier (dist.timeout_s) while the main process finishes
     # W&B: its wait must end well before theirs.
     tracking = dataclasses.replace(cfg.tracking,
@@ -349,7 +350,6 @@ def start_tracking(cfg: Config, dist: Dist, run_dir: RunDir, resumed: checkpoint
     tracker = Tracker(tracking, run_dir, cfg.to_dict(), enabled=dist.is_main,
                       run_id=resumed.tracking.get("wandb_run_id") if resumed else None,
                       resumed_step=step if resumed else None)
-    changes = trajectory_changes(resumed.config, cfg) if resumed else []
     if changes:
         dist.print(f"continuing with changed config (--allow-config-change): {listed(changes)}")
         tracker.log({"step": step, "config_changes": {k: [old, new] for k, old, new in changes}})
