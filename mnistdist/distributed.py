@@ -7,7 +7,6 @@ are the identity and barriers return at once (in the spirit of detectron2's ``co
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import pickle
 import platform
@@ -132,7 +131,13 @@ def start_process_group(backend: str, timeout_s: float) -> None:
 
     A generation restarted by torchrun's agent may share the agent's store, which still holds
     the previous generation's keys (pytorch/pytorch issue 135712): it keys its group under its
-    restart count, so its workers do not dial the dead ones."""
+    restart count, so its workers do not dial the dead ones.
+
+    ``torch._dynamo`` is imported first: imported while a group exists (DDP and the optimizer
+    import it), it keeps references to that group which are never released, so
+    ``destroy_process_group`` could not join gloo's threads (docs/reliability.md)."""
+    import torch._dynamo  # noqa: F401  (before the group: see the docstring)
+
     env = os.environ
     timeout = timedelta(seconds=timeout_s)
     restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -293,16 +298,10 @@ class Dist:
         set_seed(seed)
 
     def close(self) -> None:
-        """Tear the process group down (safe to call twice). The prepared model and optimizer
-        are released first, while the interpreter is fully alive: a DDP model collected only at
-        exit tears gloo's threads down during finalization, which can abort a finished rank
-        (SIGABRT; pytorch/pytorch PR 179291; docs/config.md). Without a process group there is
-        no DDP model and nothing to collect early."""
+        """Tear the process group down (safe to call twice; accelerate destroys it): gloo's
+        threads are joined here, while the interpreter is fully alive. Left to interpreter exit
+        they can abort a finished rank (SIGABRT; ``start_process_group``, docs/reliability.md)."""
         self.accelerator.end_training()
-        if torch_dist.is_initialized():
-            self.accelerator.free_memory()  # drops accelerate's references to the model and optimizer
-            gc.collect()  # DDP's reducer sits in reference cycles: collect it now, not at exit
-            torch_dist.destroy_process_group()
 
 
 def software_versions() -> dict[str, str | None]:

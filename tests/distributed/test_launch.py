@@ -27,6 +27,7 @@ from tests.synthetic_mnist import write_synthetic_mnist
 pytestmark = pytest.mark.distributed
 
 NUM_TRAIN = 1200
+TEARDOWN_PROBE = REPO / "tests" / "distributed" / "teardown_probe.py"
 SYNTHETIC = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_size=120", "tracking.plots=false"]
 
 
@@ -49,9 +50,14 @@ def one_epoch_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, synthetic):
     """accelerate launch, 2 processes, the tensor pipeline, 20 steps (2 epochs) on the
-    synthetic data: the reference for the pipeline and the torchrun comparisons."""
+    synthetic data: the reference for the pipeline and the torchrun comparisons. Launched
+    through tests/distributed/teardown_probe.py, which trains as train_dist.py does and then
+    records each rank's threads in ``run/../threads``."""
     run_dir = tmp_path_factory.mktemp("accelerate") / "run"
-    check(run_cmd(launch_cmd(2, *SYNTHETIC, "train.max_steps=20", "--run-dir", str(run_dir)), env=synthetic))
+    threads = run_dir.parent / "threads"
+    threads.mkdir()
+    check(run_cmd(launch_cmd(2, *SYNTHETIC, "train.max_steps=20", "--run-dir", str(run_dir), script=TEARDOWN_PROBE),
+                  env={**synthetic, "TEARDOWN_PROBE_DIR": str(threads)}))
     return run_dir
 
 
@@ -119,6 +125,19 @@ def test_exact_evaluation_at_1_2_3_processes(one_epoch_runs):
     last_eval = [r for r in read_metrics(one_epoch_runs["p2"][0]) if "test_acc" in r][-1]
     assert results[1]["test_correct"] == last_eval["test_correct"]
     assert math.isclose(results[1]["test_loss"], last_eval["test_loss"], rel_tol=1e-6)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names from /proc (Linux)")
+def test_a_finished_rank_leaves_no_gloo_threads_for_interpreter_exit(two_process_run):
+    """Closing the run destroys the process group for real: gloo's worker threads are joined
+    while the interpreter is fully alive. Left to interpreter exit they aborted a finished rank
+    now and then ("terminate called without an active exception", SIGABRT, exit 1 for a run
+    that had said "finished")."""
+    for rank in (0, 1):
+        record = json.loads((two_process_run.parent / "threads" / f"rank-{rank}.json").read_text())
+        assert record["exit_code"] == 0
+        left = [name for name in record["threads"] if "gloo" in name]
+        assert not left, f"rank {rank}: gloo threads still running after the run closed: {record['threads']}"
 
 
 def test_both_pipelines_train_identically_on_two_processes(two_process_run, synthetic, tmp_path):
