@@ -16,7 +16,8 @@ images: the same code with every index kept; tests/unit/test_data.py checks the 
 float32 training amplifies rounding chaotically (two 1-process runs that differ only in their
 thread count end an epoch ~0.05 apart in some weights), so there, on real MNIST
 (configs/default.yaml, global batch 600: 100 steps per epoch), only the test accuracy is
-compared.
+compared, at 3 processes (the float64 runs prove every world size exact; the sharding and the
+gradient scale do not depend on the dtype).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ F64 = ["--config", str(REPO / "configs" / "default.yaml"), "train.global_batch_s
        "train.log_every_steps=1", "data.validation_size=120", "tracking.plots=false"]
 STEPS_PER_EPOCH = (1200 - 120) // 120
 SIZES = [2, 3, 4, 6]
+F32_SIZE = 3
 
 
 def cmd(num_processes: int, *args: str, script: Path | None = None) -> list[str]:
@@ -78,13 +80,15 @@ F64_EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, synthetic):
-    """float64 for 4 epochs with a validation set (synthetic) and float32 for 1 epoch (real
-    MNIST), at 1, 2, 3, 4, 6 processes. The 1-process float64 run is also the uninterrupted run
-    the resumes below are compared with."""
+    """float64 for 4 epochs with a validation set (synthetic) at 1, 2, 3, 4, 6 processes, and
+    float32 for 1 epoch (real MNIST) at 1 and 3. The 1-process float64 run is also the
+    uninterrupted run the resumes below are compared with."""
     base = tmp_path_factory.mktemp("sizes")
     out = {}
     for n in [1, *SIZES]:
         for name, args, env in (("f64", [*F64, f"train.epochs={F64_EPOCHS}"], synthetic), ("f32", [*CONFIG, "train.epochs=1"], None)):
+            if name == "f32" and n not in (1, F32_SIZE):
+                continue
             run_dir = base / f"{name}-{n}"
             check(run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), env=env, timeout=600))
             out[name, n] = run_dir
@@ -126,14 +130,14 @@ def test_float64_n_processes_equal_one_process(runs, n):
             start["repeated_images_per_epoch"]) == (n, 1080, 120, 0)
 
 
-@pytest.mark.parametrize("n", SIZES)
-def test_float32_n_processes_reach_the_accuracy_of_one(runs, n):
+def test_float32_on_three_processes_reaches_the_accuracy_of_one(runs):
     """Tolerance 0.5 percentage points (50 of 10,000 test images) after one epoch. float32
     rounding differences between world sizes (another order of additions in the gradient
     average) can grow into a different, equally good trajectory, as a change of thread count
     does; after this one epoch (100 steps) they had not yet changed a single prediction: 1, 2,
     3, 4 and 6 processes all scored 95.12% when measured. An error in the sharding or the
     gradient scale costs far more than the tolerance."""
+    n = F32_SIZE
     acc = {k: json.loads((runs["f32", k] / "summary.json").read_text())["final_test_acc"] for k in (1, n)}
     print(f"float32, one epoch: 1 process {100 * acc[1]:.2f}%, {n} processes {100 * acc[n]:.2f}%")
     assert abs(acc[n] - acc[1]) <= 0.005, acc
