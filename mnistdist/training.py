@@ -47,13 +47,23 @@ class TrainState:
 
     loss: LossMeter
     steps_per_epoch: int
-    last_step: int  # where this run ends: the last epoch's end, or train.max_steps before it
+    # The LR schedule spans all epochs; train.max_steps only ends the run early, at last_step, so
+    # a short run is an exact prefix of the full one.
+    total_steps: int
+    last_step: int
     step: int = 0  # optimizer steps done in the whole run (the global step of every log)
     epoch: int = 0  # the epoch in progress, 0-based
     batch_in_epoch: int = 0  # batches of ``epoch`` done; a resumed run continues with the next
     train_time_s: float = 0.0  # the whole run's training time, as of the last checkpoint
     best: Best | None = None  # the validation result of the best model so far, if any
     best_model: dict[str, torch.Tensor] | None = None  # its weights (the same on every rank)
+
+    @classmethod
+    def start(cls, cfg: Config, steps_per_epoch: int, device: torch.device) -> TrainState:
+        """Step 0 of a run of ``cfg`` with ``steps_per_epoch`` batches per epoch."""
+        total = steps_per_epoch * cfg.train.epochs
+        return cls(LossMeter(device, getattr(torch, cfg.model.dtype)), steps_per_epoch, total,
+                   min(total, cfg.train.max_steps or total))
 
     @property
     def unfinished(self) -> bool:
@@ -137,17 +147,13 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
     # Data: MNIST as tensors on the training device, the validation set held out of the training
     # images by the seed (None without one), and this rank's batches of the rest.
     data = load_data(cfg, dist)
-    # The LR schedule spans all epochs; train.max_steps only stops early, so a short run is an
-    # exact prefix of the full one.
-    total_steps = len(data.batches) * cfg.train.epochs
 
     # The same seed gives every rank the same initial weights; then fresh, or continue where a
     # checkpoint left off (and say so: run.json, the start line, the tracker).
     dist.seed(cfg.train.seed)
     model = build_model(cfg, dist.device)
     model, optimizer = dist.prepare(model, build_optimizer(cfg, model))
-    state = TrainState(LossMeter(dist.device, getattr(torch, cfg.model.dtype)), len(data.batches),
-                       min(total_steps, cfg.train.max_steps or total_steps))
+    state = TrainState.start(cfg, len(data.batches), dist.device)
     tracker = start_run(cfg, dist, run_dir, resume, allow_config_change, dist.unwrap(model), optimizer, state, data)
     train_step = build_step(cfg, dist, model, optimizer, state, data.batches, signals)
     progress = Progress(cfg.tracking.progress, dist.is_main, cfg.train.epochs, state.last_step,
@@ -163,7 +169,7 @@ def fit(cfg: Config, dist: Dist, run_dir: RunDir, resume: str, signals: StopSign
         while state.unfinished:
             progress.start_epoch(state.epoch, steps=state.steps_left_in_epoch)
             for x, y in data.batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
-                lr = lr_at(state.step, total_steps, cfg.train.lr, cfg.train.lr_schedule, cfg.train.warmup_steps)
+                lr = lr_at(state.step, state.total_steps, cfg.train.lr, cfg.train.lr_schedule, cfg.train.warmup_steps)
                 stop = train_step(x, y, lr, state.step + 1)  # forward, backward (DDP all-reduce), NaN check, update
                 state.advance()
                 progress.update()
