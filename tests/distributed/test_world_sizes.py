@@ -85,13 +85,13 @@ def runs(tmp_path_factory, synthetic):
     uninterrupted run the resumes below are compared with."""
     base = tmp_path_factory.mktemp("sizes")
     out = {}
-    for n in [1, *SIZES]:
-        for name, args, env in (("f64", [*F64, f"train.epochs={F64_EPOCHS}"], synthetic), ("f32", [*CONFIG, "train.epochs=1"], None)):
-            if name == "f32" and n not in (1, F32_SIZE):
-                continue
-            run_dir = base / f"{name}-{n}"
-            check(run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), env=env, timeout=600))
-            out[name, n] = run_dir
+    kinds = {"f64": ([*F64, f"train.epochs={F64_EPOCHS}"], synthetic), "f32": ([*CONFIG, "train.epochs=1"], None)}
+    wanted = [*(("f64", n) for n in [1, *SIZES]), ("f32", 1), ("f32", F32_SIZE)]
+    for name, n in wanted:
+        args, env = kinds[name]
+        run_dir = base / f"{name}-{n}"
+        check(run_cmd(cmd(n, *args, "--run-dir", str(run_dir)), env=env, timeout=600))
+        out[name, n] = run_dir
     return out
 
 
@@ -156,7 +156,8 @@ def test_resume_on_another_number_of_processes_is_exact(synthetic, runs, tmp_pat
         env = {**synthetic, "MNISTDIST_FAULT": f"step={step},rank=1,action={cut}"}
         first = run_cmd(cmd(n, *args, "--run-dir", str(run_dir), script=FAULT_TRAIN), env=env, timeout=600)
         if cut == "TERM":
-            assert first.returncode == EXIT_PREEMPTED or f"exitcode: {EXIT_PREEMPTED}" in first.stderr, first.stderr[-3000:]
+            assert first.returncode == EXIT_PREEMPTED or f"exitcode: {EXIT_PREEMPTED}" in first.stderr, \
+                first.stderr[-3000:]
             assert checkpoint.list_checkpoints(run_dir)[0].name == f"step-{agreed_stop(step):08d}"
         else:
             assert first.returncode != 0 and not (run_dir / "model.safetensors").exists()
