@@ -104,7 +104,7 @@ def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namesp
             if is_main_process():  # the message alone: a "label:" would repeat its first word
                 several = "RANK" in os.environ and launched_world_size() > 1
                 print(f"[rank 0] {e}" if several else e, file=sys.stderr, flush=True)
-        elif not getattr(e, "agreed", False) or is_main_process():  # one decision: said once
+        else:  # said once, by one rank, when all have it (report_exception)
             report_exception(e)
         return e.exit_code if isinstance(e, TrainingStopped) else EXIT_USAGE
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from mnistdist.config import ConfigError
 
@@ -52,17 +53,43 @@ def imported_classes(*names: tuple[str, str]) -> tuple[type, ...]:
     return tuple(getattr(sys.modules[module], name) for module, name in names if module in sys.modules)
 
 
+SPEAKER_WAIT_S = 10.0
+"""At most this long a rank that leaves its error to another rank waits for it (``report_exception``)."""
+
+
 def report_exception(exc: BaseException, label: str = "error") -> None:
     """``label: message`` on stderr, prefixed with the rank when several run. An error every rank
-    has alike (config, checkpoint) is said once, by rank 0, unprefixed; a data error once per
-    node, by its local rank 0 (the data is on that node's disk)."""
-    rank = os.environ.get("RANK")
-    several = rank is not None and launched_world_size() > 1
-    if several and isinstance(exc, (ConfigError, *imported_classes(("mnistdist.checkpoint", "CheckpointError")))):
-        if rank != "0":
-            return
-        several = False
-    if several and isinstance(exc, imported_classes(("mnistdist.data", "DataError"))) and \
-            os.environ.get("LOCAL_RANK", "0") != "0":
+    has alike (config, checkpoint) is said once, by rank 0, unprefixed; a stop the ranks agreed
+    on, by rank 0; a data error once per node, by its local rank 0 (the data is on that node's
+    disk).
+
+    A rank that leaves its error to a rank of its own launcher does not exit before that rank:
+    launchers stop every rank once one has exited, and would stop the one that says it before
+    it has (it starts last on a busy machine). So it waits, and is stopped by its launcher once
+    the other has exited; still running after ``SPEAKER_WAIT_S`` (the other did not fail), it
+    says the error itself."""
+    line = f"{label}: {exc}"
+    rank, local_rank = os.environ.get("RANK", ""), os.environ.get("LOCAL_RANK", "")
+    if not rank.isdigit() or launched_world_size() <= 1:
+        _say(line)
         return
-    print(f"[rank {rank}] {label}: {exc}" if several else f"{label}: {exc}", file=sys.stderr, flush=True)
+    alike = isinstance(exc, (ConfigError, *imported_classes(("mnistdist.checkpoint", "CheckpointError"))))
+    if alike or getattr(exc, "agreed", False):
+        speaker = 0
+    elif isinstance(exc, imported_classes(("mnistdist.data", "DataError"))) and local_rank.isdigit():
+        speaker = int(rank) - int(local_rank)  # ranks of one launcher are numbered from its first
+    else:
+        speaker = int(rank)
+    if speaker != int(rank):
+        if not local_rank.isdigit() or speaker < int(rank) - int(local_rank):
+            return  # the speaker runs under another launcher, which our exit does not stop
+        try:
+            time.sleep(SPEAKER_WAIT_S)
+        except KeyboardInterrupt:  # Ctrl-C reached every rank: the speaker says it
+            return
+        alike = False
+    _say(line if alike and speaker == 0 else f"[rank {rank}] {line}")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
