@@ -8,7 +8,7 @@ Parsing, config loading and error handling live in mnistdist.cli; training in mn
 
 import sys
 
-from mnistdist.cli import train_main
+from mnistdist.cli import exit_process, train_main
 
 if __name__ == "__main__":
-    sys.exit(train_main(sys.argv[1:]))
+    exit_process(train_main(sys.argv[1:]))

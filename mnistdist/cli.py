@@ -10,6 +10,8 @@ stopped trainings become their exit codes; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import importlib
 import os
 import re
@@ -213,5 +215,29 @@ def _main(argv: list[str]) -> int:
     return run_command(parsers[argv[0]], command.main if command else train, argv[1:])
 
 
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with exit code ``code`` (``train_dist.py`` and ``mnistdist`` end here).
+
+    One of several launched ranks leaves as multiprocessing's children do, without interpreter
+    finalization: its work is complete by now (the process group destroyed, files and trackers
+    closed), and finalization is where torch 2.14 can still abort a finished rank (SIGABRT: a
+    C++ thread that holds Python objects takes the GIL from the dying interpreter;
+    docs/reliability.md). The atexit handlers run and stdout/stderr are flushed first, as at
+    any exit. One process alone exits as usual."""
+    if launched_world_size() > 1:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a reader that has gone, a closed stream
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def console_main() -> NoReturn:
+    """The ``mnistdist`` command (``python -m mnistdist.cli`` too): ``main()``, then ``exit_process``."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

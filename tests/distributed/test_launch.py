@@ -141,6 +141,16 @@ def test_a_finished_rank_leaves_no_gloo_threads_for_interpreter_exit(two_process
         assert not left, f"rank {rank}: gloo threads still running after the run closed: {record['threads']}"
 
 
+def test_a_finished_rank_ends_without_interpreter_finalization(two_process_run):
+    """A launched rank whose run is done and closed leaves as multiprocessing's children do,
+    without interpreter finalization, where torch can still abort it (a C++ thread taking the
+    GIL from a dying interpreter; docs/reliability.md). Its atexit handlers still run."""
+    probe = two_process_run.parent / "threads"
+    for rank in (0, 1):
+        assert (probe / f"rank-{rank}.atexit").exists(), f"rank {rank}: atexit handlers did not run"
+        assert not (probe / f"rank-{rank}.finalized").exists(), f"rank {rank} went through interpreter finalization"
+
+
 def test_both_pipelines_train_identically_on_two_processes(two_process_run, synthetic, tmp_path):
     run_dir = tmp_path / "torchvision"
     check(run_cmd(launch_cmd(2, *SYNTHETIC, "train.max_steps=20", "data.pipeline=torchvision",

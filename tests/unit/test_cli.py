@@ -143,3 +143,33 @@ def test_output_into_a_closed_pipe_ends_quietly(command, tmp_path):
         assert result.returncode in (0, cli.EXIT_CLOSED_PIPE)
     else:
         assert result.returncode == cli.EXIT_CLOSED_PIPE == 141
+
+
+EXIT_PROBE = """
+import atexit, os, sys
+from mnistdist.cli import exit_process
+
+class Finalized:  # collected only by interpreter finalization (a global of __main__)
+    def __del__(self, write=os.write):
+        write(2, b"finalized")
+
+finalized = Finalized()
+atexit.register(lambda: print(" atexit", end=""))
+print("block-buffered output", end="")  # stdout is a pipe and PYTHONUNBUFFERED is unset
+exit_process(75)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_keeps_the_code_the_output_and_atexit(world_size, tmp_path):
+    """A launched rank ends without interpreter finalization (docs/reliability.md, "A finished
+    rank that aborts"), yet like any exit: its code, its buffered output, its atexit handlers.
+    One process alone exits as usual."""
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "WORLD_SIZE": world_size, "RANK": "0"}
+    result = subprocess.run([sys.executable, "-c", EXIT_PROBE], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 75 and result.stdout == "block-buffered output atexit", result
+    assert ("finalized" in result.stderr) == (world_size == "1"), result.stderr
