@@ -247,7 +247,7 @@ class Dist:
         """Run ``fn`` on the main process only; every rank returns its result, or raises its
         exception. Sync point: a failure decided on rank 0 (a bad checkpoint, a full disk) is
         raised on every rank together, instead of leaving the others waiting in the next
-        collective until the timeout."""
+        collective until the timeout; it is marked ``agreed``, as a stop the ranks agreed on."""
         result: Any = None
         error: Exception | None = None
         if self.is_main:
@@ -264,6 +264,9 @@ class Dist:
             torch_dist.broadcast_object_list(holder, src=0)
             result, error = holder[0]
         if error is not None:
+            if self.world_size > 1:  # one decision, raised on every rank: said once (ranks.report_exception)
+                with contextlib.suppress(AttributeError):  # an exception type that takes no attributes
+                    error.agreed = True  # type: ignore[attr-defined]
             raise error
         return result
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+from time import sleep
 
 from mnistdist.config import ConfigError
 
@@ -84,8 +84,8 @@ def report_exception(exc: BaseException, label: str = "error") -> None:
         if not local_rank.isdigit() or speaker < int(rank) - int(local_rank):
             return  # the speaker runs under another launcher, which our exit does not stop
         try:
-            time.sleep(SPEAKER_WAIT_S)
-        except KeyboardInterrupt:  # Ctrl-C reached every rank: the speaker says it
+            sleep(SPEAKER_WAIT_S)
+        except KeyboardInterrupt:  # Ctrl-C reached every rank: this one leaves quietly
             return
         alike = False
     _say(line if alike and speaker == 0 else f"[rank {rank}] {line}")

@@ -131,11 +131,12 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto",
                 if resume == "auto" and (done := checkpoint.finished(dist, claimed, cfg)):
                     return done  # a finished run stays finished: said so, nothing written
                 return fit(cfg, dist, claimed, resume, signals, allow_config_change)
-        except (Preempted, NonFiniteLoss, rundir.RunDirLost):
-            # Every rank stopped at the same step. Leave together, once rank 0 has finished W&B
-            # (bounded by tracking.finish_timeout_s): a rank that exits first makes torchrun
-            # SIGTERM the others.
-            dist.barrier()
+        except Exception as e:
+            if isinstance(e, (Preempted, NonFiniteLoss)) or getattr(e, "agreed", False):
+                # Every rank stopped at the same step, or on one decision (Dist.on_main). Leave
+                # together, once rank 0 has finished W&B (bounded by tracking.finish_timeout_s):
+                # a rank that exits first makes torchrun SIGTERM the others.
+                dist.barrier()
             raise
         finally:
             dist.close()

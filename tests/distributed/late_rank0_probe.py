@@ -1,10 +1,10 @@
 """``train_dist.py`` whose rank 0 starts ``LATE_RANK0_S`` seconds after the others, for the tests.
 
-    LATE_RANK0_S=4 accelerate launch ... tests/distributed/late_rank0_probe.py [train_dist.py arguments]
+    LATE_RANK0_S=2.5 accelerate launch ... tests/distributed/late_rank0_probe.py [train_dist.py arguments]
 
 An error that every rank has alike is said by rank 0 alone. On a busy machine rank 0 can reach
 it last; this makes that certain, so a test can show that rank 0 still says it although the
-other ranks have refused the input long before (docs/reliability.md, "Said once, by rank 0").
+other ranks have refused the input long before (docs/reliability.md, "An error said once, by rank 0").
 """
 
 import os

@@ -165,14 +165,14 @@ def test_both_pipelines_train_identically_on_two_processes(two_process_run, synt
 def test_config_error_under_the_launchers_is_one_line(tmp_path, synthetic):
     """A bad value is the same on every rank: said once (by rank 0), before training. Through
     mnistdist.launch that line is all, with exit 2; accelerate's and torchrun's agents add their
-    own report and exit 1 (docs/reliability.md). Rank 0 starts 4 s after rank 1 here (on a busy
+    own report and exit 1 (docs/reliability.md). Rank 0 starts 2.5 s after rank 1 here (on a busy
     machine it can be last): launchers stop every rank once one has exited, so the ranks that
     leave the line to rank 0 must not exit before it."""
     message = "error: train.global_batch_size: 201 is not divisible by the 2 processes"
     plain = launch_cmd(2, "train.global_batch_size=201", "--run-dir", str(tmp_path / "r"), script=LATE_RANK0_PROBE)
     wrapped = [sys.executable, "-m", "mnistdist.launch", *plain[2:]]
     for cmd in (plain, wrapped):
-        result = run_cmd(cmd, env={**synthetic, "LATE_RANK0_S": "4"}, timeout=120)
+        result = run_cmd(cmd, env={**synthetic, "LATE_RANK0_S": "2.5"}, timeout=120)
         assert result.stderr.count(message) == 1, result.stderr[-3000:]
         assert "[rank 1]" not in result.stderr
         assert "mnistdist/" not in result.stderr and "probe.py\", line" not in result.stderr

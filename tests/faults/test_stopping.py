@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import psutil
 import pytest
 
 from mnistdist import checkpoint
+from mnistdist.ranks import SPEAKER_WAIT_S
 from mnistdist.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from tests.conftest import FAULT_TRAIN, REPO, child_env, launch_cmd, train_cmd
 from tests.faults.test_faults import wait_for
@@ -149,6 +151,23 @@ def test_the_main_process_finishes_wandb_before_the_job_ends(tmp_path):
     assert marker.read_text().strip() == f"finished with exit code {EXIT_PREEMPTED}"
     # Rank 0 ended on its own, not SIGTERMed: torchrun's failure report lists each rank's code.
     assert re.search(r"rank +: 0 \(local_rank: 0\)\s+exitcode +: 75 ", stderr), stderr[-3000:]
+
+
+def test_an_error_decided_on_rank_0_is_said_once_after_its_wandb_finish(tmp_path):
+    """A failure decided on rank 0 (the disk fills up at a save) is raised on every rank
+    together (Dist.on_main). The ranks leave together once rank 0 has finished W&B, which takes
+    longer here than a rank waits for rank 0 to say an error (ranks.SPEAKER_WAIT_S): so rank 0
+    says it, once (rank 1 does not give up waiting and say it too), and exits on its own (2)."""
+    run_dir, marker = tmp_path / "run", tmp_path / "wandb-finished"
+    proc = start(launch_cmd(2, *ARGS, "--run-dir", str(run_dir)),
+                 env=stub_wandb_env(marker, finish_s=SPEAKER_WAIT_S + 3))
+    wait_for(run_dir / "checkpoints" / "step-00000050", proc)
+    for worker in psutil.Process(proc.pid).children(recursive=True):  # the disk is now "full"
+        resource.prlimit(worker.pid, resource.RLIMIT_FSIZE, (65536, 65536))
+    _, stderr = proc.communicate(timeout=180)
+    assert marker.is_file(), f"W&B never finished on rank 0:\n{stderr[-3000:]}"
+    assert stderr.count("error: cannot write checkpoint in") == 1 and "[rank 1]" not in stderr, stderr[-3000:]
+    assert re.search(r"rank +: 0 \(local_rank: 0\)\s+exitcode +: 2 ", stderr), stderr[-3000:]
 
 
 def test_sigterm_stops_with_a_checkpoint_while_wandb_hangs(tmp_path):

@@ -23,7 +23,7 @@ def report(monkeypatch, capsys, exc: BaseException, rank: int | None, local_rank
         else:
             monkeypatch.setenv(name, str(value))
     waits: list[float] = []
-    monkeypatch.setattr(ranks.time, "sleep", waits.append)  # the launcher never stops us here
+    monkeypatch.setattr(ranks, "sleep", waits.append)  # the launcher never stops us here
     ranks.report_exception(exc)
     return capsys.readouterr().err, waits
 
@@ -68,6 +68,6 @@ def test_ctrl_c_while_waiting_leaves_quietly(monkeypatch, capsys):
     def interrupted(seconds: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ranks.time, "sleep", interrupted)
+    monkeypatch.setattr(ranks, "sleep", interrupted)
     ranks.report_exception(ConfigError("bad"))
     assert capsys.readouterr().err == ""
