@@ -215,7 +215,6 @@ def _main(argv: list[str]) -> int:
     return run_command(parsers[argv[0]], command.main if command else train, argv[1:])
 
 
-
 def exit_process(code: int) -> NoReturn:
     """End this process with exit code ``code`` (``train_dist.py`` and ``mnistdist`` end here).
 

@@ -73,22 +73,23 @@ def report_exception(exc: BaseException, label: str = "error") -> None:
     if not rank.isdigit() or launched_world_size() <= 1:
         _say(line)
         return
+    me = int(rank)
+    first = me - int(local_rank) if local_rank.isdigit() else None  # ranks of one launcher are numbered from it
     alike = isinstance(exc, (ConfigError, *imported_classes(("mnistdist.checkpoint", "CheckpointError"))))
     if alike or getattr(exc, "agreed", False):
         speaker = 0
-    elif isinstance(exc, imported_classes(("mnistdist.data", "DataError"))) and local_rank.isdigit():
-        speaker = int(rank) - int(local_rank)  # ranks of one launcher are numbered from its first
+    elif isinstance(exc, imported_classes(("mnistdist.data", "DataError"))) and first is not None:
+        speaker = first
     else:
-        speaker = int(rank)
-    if speaker != int(rank):
-        if not local_rank.isdigit() or speaker < int(rank) - int(local_rank):
+        speaker = me
+    if speaker != me:
+        if first is None or speaker < first:
             return  # the speaker runs under another launcher, which our exit does not stop
         try:
             sleep(SPEAKER_WAIT_S)
         except KeyboardInterrupt:  # Ctrl-C reached every rank: this one leaves quietly
             return
-        alike = False
-    _say(line if alike and speaker == 0 else f"[rank {rank}] {line}")
+    _say(line if alike and me == 0 else f"[rank {me}] {line}")
 
 
 def _say(line: str) -> None:

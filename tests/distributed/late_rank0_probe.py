@@ -11,9 +11,9 @@ import os
 import sys
 import time
 
-from mnistdist.cli import train_main
+from mnistdist.cli import exit_process, train_main
 
 if __name__ == "__main__":
     if os.environ.get("RANK", "0") == "0":
         time.sleep(float(os.environ["LATE_RANK0_S"]))
-    sys.exit(train_main(sys.argv[1:]))
+    exit_process(train_main(sys.argv[1:]))
